@@ -1,0 +1,1 @@
+"""lsq_jax: sequence models trained to perform gradient descent on least squares to machine precision."""

@@ -1,0 +1,1 @@
+"""Models: one backbone with a choice of sequence mixer (BaseConv, softmax or linear attention)."""
