@@ -1,0 +1,119 @@
+"""The sequence model (SPEC §3): read-in + positions -> blocks -> optional final LN -> read-out.
+
+Block with use_resid: x = x + mixer(LN1(x)), then with MLPs x = x + MLP(LN2(x)); without use_resid the
+same lines without the `x +`. The residual stream after the embedding, after every block and after the
+final LayerNorm is sown into the 'intermediates' collection as 'hidden' for inspection.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lsq_jax.models import initializers
+from lsq_jax.models.attention import Attention
+from lsq_jax.models.baseconv import BaseConv
+from lsq_jax.models.config import ModelConfig
+
+LN_EPS = 1e-5
+
+
+def layer_norm(cfg: ModelConfig, name: str):
+    """LayerNorm with the biased variance computed as E[(x - mean)^2] (Flax's fast E[x^2] - mean^2 loses
+    digits that float64 training needs)."""
+    return nn.LayerNorm(epsilon=LN_EPS, use_bias=cfg.use_bias, use_fast_variance=False,
+                        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, name=name)
+
+
+def rectangular_identity(x, out_features: int):
+    """The frozen read-in / read-out: copies the first min(in, out) channels, zero elsewhere."""
+    return x @ jnp.eye(x.shape[-1], out_features, dtype=x.dtype)
+
+
+class MLP(nn.Module):
+    """Dense E -> up E, activation, Dense up E -> E. The reference's 'glu' keeps the width:
+    sigmoid(P1 h) * (P2 h) with two bias-free (up E x up E) matrices between the two Dense layers."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        hidden = cfg.mlp_upfactor * cfg.n_embd
+        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=dt)
+        h = dense(hidden, use_bias=cfg.use_bias, kernel_init=initializers.normal(), name="c_fc")(x)
+        if cfg.mlp_activ == "relu":
+            h = nn.relu(h)
+        elif cfg.mlp_activ == "gelu":
+            h = jax.nn.gelu(h, approximate=False)
+        else:
+            proj = functools.partial(dense, hidden, use_bias=False, kernel_init=initializers.normal())
+            h = nn.sigmoid(proj(name="proj1")(h)) * proj(name="proj2")(h)
+        return dense(cfg.n_embd, use_bias=cfg.use_bias,
+                     kernel_init=initializers.output_projection(cfg.n_layer), name="c_proj")(h)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        if cfg.mixer == "baseconv":
+            mixer = BaseConv(cfg, name="mixer")
+        else:
+            mixer = Attention(cfg, softmax=cfg.mixer == "attention", name="mixer")
+        h = layer_norm(cfg, "ln_1")(x) if cfg.use_seqop_ln else x
+        x = x + mixer(h) if cfg.use_resid else mixer(h)
+        if cfg.use_mlps:
+            h = layer_norm(cfg, "ln_2")(x) if cfg.use_mlp_ln else x
+            x = x + MLP(cfg, name="mlp")(h) if cfg.use_resid else MLP(cfg, name="mlp")(h)
+        return x
+
+
+class SequenceModel(nn.Module):
+    """(B, T, in_dims) -> (B, T, out_dims) for any T <= n_positions."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        n = x_BxTxD.shape[1]
+        if x_BxTxD.shape[-1] != cfg.in_dims:
+            raise ValueError(f"input width {x_BxTxD.shape[-1]} does not match in_dims={cfg.in_dims}")
+        if n > cfg.n_positions:
+            raise ValueError(f"sequence length {n} is not allowed: must be <= n_positions={cfg.n_positions}")
+        x = x_BxTxD.astype(dt)
+        if cfg.train_proj:
+            x = nn.Dense(cfg.n_embd, dtype=dt, param_dtype=dt, kernel_init=initializers.uniform_fan_in(cfg.in_dims),
+                         bias_init=initializers.uniform_fan_in(cfg.in_dims), name="read_in")(x)
+        else:
+            x = rectangular_identity(x, cfg.n_embd)
+        if cfg.train_pos:
+            wpe = self.param("wpe", initializers.normal(), (cfg.n_positions, cfg.n_embd), dt)
+            x = x + wpe[:n]
+        self.sow("intermediates", "hidden", x)
+        for i in range(cfg.n_layer):
+            x = Block(cfg, name=f"h_{i}")(x)
+            self.sow("intermediates", "hidden", x)
+        if cfg.use_final_ln:
+            x = layer_norm(cfg, "ln_f")(x)
+            self.sow("intermediates", "hidden", x)
+        if cfg.train_proj:
+            return nn.Dense(cfg.out_dims, dtype=dt, param_dtype=dt,
+                            kernel_init=initializers.uniform_fan_in(cfg.n_embd),
+                            bias_init=initializers.uniform_fan_in(cfg.n_embd), name="read_out")(x)
+        return rectangular_identity(x, cfg.out_dims)
+
+
+def make_model(cfg: ModelConfig) -> SequenceModel:
+    return SequenceModel(cfg)
+
+
+def init_params(cfg: ModelConfig, key, seq_len: int | None = None):
+    """Parameters of a fresh model with the reference's initialisation (a pure function of the key)."""
+    x = jnp.zeros((1, seq_len or cfg.n_positions, cfg.in_dims), cfg.jnp_dtype)
+    return SequenceModel(cfg).init(key, x)["params"]
