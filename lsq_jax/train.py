@@ -1,0 +1,233 @@
+"""Training: the state, one pure jitted step, and the driver loop (SPEC §5).
+
+The batch of step t is drawn INSIDE the step from fold_in(data_key, t) and each example's global index,
+so it is bit-identical for any number of devices or processes and there is no loader state to save.
+Parameters and optimizer state are replicated over the 'data' mesh and the per-example keys are
+sharded along it, so each device draws and differentiates only its share; XLA sums the gradients.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lsq_jax import grad_stats, optim, parallel
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.checkpointing import Checkpointer, abstract_like
+from lsq_jax.data.tasks import Task, curriculum_value
+from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, config_differences,
+                                experiment_to_dict)
+from lsq_jax.metrics import MetricsWriter, Progress
+from lsq_jax.models.backbone import SequenceModel, init_params
+
+GRAD_STATS_CHUNK = 8  # mini-batches differentiated at once for the gradient statistics (bounds memory)
+
+
+class TrainState(NamedTuple):
+    """step: training iterations done (skipped ones included); params; opt_state (EMA, LR controller,
+    skip counter live in it)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """Independent streams of the one run key: parameters, training data, gradient statistics, evaluation."""
+    root = jax.random.key(seed)
+    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("params", "data", "stats", "eval"))}
+
+
+def init_state(exp: Experiment) -> TrainState:
+    params = init_params(exp.model, run_keys(exp.seed)["params"])
+    opt_state = optim.make_optimizer(exp.optim).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int64 if jax.config.x64_enabled else jnp.int32),
+                      params=params, opt_state=opt_state)
+
+
+def sizes_at(exp: Experiment, step: int) -> tuple[int, int | None]:
+    """(n_points, n_dims_truncated or None) that the curriculum gives iteration `step` (host-side ints)."""
+    n_points = curriculum_value(exp.points, step)
+    n_dims = curriculum_value(exp.dims, step)
+    return n_points, (None if n_dims == exp.task.n_dims else n_dims)
+
+
+def draw_batch(task: Task, key, step, batch_size: int, n_points: int, n_dims: int | None, sharding=None):
+    """The global batch of `step`: one key per global example index, sharded before anything is drawn."""
+    keys = example_keys(key, step, 0, batch_size)
+    if sharding is not None:
+        keys = jax.lax.with_sharding_constraint(keys, sharding)
+    return task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
+
+
+def task_loss(params, model: SequenceModel, task: Task, batch):
+    """Mean squared error of the model on the task's read-out slice (the training metric)."""
+    return task.loss(model.apply({"params": params}, batch.inputs), batch.targets)
+
+
+def l1_penalty(params) -> jax.Array:
+    """sum |p| over all parameters, with gradient sign(p) (0 at p = 0, as torch's abs; JAX's abs gives 1)."""
+    return sum(jnp.sum(p * jax.lax.stop_gradient(jnp.sign(p))) for p in jax.tree_util.tree_leaves(params))
+
+
+def train_step(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
+               sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One training iteration: [gradient statistics on measurement steps], loss, gradient, recipe, update.
+
+    Every `log_every` iterations (starting at 0, before the step, as in the reference) the gradients of
+    `grad_stats_batches` fresh mini-batches give the gradient statistics, whose mean consecutive cosine
+    feeds the adaptive LR; on other iterations those entries are NaN.
+    """
+    model, task, tx = SequenceModel(exp.model), exp.make_task(), optim.make_optimizer(exp.optim)
+    keys = run_keys(exp.seed)
+    b = exp.train.batch_size
+    draw = functools.partial(draw_batch, task, batch_size=b, n_points=n_points, n_dims=n_dims, sharding=sharding)
+
+    stats = _gradient_statistics(state, exp, model, task, keys["stats"], draw)
+    batch = draw(keys["data"], state.step)
+
+    def loss_fn(params):
+        pred = model.apply({"params": params}, batch.inputs)
+        loss = task.loss(pred, batch.targets)
+        total = loss + exp.optim.l1 * l1_penalty(params) if exp.optim.l1 else loss
+        return total, (loss, task.per_position_loss(pred, batch.targets))
+
+    (_, (loss, per_position)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   grad_metric=stats.get("gradient_cosine_mean", jnp.nan))
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
+               **optim.optimizer_metrics(opt_state), **stats}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _gradient_statistics(state, exp, model, task, stats_key, draw) -> dict[str, jax.Array]:
+    """SPEC §5 statistics over fresh mini-batches on measurement steps, NaN otherwise ({} if disabled)."""
+    n = exp.train.grad_stats_batches
+    if n == 0:
+        return {}
+
+    def measure():
+        def minibatch_loss(params, i):
+            return task_loss(params, model, task, draw(jax.random.fold_in(stats_key, i), state.step))
+
+        return grad_stats.gradient_signal(minibatch_loss, state.params, jnp.arange(n),
+                                          chunk_size=min(n, GRAD_STATS_CHUNK))
+
+    shapes = jax.eval_shape(measure)
+    skip = lambda: jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)  # noqa: E731
+    return jax.lax.cond(state.step % exp.train.log_every == 0, measure, skip)
+
+
+def evaluate_loss(params, exp: Experiment, n_batches: int = 1, sharding=None) -> dict[str, jax.Array]:
+    """Test metrics of the task (MSE, and the primitives' relative errors) on fresh problems at full size."""
+    model, task = SequenceModel(exp.model), exp.make_task()
+    batch = draw_batch(task, run_keys(exp.seed)["eval"], 0, exp.train.eval_batch_size, exp.task.n_points, None,
+                       sharding)
+    return task.eval_metrics(model.apply({"params": params}, batch.inputs), batch.targets)
+
+
+def make_train_step(exp: Experiment, mesh, n_points: int, n_dims: int | None):
+    """The jitted step for one curriculum size; the state is donated."""
+    step = functools.partial(train_step, exp=exp, n_points=n_points, n_dims=n_dims,
+                             sharding=parallel.batch_sharded(mesh))
+    return jax.jit(step, donate_argnums=0)
+
+
+def place_state(state: TrainState, mesh) -> TrainState:
+    return jax.device_put(state, parallel.replicated(mesh))
+
+
+def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_change: bool, log) -> TrainState:
+    """The newest good checkpoint of the workdir (refusing one of a different configuration), or a new state."""
+    sharding = parallel.replicated(mesh)
+    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), sharding)
+    steps = ckpt.steps()
+    if steps and not allow_config_change:
+        changed = [f for f in config_differences(ckpt.saved_config(steps[-1]), experiment_to_dict(exp))
+                   if f not in RESUMABLE_CHANGES]
+        if changed:
+            raise UsageError(f"the workdir holds a run with a different config (fields: {', '.join(changed)}); "
+                                 "use another --workdir, or --allow_config_change to resume anyway")
+    restored = ckpt.restore_latest(abstract, log=log)
+    if restored is None:
+        return place_state(jax.jit(lambda: init_state(exp))(), mesh)
+    step, state = restored
+    log(f"resumed from step {step}")
+    return state
+
+
+def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train to exp.train.num_steps iterations (resuming from the workdir's checkpoints), then evaluate.
+
+    Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
+    checkpoint_every steps and at the end. On SIGTERM (or Orbax's preemption signal in a multi-process
+    run) it saves at the next step and returns with result['preempted'] = True.
+    """
+    mesh = parallel.make_mesh()
+    try:
+        parallel.check_batch_size("train.batch_size", exp.train.batch_size, mesh)
+        parallel.check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    is_main = jax.process_index() == 0
+    config = experiment_to_dict(exp)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
+    try:
+        state = resume_or_init(exp, ckpt, mesh, allow_config_change=allow_config_change, log=log)
+        if is_main:
+            (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        ckpt.watch_preemption()
+        state, preempted = _train_loop(exp, state, mesh, ckpt, config,
+                                       MetricsWriter(workdir / "metrics.jsonl", is_main),
+                                       log if is_main else (lambda line: None))
+        if preempted:
+            log(f"preempted: saved step {int(state.step)}; run the same command to resume")
+            return {"state": state, "preempted": True}
+    finally:
+        ckpt.close()
+    result = {k: float(v) for k, v in jax.jit(
+        lambda p: evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh)))(state.params).items()}
+    MetricsWriter(workdir / "metrics.jsonl", is_main).write(exp.train.num_steps, {f"eval_{k}": v for k, v in result.items()})
+    if is_main:
+        log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in result.items()))
+    return {"state": state, "eval": result, "preempted": False}
+
+
+def _train_loop(exp, state, mesh, ckpt, config, writer, log):
+    """Steps from state.step to num_steps; (final state, whether it stopped for preemption)."""
+    start, num_steps, every = int(state.step), exp.train.num_steps, exp.train.log_every
+    progress = Progress(start, num_steps)
+    steps: dict[tuple, Any] = {}
+    pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
+    for step in range(start, num_steps):
+        sizes = sizes_at(exp, step)
+        if sizes not in steps:
+            steps[sizes] = make_train_step(exp, mesh, *sizes)
+        state, metrics = steps[sizes](state)
+        if pending is not None:
+            _report(writer, progress, log, *pending)
+            pending = None
+        if step % every == 0 or step == num_steps - 1:
+            pending = (step, metrics)
+        ckpt.save(step + 1, state, config, force=step + 1 == num_steps)
+        if ckpt.preempted(step + 1):
+            ckpt.save(step + 1, state, config, force=True)
+            return state, True
+    if pending is not None:
+        _report(writer, progress, log, *pending)
+    return state, False
+
+
+def _report(writer, progress, log, step, metrics):
+    metrics = jax.device_get(metrics)
+    metrics = {k: v for k, v in metrics.items() if not (jnp.ndim(v) == 0 and math.isnan(float(v)))}
+    writer.write(step, metrics)
+    log(progress.line(step, metrics))

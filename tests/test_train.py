@@ -1,0 +1,190 @@
+"""The training step against independent computations, device-count invariance, and the CLI."""
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lsq_jax import optim, parallel, train
+from lsq_jax.experiment import experiment_from_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import baseconv  # noqa: E402  (configs/baseconv.py)
+
+
+def smoke_experiment(**overrides):
+    c = baseconv.get_config("smoke")
+    c.update_from_flattened_dict(overrides)
+    return experiment_from_config(c)
+
+
+def run_steps(exp, n, state=None):
+    mesh = parallel.make_mesh()
+    state = train.place_state(state if state is not None else train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    for _ in range(n):
+        state, metrics = step(state)
+    return state, metrics
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_every_floating_leaf_has_the_configured_dtype(dtype):
+    state, metrics = run_steps(smoke_experiment(dtype=dtype), 1)
+    for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.dtype(dtype)
+    assert metrics["loss"].dtype == jnp.dtype(dtype)
+
+
+def test_step_is_sgd_with_l1_on_the_drawn_batch():
+    """With plain SGD (no momentum, no clipping effect) one step is p - lr (grad of the task loss on the
+    batch of that step + l1 sign(p)); the gradient is computed here independently of the train step."""
+    lr, l1 = 0.05, 1e-3
+    exp = smoke_experiment(**{"optim.optimizer": "sgd", "optim.momentum": 0.0, "optim.schedule": "constant",
+                              "optim.lr": lr, "optim.l1": l1, "optim.ema_lambda": 0.0,
+                              "train.grad_stats_batches": 0, "optim.clip_norm": 1e12})
+    state0 = train.init_state(exp)
+    params0 = jax.tree_util.tree_map(np.asarray, state0.params)
+    state, metrics = run_steps(exp, 1, state0)
+    task = exp.make_task()
+    batch = train.draw_batch(task, train.run_keys(exp.seed)["data"], 0, exp.train.batch_size, exp.task.n_points, None)
+    model = train.SequenceModel(exp.model)
+    grads = jax.grad(lambda p: train.task_loss(p, model, task, batch))(params0)
+    expected = jax.tree_util.tree_map(lambda p, g: p - lr * (g + l1 * np.sign(p)), params0, grads)
+    for got, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(metrics["loss"], train.task_loss(params0, model, task, batch), rtol=1e-13)
+
+
+def test_non_finite_loss_is_never_written_into_the_parameters():
+    exp = smoke_experiment()
+    state = train.init_state(exp)
+    # a read-out bias of 1e300 makes the squared error overflow: loss and gradient are inf / NaN
+    params = jax.tree_util.tree_map(lambda x: x, state.params)
+    params["read_out"]["bias"] = params["read_out"]["bias"].at[0].set(1e300)
+    state = state._replace(params=params)
+    before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
+    after, metrics = run_steps(exp, 2, state)
+    assert not np.isfinite(metrics["loss"])
+    assert int(optim.skipped_steps(after.opt_state)) == 2
+    assert int(after.step) == 2
+    for a, b in zip(jax.tree_util.tree_leaves(before[0]), jax.tree_util.tree_leaves(after.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_statistics_only_on_measurement_steps():
+    exp = smoke_experiment(**{"train.log_every": 3})
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    seen = []
+    for _ in range(4):
+        state, metrics = step(state)
+        seen.append(bool(np.isfinite(metrics["gradient_cosine_mean"])))
+    assert seen == [True, False, False, True]
+
+
+def test_curriculum_sizes_follow_the_schedule():
+    c = baseconv.get_config("smoke")
+    c.curriculum.points.update(start=6, inc=2, interval=10)
+    c.curriculum.dims.update(start=2, inc=1, interval=5)
+    exp = experiment_from_config(c)
+    assert train.sizes_at(exp, 0) == (6, 2)
+    assert train.sizes_at(exp, 9) == (6, 3)
+    assert train.sizes_at(exp, 10) == (8, 4)
+    assert train.sizes_at(exp, 15) == (8, None)  # dims reached n_dims = 5: no truncation
+    assert train.sizes_at(exp, 10_000) == (20, None)
+
+
+# --- subprocesses: device counts and the command line ------------------------------------------------------
+
+DUMP_PARAMS = textwrap.dedent("""
+    import sys, numpy as np, jax
+    jax.config.update("jax_enable_x64", True)
+    sys.path.insert(0, "configs")
+    import baseconv
+    from lsq_jax import parallel, train
+    from lsq_jax.experiment import experiment_from_config
+    exp = experiment_from_config(baseconv.get_config("smoke"))
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == int(sys.argv[2]), mesh
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    for _ in range(50):
+        state, _ = step(state)
+    leaves = jax.tree_util.tree_leaves(state.params)
+    np.savez(sys.argv[1], *[np.asarray(x) for x in leaves])
+""")
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_same_parameters_on_1_2_4_devices(tmp_path):
+    results = {}
+    for n in (1, 2, 4):
+        out = tmp_path / f"params{n}.npz"
+        proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n)],
+                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        z = np.load(out)
+        results[n] = [z[k] for k in z.files]
+    for n in (2, 4):
+        for a, b in zip(results[1], results[n]):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+
+
+def _main(*args):
+    return _run([sys.executable, "-m", "lsq_jax.main", *args], timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_writes_metrics_and_config(tmp_path):
+    proc = _main("--config=configs/baseconv.py:smoke", f"--workdir={tmp_path}", "--config.train.num_steps=60",
+                 "--config.train.log_every=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"workdir: {tmp_path}" in proc.stdout
+    assert "steps/s" in proc.stdout and "ETA" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records[:-1]] == [0, 20, 40, 59]
+    assert all(np.isfinite(r["loss"]) for r in records[:-1])
+    assert "eval_mse" in records[-1]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"]["num_steps"] == 60 and config["model"]["n_embd"] == 64
+
+
+BAD_INPUTS = [
+    (["--config=configs/baseconv.py:smoke", "--config.train.num_steps=abc"], "num_steps"),
+    (["--config=configs/baseconv.py:smoke", "--config.train.nosuch=1"], "nosuch"),
+    (["--config=configs/baseconv.py:smoke", "--config.train.batch_size=0"], "train.batch_size"),
+    (["--config=configs/baseconv.py:smoke", "--config.model.mixer=mamba"], "model.mixer"),
+    (["--config=configs/baseconv.py:smoke", "--config.optim.schedule=adaptive",
+      "--config.train.grad_stats_batches=0"], "grad_stats_batches"),
+    (["--config=configs/baseconv.py:smoke", "--config.model.n_positions=5"], "model.n_positions"),
+    (["--config=configs/baseconv.py:smoke", "--mode=fly"], "mode"),
+    (["--config=configs/nosuch.py"], "nosuch.py"),
+    (["--config=configs/baseconv.py:huge"], "huge"),
+    (["--config=configs/baseconv.py:smoke", "--config.optim.gamma=1.5"], "gamma"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_2(args, needle, tmp_path):
+    proc = _main(*args, f"--workdir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
