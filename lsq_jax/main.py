@@ -18,6 +18,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>-<timestamp>).")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming from --workdir), then evaluate.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ("off", "auto", "explicit"),
+    "Multi-process JAX: off; auto (cloud TPU pods, SLURM); explicit (needs the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed=explicit).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed=explicit).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed=explicit).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs from --config.")
 
@@ -81,6 +87,13 @@ def main(experiment) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
+    from lsq_jax import parallel
+
+    try:
+        parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+    except ValueError as err:
+        _fail(_one_line(err))
 
     jax.config.update("jax_enable_x64", True)
     from etils import epath

@@ -33,3 +33,32 @@ def check_batch_size(field: str, batch_size: int, mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"{field}={batch_size} is not allowed: must be a multiple of the device count {n}")
+
+
+def initialize_distributed(mode: str = "off", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Start JAX's multi-controller runtime; must come before any other JAX computation.
+
+    Args:
+      mode: 'off' (one process), 'auto' (cloud TPU / SLURM / other environments JAX detects by itself),
+        or 'explicit' (the three arguments below are required).
+      coordinator_address: host:port of process 0.
+      num_processes: total processes.
+      process_id: this process's index.
+    """
+    if mode == "off":
+        return
+    if mode == "auto":
+        jax.distributed.initialize()
+        return
+    if mode != "explicit":
+        raise ValueError(f"distributed={mode!r} is not allowed: must be one of off, auto, explicit")
+    missing = [name for name, value in (("coordinator_address", coordinator_address),
+                                        ("num_processes", num_processes), ("process_id", process_id))
+               if value is None]
+    if missing:
+        raise ValueError(f"--distributed=explicit needs --{', --'.join(missing)}")
+    # process 0 binds the coordinator service to the very address the others dial
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=300,
+                               coordinator_bind_address=coordinator_address if process_id == 0 else None)
