@@ -1,0 +1,149 @@
+"""Checkpoints: round trip, resume after SIGKILL bit for bit, SIGTERM, damaged and mismatched checkpoints."""
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lsq_jax import parallel, train
+from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
+from lsq_jax.experiment import experiment_from_dict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = ["--config=configs/baseconv.py:smoke", "--config.train.log_every=20", "--config.train.checkpoint_every=40"]
+
+
+def _main(workdir, *extra, steps=200):
+    return [sys.executable, "-m", "lsq_jax.main", *SMOKE, f"--config.train.num_steps={steps}",
+            f"--workdir={workdir}", *extra]
+
+
+def restore(workdir, step=None):
+    """(experiment, state) of a workdir's checkpoint (the newest by default), restored in this process."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    step = ckpt.steps()[-1] if step is None else step
+    exp = experiment_from_dict(ckpt.saved_config(step))
+    mesh = parallel.make_mesh()
+    abstract = abstract_like(jax.eval_shape(lambda: train.init_state(exp)), parallel.replicated(mesh))
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return exp, state
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def test_round_trip_of_the_full_state(tmp_path):
+    sys.path.insert(0, str(REPO / "configs"))
+    import baseconv
+
+    from lsq_jax.experiment import experiment_from_config, experiment_to_dict
+    exp = experiment_from_config(baseconv.get_config("smoke"))
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    for _ in range(3):
+        state, _ = step(state)
+    expected = leaves(state)
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    ckpt.save(3, state, experiment_to_dict(exp), force=True)
+    ckpt.close()
+    exp2, restored = restore(tmp_path)
+    assert exp2 == exp
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    for a, b in zip(expected, leaves(restored)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="step 7"):
+        Checkpointer(tmp_path, read_only=True).restore(7, None)
+
+
+def _run_until(cmd, needle, timeout=240):
+    """Start cmd, return the process once `needle` appears on its stdout."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if needle in line or time.time() > deadline:
+            break
+    return proc
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identically(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert subprocess.run(_main(full), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    proc = _run_until(_main(killed), "step 120/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert Checkpointer(killed, read_only=True).steps()[-1] < 200
+    resumed = subprocess.run(_main(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stdout
+    _, a = restore(full)
+    _, b = restore(killed)
+    assert int(a.step) == int(b.step) == 200
+    for x, y in zip(leaves(a), leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    proc = _run_until(_main(tmp_path, steps=100_000), "step 60/")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "preempted" in out
+    last = Checkpointer(tmp_path, read_only=True).steps()[-1]
+    _, state = restore(tmp_path)
+    assert int(state.step) == last >= 60  # saved at the step where the signal was seen
+
+
+def _damage(workdir, step):
+    """Truncate every data file of the state of checkpoint `step`."""
+    for path in (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_and_keeps_the_earlier_one(tmp_path):
+    assert subprocess.run(_main(tmp_path, steps=120), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    steps = Checkpointer(tmp_path, read_only=True).steps()
+    assert steps[-2:] == [80, 120]
+    _, good = restore(tmp_path, 80)
+    _damage(tmp_path, 120)
+    ckpt = Checkpointer(tmp_path)
+    mesh = parallel.make_mesh()
+    exp, _ = restore(tmp_path, 80)
+    abstract = abstract_like(jax.eval_shape(lambda: train.init_state(exp)), parallel.replicated(mesh))
+    warnings = []
+    step, state = ckpt.restore_latest(abstract, log=warnings.append)
+    ckpt.close()
+    assert step == 80 and "120" in warnings[0]
+    for x, y in zip(leaves(good), leaves(state)):
+        np.testing.assert_array_equal(x, y)
+    # the CLI resumes from 80 and finishes; the good checkpoint was not destroyed on the way
+    resumed = subprocess.run(_main(tmp_path, steps=160), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 80" in resumed.stdout
+    assert 80 in Checkpointer(tmp_path, read_only=True).steps()
+
+
+@pytest.mark.slow
+def test_refuses_a_workdir_of_another_config_and_all_damaged(tmp_path):
+    assert subprocess.run(_main(tmp_path, steps=40), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.run(_main(tmp_path, "--config.optim.lr=0.5", "--config.model.n_layer=2", steps=40),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "model.n_layer" in proc.stderr and "optim.lr" in proc.stderr
+    for step in Checkpointer(tmp_path, read_only=True).steps():
+        _damage(tmp_path, step)
+    proc = subprocess.run(_main(tmp_path, steps=80), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "can be restored" in proc.stderr
