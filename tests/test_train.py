@@ -126,6 +126,11 @@ DUMP_PARAMS = textwrap.dedent("""
 """)
 
 
+# emulated devices are threads: on a loaded 2-core machine one may reach a collective long after the other,
+# and XLA's default 40 s rendezvous limit would abort the process
+SLOW_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+
+
 def _run(args, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -137,7 +142,7 @@ def test_same_parameters_on_1_2_4_devices(tmp_path):
     for n in (1, 2, 4):
         out = tmp_path / f"params{n}.npz"
         proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n)],
-                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+                    {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SLOW_COLLECTIVES}"})
         assert proc.returncode == 0, proc.stderr[-2000:]
         z = np.load(out)
         results[n] = [z[k] for k in z.files]
@@ -188,3 +193,13 @@ def test_bad_input_gives_one_line_and_exit_2(args, needle, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_no_recompilation_after_the_first_step():
+    exp = smoke_experiment()
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    for _ in range(5):
+        state, _ = step(state)
+    assert step._cache_size() == 1

@@ -9,6 +9,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from lsq_jax.models import initializers
 from lsq_jax.models.config import ModelConfig
@@ -39,18 +40,29 @@ def short_conv_offset(kernel_size: int, causal: bool) -> int:
 FFT_MIN_LENGTH = 256  # below this a Toeplitz contraction is cheaper than an FFT, and exactly causal
 
 
+def shift_tensor(k: int, n: int, offset: int = 0, circular: bool = False) -> np.ndarray:
+    """The constant 0/1 tensor S (k, n, n) with S[j, t, s] = 1 iff filter tap j links output t to input s.
+
+    Tap j has lag j - offset: s = t - j + offset (taken mod n when `circular`), inside [0, n).
+    """
+    j, t, src = np.ogrid[:k, :n, :n]
+    lag = t - src + offset
+    if circular:
+        lag = lag % n
+    return (lag == j).astype(np.float64)
+
+
 def conv_matrix(filter_ExK, n: int, offset: int = 0, circular: bool = False):
     """The (E, n, n) matrix M with out[t] = sum_s M[:, t, s] v[s] for a lag-indexed filter.
 
     M[:, t, s] = filter[:, t - s + offset] where that index lies in [0, K), else 0; with `circular`, the lag
-    is taken mod n (a period-n circular convolution of the first n lags).
+    is taken mod n (a period-n circular convolution of the first n lags). Built as a contraction with a
+    constant shift tensor rather than a gather: same numbers, and its gradient is a contraction too
+    instead of a scatter-add (about 3x faster forward on CPU).
     """
     k = filter_ExK.shape[1]
-    lag_TxT = jnp.arange(n)[:, None] - jnp.arange(n)[None, :] + offset
-    if circular:
-        lag_TxT = lag_TxT % n
-    valid = (lag_TxT >= 0) & (lag_TxT < k)
-    return jnp.where(valid, filter_ExK[:, jnp.clip(lag_TxT, 0, k - 1)], 0)
+    shifts = shift_tensor(k, n, offset, circular).astype(filter_ExK.dtype)
+    return jnp.einsum("ej,jts->ets", filter_ExK, shifts)
 
 
 def short_conv(v_BxTxE, filter_ExK, bias_E, causal: bool):

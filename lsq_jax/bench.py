@@ -1,0 +1,227 @@
+"""Benchmarks: throughput, time-to-precision and scaling of the training step.
+
+    python -m lsq_jax.bench                                   # all three, explicit-gradient BaseConv config
+    python -m lsq_jax.bench --bench=throughput --config=configs/multistep_gd.py
+    python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:cpu
+
+Every figure is measured, never assumed: steps/s is the median (with min and max) of several timed
+windows after warm-up, compile time is reported apart, the step's FLOPs come from XLA's cost analysis of
+the compiled step, and the roofline ratio divides the step's achieved FLOP/s by the rate of the model's
+dominant dense matmul ((B*T x E) @ (E x E)) measured in the same run, in the same dtype. Results are
+printed as tables and written as JSON (--out).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
+_BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"], "Sub-benchmarks to run.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
+_WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
+_WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
+_BUDGET_S = flags.DEFINE_float("budget_s", 120.0, "Wall-clock budget of the time-to-precision run.")
+_PRECISION_BATCH = flags.DEFINE_integer("precision_batch", 128, "Batch size of the time-to-precision run.")
+_DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmark.")
+_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
+_CHILD = flags.DEFINE_bool("scaling_child", False, "Internal: one scaling measurement in a subprocess.")
+
+PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
+
+
+def _experiment(config, **overrides):
+    from lsq_jax.experiment import experiment_from_config
+
+    c = config.copy_and_resolve_references()
+    c.update_from_flattened_dict(overrides)
+    return experiment_from_config(c)
+
+
+def _timed_windows(fn, state, n_windows: int, window_s: float):
+    """Steps/s of `state = fn(state)` over timed windows, after sizing a window to ~window_s seconds."""
+    import jax
+
+    t = time.perf_counter()
+    state = jax.block_until_ready(fn(state))  # warm-up (already compiled)
+    per_step = max(time.perf_counter() - t, 1e-6)
+    n = max(2, int(window_s / per_step))
+    rates, dispatch = [], []
+    for _ in range(n_windows):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state = fn(state)
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(state)
+        t2 = time.perf_counter()
+        rates.append(n / (t2 - t0))
+        dispatch.append((t1 - t0) / n)
+    return state, rates, dispatch
+
+
+def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5) -> float:
+    """FLOP/s of the jitted (rows x width) @ (width x width) product, median of timed windows."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((rows, width), dtype)
+    w = jnp.full((width, width), 0.5, dtype)
+    f = jax.jit(lambda x, w: x @ w)
+    jax.block_until_ready(f(x, w))
+    t = time.perf_counter()
+    jax.block_until_ready(f(x, w))
+    reps = max(3, int(0.5 / max(time.perf_counter() - t, 1e-6)))
+    rates = []
+    for _ in range(n_windows):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            y = f(x, w)
+        jax.block_until_ready(y)
+        rates.append(2 * rows * width * width * reps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
+    """Full training step (data, forward, backward, recipe, update) at the config's batch size.
+
+    Measured without the gradient statistics (same work per step otherwise; the adaptive LR is swapped
+    for the step-threshold one, which costs the same): those add grad_stats_batches / log_every of a
+    step on average (64 / 1000 in the published runs).
+    """
+    import jax
+
+    from lsq_jax import parallel, train
+
+    exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    t0 = time.perf_counter()
+    compiled = step.lower(state).compile()
+    compile_s = time.perf_counter() - t0
+    flops = float(compiled.cost_analysis().get("flops", float("nan")))
+    fn = lambda s: compiled(s)[0]  # noqa: E731
+    state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
+    median = statistics.median(rates)
+    rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
+    mm = matmul_rate(rows, exp.model.n_embd, dtype)
+    return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": jax.device_count(),
+            "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
+            "steps_per_s_max": max(rates), "examples_per_s": median * exp.train.batch_size,
+            "step_gflop": flops / 1e9, "achieved_gflops": flops * median / 1e9,
+            "matmul_gflops": mm / 1e9, "roofline_ratio": flops * median / mm,
+            "host_dispatch_fraction": statistics.median(dispatch) * median}
+
+
+def time_to_precision(config, budget_s: float, batch_size: int) -> dict:
+    """Train for a wall-clock budget; the time and step at which the test MSE first falls below 10^-k.
+
+    The test MSE is measured every log interval on a fixed batch of fresh problems (not counted in the
+    training time), so recipes are compared at equal training wall-clock.
+    """
+    import jax
+
+    from lsq_jax import parallel, train
+
+    exp = _experiment(config, **{"train.batch_size": batch_size})
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp), mesh)
+    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
+    state, _ = step(state)  # compile outside the budget
+    jax.block_until_ready(evaluate(state.params))
+    crossings, curve, trained_s, steps = {}, [], 0.0, 1
+    chunk = exp.train.log_every
+    while trained_s < budget_s and steps < exp.train.num_steps:
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            state, _ = step(state)
+        jax.block_until_ready(state)
+        trained_s += time.perf_counter() - t0
+        steps += chunk
+        mse = float(evaluate(state.params))
+        curve.append({"step": steps, "seconds": trained_s, "test_mse": mse})
+        for level in PRECISION_LEVELS:
+            if mse < level and f"{level:.0e}" not in crossings:
+                crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": steps}
+    return {"config": exp.name, "batch_size": batch_size, "budget_s": budget_s, "steps": steps,
+            "final_test_mse": curve[-1]["test_mse"] if curve else None, "crossings": crossings, "curve": curve}
+
+
+def scaling(config_arg: str, devices: list[int], n_windows: int, window_s: float) -> list[dict]:
+    """Steps/s on 1, 2, 4 ... devices (emulated CPU devices here) at a fixed global batch; each count runs
+    in a subprocess, since the device count is fixed when JAX starts."""
+    rows = []
+    for n in devices:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        cmd = [sys.executable, "-m", "lsq_jax.bench", "--scaling_child", f"--config={config_arg}",
+               "--dtypes=float64", f"--windows={n_windows}", f"--window_s={window_s}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"scaling run on {n} devices failed: {proc.stderr.strip().splitlines()[-1:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = rows[0]["steps_per_s"]
+    for row in rows:
+        row["speedup"] = row["steps_per_s"] / base
+        row["efficiency"] = row["speedup"] / (row["devices"] / rows[0]["devices"])
+    return rows
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    head = " | ".join(title for title, _, _ in columns)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(" | ".join(format(row[key], fmt) if row.get(key) is not None else "-"
+                                for _, key, fmt in columns))
+    return "\n".join(lines)
+
+
+THROUGHPUT_COLUMNS = [("dtype", "dtype", ""), ("steps/s", "steps_per_s", ".2f"), ("min", "steps_per_s_min", ".2f"),
+                      ("max", "steps_per_s_max", ".2f"), ("examples/s", "examples_per_s", ".0f"),
+                      ("compile s", "compile_s", ".1f"), ("GFLOP/step", "step_gflop", ".2f"),
+                      ("GFLOP/s", "achieved_gflops", ".1f"), ("matmul GFLOP/s", "matmul_gflops", ".1f"),
+                      ("roofline", "roofline_ratio", ".2f"), ("host frac", "host_dispatch_fraction", ".3f")]
+SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"), ("min", "steps_per_s_min", ".2f"),
+                   ("max", "steps_per_s_max", ".2f"), ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".2f")]
+
+
+def main(argv):
+    del argv
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    config = _CONFIG.value
+    if _CHILD.value:
+        print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value)))
+        return
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/baseconv.py")
+    results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+                           "cpu_count": os.cpu_count()}}
+    if "throughput" in _BENCH.value:
+        results["throughput"] = [throughput(config, d, _WINDOWS.value, _WINDOW_S.value) for d in _DTYPES.value]
+        print(f"throughput ({results['throughput'][0]['config']}, batch {results['throughput'][0]['batch_size']})")
+        print(_table(results["throughput"], THROUGHPUT_COLUMNS) + "\n", flush=True)
+    if "precision" in _BENCH.value:
+        r = results["precision"] = time_to_precision(config, _BUDGET_S.value, _PRECISION_BATCH.value)
+        print(f"time to precision ({r['config']}, batch {r['batch_size']}, budget {r['budget_s']:.0f} s): "
+              f"{r['steps']} steps, final test MSE {r['final_test_mse']:.3e}")
+        print(_table([{"level": k, **v} for k, v in r["crossings"].items()],
+                     [("MSE below", "level", ""), ("seconds", "seconds", ".1f"), ("step", "step", "d")]) + "\n",
+              flush=True)
+    if "scaling" in _BENCH.value:
+        results["scaling"] = scaling(config_arg, [int(d) for d in _DEVICES.value], _WINDOWS.value, _WINDOW_S.value)
+        print("scaling (float64, fixed global batch)")
+        print(_table(results["scaling"], SCALING_COLUMNS) + "\n", flush=True)
+    with open(_OUT.value, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

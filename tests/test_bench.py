@@ -1,0 +1,20 @@
+"""The benchmark's figures are consistent with what they are computed from (no timing assertions)."""
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+
+
+def test_throughput_figures_are_consistent():
+    import baseconv
+
+    from lsq_jax import bench
+
+    row = bench.throughput(baseconv.get_config("smoke"), "float64", n_windows=2, window_s=0.2)
+    assert row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
+    np.testing.assert_allclose(row["examples_per_s"], row["steps_per_s"] * 32)
+    np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / row["matmul_gflops"])
+    # forward alone is 9 dense (64 x 64) products over 32 * 21 rows: the step must count at least that
+    assert row["step_gflop"] * 1e9 > 9 * 2 * 32 * 21 * 64 * 64
