@@ -31,4 +31,4 @@ def get_config(arg=None):
              "train.checkpoint_every": 1000},
         smoke={"model.n_embd": 32, "model.n_head": 4, "train.batch_size": 32, "train.num_steps": 100,
                "train.log_every": 25, "optim.step_rate": 50, "train.grad_stats_batches": 4,
-               "train.eval_batch_size": 256, "train.checkpoint_every": 50})
+               "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50})

@@ -38,4 +38,4 @@ def get_config(arg=None):
         cpu={"train.batch_size": 64, "train.num_steps": 3000, "train.log_every": 250, "optim.step_rate": 1000,
              "train.grad_stats_batches": 16, "train.checkpoint_every": 1000},
         smoke={"train.batch_size": 16, "train.num_steps": 100, "train.log_every": 25, "optim.step_rate": 50,
-               "train.grad_stats_batches": 4, "train.eval_batch_size": 256, "train.checkpoint_every": 50})
+               "train.grad_stats_batches": 4, "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50})

@@ -27,7 +27,9 @@ class TrainConfig:
       num_steps: training iterations (skipped ones included).
       log_every: progress line, metrics and gradient statistics every this many iterations.
       grad_stats_batches: fresh mini-batches for the gradient statistics (0 = none).
-      eval_batch_size: fresh problems for the evaluation at the end of training.
+      eval_batch_size: fresh problems for the test MSE at the end of training.
+      eval_problems: problems in the iterated-use / out-of-distribution report.
+      eval_iters: iterations of iterated use in that report.
       checkpoint_every: iterations between checkpoints.
     """
 
@@ -36,10 +38,13 @@ class TrainConfig:
     log_every: int = 1000
     grad_stats_batches: int = 64
     eval_batch_size: int = 4096
+    eval_problems: int = 256
+    eval_iters: int = 1000
     checkpoint_every: int = 10_000
 
     def __post_init__(self):
-        for name in ("batch_size", "num_steps", "log_every", "eval_batch_size", "checkpoint_every"):
+        for name in ("batch_size", "num_steps", "log_every", "eval_batch_size", "eval_problems", "eval_iters",
+                     "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is not allowed: must be a positive integer")
@@ -152,7 +157,8 @@ def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
 
 
 # Fields that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_CHANGES = ("name", "train.num_steps", "train.checkpoint_every", "train.eval_batch_size")
+RESUMABLE_CHANGES = ("name", "train.num_steps", "train.checkpoint_every", "train.eval_batch_size",
+                     "train.eval_problems", "train.eval_iters")
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -12,12 +12,17 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train",)
+MODES = ("train", "eval", "construct")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/baseconv.py:cpu",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>-<timestamp>).")
-_MODE = flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming from --workdir), then evaluate.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", MODES,
+    "train: train (resuming from --workdir), then evaluate; eval: evaluate the checkpoint of --workdir "
+    "(its saved config defines the model; --config is not needed); construct: the hand-built exact-GD "
+    "models (BaseConv, linear attention) through the same evaluation, for the task sizes of --config.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: the newest good one).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ("off", "auto", "explicit"),
     "Multi-process JAX: off; auto (cloud TPU pods, SLURM); explicit (needs the three flags below).")
@@ -66,9 +71,14 @@ def parse_flags(argv: list[str]):
     _check_config_path(argv)
     try:
         rest = flags.FLAGS(argv)
-        if _CONFIG.value is None:
+        if _MODE.value == "eval":
+            if _WORKDIR.value is None:
+                _fail("--mode=eval needs --workdir (a training workdir with checkpoints)")
+            experiment = None
+        elif _CONFIG.value is None:
             _fail("--config is required, e.g. --config=configs/baseconv.py:cpu")
-        experiment = experiment_from_config(_CONFIG.value)
+        else:
+            experiment = experiment_from_config(_CONFIG.value)
     except (AttributeError, KeyError) as err:
         _fail(_unknown_field(argv, str(err.args[0]).strip("'\"") if err.args else ""))
     except (flags.Error, OSError, TypeError, ValueError) as err:
@@ -86,7 +96,7 @@ def main(experiment) -> None:
     import jax
     from absl import logging
 
-    logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
+    logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     from lsq_jax import parallel
 
     try:
@@ -102,13 +112,24 @@ def main(experiment) -> None:
     from lsq_jax.checkpointing import CheckpointError
     from lsq_jax.experiment import UsageError
 
-    workdir = epath.Path(_WORKDIR.value or default_workdir(experiment.name))
-    if jax.process_index() == 0:
-        print(f"workdir: {workdir}", flush=True)
+    def log(line):
+        if jax.process_index() == 0:
+            print(line, flush=True)
+
+    mode = _MODE.value
+    suffix = "-construct" if mode == "construct" else ""
+    workdir = epath.Path(_WORKDIR.value or default_workdir(experiment.name + suffix))
+    log(f"workdir: {workdir}")
     try:
-        train.train_and_evaluate(experiment, workdir, log=lambda line: print(line, flush=True),
-                                 allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except (CheckpointError, UsageError) as err:  # a workdir that cannot be resumed, a batch that cannot split
+        if mode == "train":
+            train.train_and_evaluate(experiment, workdir, log=log, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        elif mode == "eval":
+            experiment, state = train.restore_for_eval(workdir, _STEP.value, log=log)
+            log(f"evaluating step {int(state.step)} of {experiment.name}")
+            train.write_evaluation(experiment, state.params, workdir, log=log)
+        else:
+            train.write_evaluation(experiment, None, workdir, log=log, constructions=True)
+    except (CheckpointError, UsageError) as err:  # a workdir that cannot be used, a batch that cannot split
         _fail(_one_line(err))
 
 

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsq_jax import grad_stats, optim, parallel
+from lsq_jax import evaluate, grad_stats, optim, parallel, plots
+from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.checkpointing import Checkpointer, abstract_like
 from lsq_jax.data.tasks import Task, curriculum_value
 from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, config_differences,
-                                experiment_to_dict)
-from lsq_jax.metrics import MetricsWriter, Progress
+                                experiment_from_dict, experiment_to_dict)
+from lsq_jax.metrics import MetricsWriter, Progress, read_metrics
 from lsq_jax.models.backbone import SequenceModel, init_params
 
 GRAD_STATS_CHUNK = 8  # mini-batches differentiated at once for the gradient statistics (bounds memory)
@@ -198,7 +198,63 @@ def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_chan
     MetricsWriter(workdir / "metrics.jsonl", is_main).write(exp.train.num_steps, {f"eval_{k}": v for k, v in result.items()})
     if is_main:
         log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in result.items()))
-    return {"state": state, "eval": result, "preempted": False}
+    report = write_evaluation(exp, state.params, workdir, log=log)
+    return {"state": state, "eval": result, "report": report, "preempted": False}
+
+
+def write_evaluation(exp: Experiment, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
+    """The numerical-analysis report (lsq_jax.evaluate) of a learned model, or of the hand-built GD models,
+    written to <workdir>/eval/report.json with a table on the terminal and PNG plots (process 0)."""
+    key = run_keys(exp.seed)["eval"]
+    sizes = {"n_problems": exp.train.eval_problems, "n_iters": exp.train.eval_iters}
+    if constructions:
+        report = evaluate.evaluate_constructions(exp.task.n_dims, exp.task.n_points, key,
+                                                 dtype=jnp.dtype(exp.task.dtype), **sizes)
+    else:
+        report = evaluate.evaluate_experiment(exp, params, key, **sizes)
+    if jax.process_index() == 0:
+        out = workdir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        log(evaluate.format_table(report))
+        records = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+        for path in plots.write_plots(report, records, out):
+            log(f"wrote {path}")
+        log(f"wrote {out / 'report.json'}")
+    return report
+
+
+def restore_for_eval(workdir, step: int | None = None, *, log=print) -> tuple[Experiment, TrainState]:
+    """(experiment, state) of a workdir's checkpoint: `step`, or the newest good one. The model is rebuilt
+    from the config saved WITH the checkpoint, so it cannot silently differ from what was trained."""
+    if not (workdir / "checkpoints").exists():
+        raise CheckpointError(f"{workdir} holds no checkpoints (is it a training workdir?)")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"{workdir} holds no checkpoints")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"step {step} is not in {ckpt.directory}: available are {steps}")
+        candidates = [step] if step is not None else list(reversed(steps))
+        for s in candidates:
+            try:
+                exp = experiment_from_dict(ckpt.saved_config(s))
+            except (CheckpointError, TypeError, ValueError, KeyError) as err:
+                err = CheckpointError(f"checkpoint {s} has an unusable config ({err})")
+            else:
+                abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)),
+                                         parallel.replicated(parallel.make_mesh()))
+                try:
+                    return exp, ckpt.restore(s, abstract)
+                except CheckpointError as restore_err:
+                    err = restore_err
+            if step is not None:
+                raise err
+            log(f"warning: {err}; trying an earlier checkpoint")
+        raise CheckpointError(f"none of the checkpoints {steps} in {ckpt.directory} can be restored")
+    finally:
+        ckpt.close()
 
 
 def _train_loop(exp, state, mesh, ckpt, config, writer, log):

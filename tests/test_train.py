@@ -168,6 +168,25 @@ def test_cli_smoke_run_writes_metrics_and_config(tmp_path):
     assert "eval_mse" in records[-1]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["train"]["num_steps"] == 60 and config["model"]["n_embd"] == 64
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["iterated"]["methods"]) >= {"learned", "gd", "cg", "lstsq"}
+    # the report's test MSE is the task loss of the restored model: evaluate it again from the CLI
+    proc = _main("--mode=eval", f"--workdir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluating step 60" in proc.stdout and "learned" in proc.stdout
+    again = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert again["single_step"] == report["single_step"]
+
+
+@pytest.mark.slow
+def test_cli_construct_reaches_round_off_like_gd(tmp_path):
+    proc = _main("--mode=construct", "--config=configs/baseconv.py:smoke", f"--workdir={tmp_path}",
+                 "--config.train.eval_iters=1000", "--config.train.eval_problems=32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods = json.loads((tmp_path / "eval" / "report.json").read_text())["iterated"]["methods"]
+    for name in ("baseconv_gd", "linear_attention_gd"):
+        assert methods[name]["final_forward_error"] <= 1e-13
+        assert max(methods[name]["distance_to_gd"]["p90"]) <= 1e-13
 
 
 BAD_INPUTS = [
@@ -182,6 +201,7 @@ BAD_INPUTS = [
     (["--config=configs/nosuch.py"], "nosuch.py"),
     (["--config=configs/baseconv.py:huge"], "huge"),
     (["--config=configs/baseconv.py:smoke", "--config.optim.gamma=1.5"], "gamma"),
+    (["--mode=eval"], "no checkpoints"),  # the test's --workdir is an empty directory
 ]
 
 
