@@ -31,5 +31,5 @@ def get_config(arg=None):
              "train.checkpoint_every": 1000},
         smoke={"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "train.batch_size": 32,
                "train.num_steps": 100, "train.log_every": 25, "optim.step_rate": 50,
-               "curriculum.points.interval": 10, "train.grad_stats_batches": 4,
+               "curriculum.points.interval": 40, "train.grad_stats_batches": 4,
                "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50})

@@ -721,22 +721,27 @@ _TASK_CLASSES = {
 
 
 def _draw_read_pair(cfg: TaskConfig) -> tuple[int, int]:
-    """(i, j) = sorted randint(0, L, 2) from the task seed; i == j possible (SPEC section 2, read)."""
-    ij = jax.random.randint(jax.random.key(cfg.task_seed), (2,), 0, cfg.n_points)
-    i, j = sorted(int(v) for v in ij)
+    """(i, j) = sorted randint(0, L, 2) from the task seed; i == j possible (SPEC section 2, read).
+
+    Evaluated eagerly even when make_task is called while tracing (inside a jitted train step).
+    """
+    with jax.ensure_compile_time_eval():
+        ij = jax.random.randint(jax.random.key(cfg.task_seed), (2,), 0, cfg.n_points)
+        i, j = sorted(int(v) for v in ij)
     return i, j
 
 
 def _draw_linear_coef(cfg: TaskConfig) -> tuple[float, ...]:
     """c = 3 N(0, I_D) from the task seed; with `sparsity` s, a random D - s of the entries are zeroed."""
-    key_c, key_perm = jax.random.split(jax.random.key(cfg.task_seed))
-    # Drawn in the widest float available, then rounded to the task dtype at use, so float32 and
-    # float64 runs with one seed learn the same c.
-    c = 3 * jax.random.normal(key_c, (cfg.n_dims,), jax.dtypes.canonicalize_dtype(jnp.float64))
-    if cfg.sparsity is not None and cfg.sparsity < cfg.n_dims:
-        zeroed = jax.random.permutation(key_perm, cfg.n_dims)[: cfg.n_dims - cfg.sparsity]
-        c = c.at[zeroed].set(0)
-    return tuple(float(v) for v in c)
+    # eager even while tracing; drawn in the widest float available, then rounded to the task dtype at
+    # use, so float32 and float64 runs with one seed learn the same c
+    with jax.ensure_compile_time_eval():
+        key_c, key_perm = jax.random.split(jax.random.key(cfg.task_seed))
+        c = 3 * jax.random.normal(key_c, (cfg.n_dims,), jax.dtypes.canonicalize_dtype(jnp.float64))
+        if cfg.sparsity is not None and cfg.sparsity < cfg.n_dims:
+            zeroed = jax.random.permutation(key_perm, cfg.n_dims)[: cfg.n_dims - cfg.sparsity]
+            c = c.at[zeroed].set(0)
+        return tuple(float(v) for v in c)
 
 
 def make_task(

@@ -1,0 +1,40 @@
+"""Every config file and variant converts, and its training step traces (catches work that cannot run
+under jit, such as a task drawing its fixed coefficients while being traced)."""
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from lsq_jax import train
+from lsq_jax.experiment import experiment_from_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
+         ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),
+         ("transformer_lsq", "smoke"), ("transformer_lsq", "kappa5,baseconv,cpu"), ("transformer_icl", "smoke"),
+         ("transformer_icl", "cpu")] + [("primitives", f"{p},smoke") for p in
+                                        ("read", "linear", "multiply", "square", "identity", "read,attention")]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name,arg", CASES)
+def test_config_converts_and_its_step_traces(name, arg):
+    exp = experiment_from_config(load(name).get_config(arg))
+    n_points, n_dims = train.sizes_at(exp, 0)
+    state = jax.eval_shape(lambda: train.init_state(exp))
+    new_state, metrics = jax.eval_shape(
+        lambda s: train.train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+    assert metrics["loss"].shape == ()
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="huge"):
+        load("baseconv").get_config("huge")
