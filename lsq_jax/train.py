@@ -65,9 +65,20 @@ def draw_batch(task: Task, key, step, batch_size: int, n_points: int, n_dims: in
     return task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
 
 
-def task_loss(params, model: SequenceModel, task: Task, batch):
+def reads_last_only(task: Task, n_points: int) -> bool:
+    """Whether the task compares the model output at the last position alone (then the model computes
+    only that position in its last block: same numbers, less work)."""
+    return tuple(task.target_positions(n_points)) == (task.seq_len(n_points) - 1,)
+
+
+def predict(params, model: SequenceModel, task: Task, inputs, n_points: int):
+    """The model output the task reads: every position, or only the last when that is all it reads."""
+    return model.apply({"params": params}, inputs, last_only=reads_last_only(task, n_points))
+
+
+def task_loss(params, model: SequenceModel, task: Task, batch, n_points: int):
     """Mean squared error of the model on the task's read-out slice (the training metric)."""
-    return task.loss(model.apply({"params": params}, batch.inputs), batch.targets)
+    return task.loss(predict(params, model, task, batch.inputs, n_points), batch.targets)
 
 
 def l1_penalty(params) -> jax.Array:
@@ -88,11 +99,11 @@ def train_step(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int
     b = exp.train.batch_size
     draw = functools.partial(draw_batch, task, batch_size=b, n_points=n_points, n_dims=n_dims, sharding=sharding)
 
-    stats = _gradient_statistics(state, exp, model, task, keys["stats"], draw)
+    stats = _gradient_statistics(state, exp, model, task, keys["stats"], draw, n_points)
     batch = draw(keys["data"], state.step)
 
     def loss_fn(params):
-        pred = model.apply({"params": params}, batch.inputs)
+        pred = predict(params, model, task, batch.inputs, n_points)
         loss = task.loss(pred, batch.targets)
         total = loss + exp.optim.l1 * l1_penalty(params) if exp.optim.l1 else loss
         return total, (loss, task.per_position_loss(pred, batch.targets))
@@ -106,7 +117,7 @@ def train_step(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _gradient_statistics(state, exp, model, task, stats_key, draw) -> dict[str, jax.Array]:
+def _gradient_statistics(state, exp, model, task, stats_key, draw, n_points) -> dict[str, jax.Array]:
     """SPEC §5 statistics over fresh mini-batches on measurement steps, NaN otherwise ({} if disabled)."""
     n = exp.train.grad_stats_batches
     if n == 0:
@@ -114,7 +125,7 @@ def _gradient_statistics(state, exp, model, task, stats_key, draw) -> dict[str, 
 
     def measure():
         def minibatch_loss(params, i):
-            return task_loss(params, model, task, draw(jax.random.fold_in(stats_key, i), state.step))
+            return task_loss(params, model, task, draw(jax.random.fold_in(stats_key, i), state.step), n_points)
 
         return grad_stats.gradient_signal(minibatch_loss, state.params, jnp.arange(n),
                                           chunk_size=min(n, GRAD_STATS_CHUNK))

@@ -251,3 +251,21 @@ def test_bad_head_count_and_length():
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=5, n_embd=8)
     with pytest.raises(ValueError, match="n_positions"):
         SequenceModel(cfg).init(jax.random.key(0), jnp.zeros((1, 6, 3)))
+
+
+@pytest.mark.parametrize("kw", MIXER_CASES + [dict(mixer="attention", mlp_activ="glu", **ALL_SWITCHES),
+                                              dict(mixer="linear_attention", causal=False),
+                                              dict(mixer="baseconv", conv_type="long", causal=False)])
+def test_last_only_equals_the_last_row(kw):
+    cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=10, n_embd=8, n_layer=2, n_head=2, **kw)
+    params = init_params(cfg, jax.random.key(3))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+    x = jax.random.normal(jax.random.key(5), (2, 9, 3))
+    model = SequenceModel(cfg)
+    full = model.apply({"params": params}, x)
+    last = model.apply({"params": params}, x, last_only=True)
+    assert last.shape == (2, 1, 2)
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-13, atol=1e-14)

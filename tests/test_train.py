@@ -58,11 +58,14 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch():
     task = exp.make_task()
     batch = train.draw_batch(task, train.run_keys(exp.seed)["data"], 0, exp.train.batch_size, exp.task.n_points, None)
     model = train.SequenceModel(exp.model)
-    grads = jax.grad(lambda p: train.task_loss(p, model, task, batch))(params0)
+    def full_loss(p):  # the whole output sequence, not the train step's last-position shortcut
+        return task.loss(model.apply({"params": p}, batch.inputs), batch.targets)
+
+    grads = jax.grad(full_loss)(params0)
     expected = jax.tree_util.tree_map(lambda p, g: p - lr * (g + l1 * np.sign(p)), params0, grads)
     for got, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(metrics["loss"], train.task_loss(params0, model, task, batch), rtol=1e-13)
+    np.testing.assert_allclose(metrics["loss"], full_loss(params0), rtol=1e-13)
 
 
 def test_non_finite_loss_is_never_written_into_the_parameters():

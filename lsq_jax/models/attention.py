@@ -15,15 +15,17 @@ from lsq_jax.models import initializers
 from lsq_jax.models.config import ModelConfig
 
 
-def attention_weights(q_BxHxTxd, k_BxHxTxd, causal: bool, softmax: bool):
-    """Scores q k^T / sqrt(d), masked and (for softmax attention) normalised: (B, H, T, T)."""
-    scores = jnp.einsum("bhtd,bhsd->bhts", q_BxHxTxd, k_BxHxTxd) / math.sqrt(q_BxHxTxd.shape[-1])
-    n = scores.shape[-1]
-    if softmax:
-        if causal:
-            scores = jnp.where(jnp.tril(jnp.ones((n, n), bool)), scores, -jnp.inf)
-        return jax.nn.softmax(scores, axis=-1)
-    return jnp.tril(scores) if causal else scores
+def attention_weights(q_BxHxQxd, k_BxHxTxd, causal: bool, softmax: bool):
+    """Scores q k^T / sqrt(d), masked and (for softmax attention) normalised: (B, H, Q, T).
+
+    The Q queries are the LAST Q positions of the T keys (Q = T normally, Q = 1 for the last position).
+    """
+    scores = jnp.einsum("bhtd,bhsd->bhts", q_BxHxQxd, k_BxHxTxd) / math.sqrt(q_BxHxQxd.shape[-1])
+    n_q, n = scores.shape[-2:]
+    if causal:
+        visible = jnp.arange(n)[None, :] <= jnp.arange(n - n_q, n)[:, None]
+        scores = jnp.where(visible, scores, -jnp.inf if softmax else 0)
+    return jax.nn.softmax(scores, axis=-1) if softmax else scores
 
 
 class Attention(nn.Module):
@@ -33,7 +35,7 @@ class Attention(nn.Module):
     softmax: bool = True
 
     @nn.compact
-    def __call__(self, x_BxTxE):
+    def __call__(self, x_BxTxE, last_only: bool = False):
         cfg = self.config
         dt = cfg.jnp_dtype
         b, n, e = x_BxTxE.shape
@@ -41,7 +43,9 @@ class Attention(nn.Module):
                        kernel_init=initializers.normal(), name="c_attn")(x_BxTxE)
         # (B, T, 3E) -> three (B, H, T, hs)
         q, k, v = qkv.reshape(b, n, 3, cfg.n_head, cfg.head_dim).transpose(2, 0, 3, 1, 4)
+        if last_only:  # one query: the last position
+            q = q[:, :, -1:]
         weights = attention_weights(q, k, cfg.causal, self.softmax)
-        y = jnp.einsum("bhts,bhsd->bthd", weights, v).reshape(b, n, e)
+        y = jnp.einsum("bhts,bhsd->bthd", weights, v).reshape(b, q.shape[2], e)
         return nn.Dense(e, use_bias=cfg.use_bias, dtype=dt, param_dtype=dt,
                         kernel_init=initializers.output_projection(cfg.n_layer), name="c_proj")(y)

@@ -58,14 +58,16 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, last_only: bool = False):
         cfg = self.config
         if cfg.mixer == "baseconv":
             mixer = BaseConv(cfg, name="mixer")
         else:
             mixer = Attention(cfg, softmax=cfg.mixer == "attention", name="mixer")
         h = layer_norm(cfg, "ln_1")(x) if cfg.use_seqop_ln else x
-        x = x + mixer(h) if cfg.use_resid else mixer(h)
+        if last_only:
+            x = x[:, -1:]
+        x = x + mixer(h, last_only) if cfg.use_resid else mixer(h, last_only)
         if cfg.use_mlps:
             h = layer_norm(cfg, "ln_2")(x) if cfg.use_mlp_ln else x
             x = x + MLP(cfg, name="mlp")(h) if cfg.use_resid else MLP(cfg, name="mlp")(h)
@@ -73,12 +75,17 @@ class Block(nn.Module):
 
 
 class SequenceModel(nn.Module):
-    """(B, T, in_dims) -> (B, T, out_dims) for any T <= n_positions."""
+    """(B, T, in_dims) -> (B, T, out_dims) for any T <= n_positions.
+
+    `last_only=True` returns only the last position, (B, 1, out_dims), equal to the last row of the full
+    output; the last block then evaluates its mixer output, MLP, final LN and read-out at that position
+    alone (what a loss read at the last position needs).
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, last_only: bool = False):
         cfg = self.config
         dt = cfg.jnp_dtype
         n = x_BxTxD.shape[1]
@@ -97,7 +104,7 @@ class SequenceModel(nn.Module):
             x = x + wpe[:n]
         self.sow("intermediates", "hidden", x)
         for i in range(cfg.n_layer):
-            x = Block(cfg, name=f"h_{i}")(x)
+            x = Block(cfg, name=f"h_{i}")(x, last_only and i == cfg.n_layer - 1)
             self.sow("intermediates", "hidden", x)
         if cfg.use_final_ln:
             x = layer_norm(cfg, "ln_f")(x)

@@ -65,31 +65,40 @@ def conv_matrix(filter_ExK, n: int, offset: int = 0, circular: bool = False):
     return jnp.einsum("ej,jts->ets", filter_ExK, shifts)
 
 
-def short_conv(v_BxTxE, filter_ExK, bias_E, causal: bool):
+def _apply_matrix(matrix_ExTxT, v_BxTxE, last_only: bool):
+    if last_only:  # only the last output row: a (1 x T) contraction per channel
+        matrix_ExTxT = matrix_ExTxT[:, -1:]
+    return jnp.einsum("ets,bse->bte", matrix_ExTxT, v_BxTxE)
+
+
+def short_conv(v_BxTxE, filter_ExK, bias_E, causal: bool, last_only: bool = False):
     """Depthwise convolution with a length-K filter, zero padding, as a Toeplitz contraction.
 
     out[t, e] = bias[e] + sum_j filter[e, j] v[t - j + offset, e] over 0 <= t - j + offset < T.
+    With `last_only`, only t = T - 1 is computed: (B, 1, E).
     """
     offset = short_conv_offset(filter_ExK.shape[1], causal)
-    return jnp.einsum("ets,bse->bte", conv_matrix(filter_ExK, v_BxTxE.shape[1], offset), v_BxTxE) + bias_E
+    return _apply_matrix(conv_matrix(filter_ExK, v_BxTxE.shape[1], offset), v_BxTxE, last_only) + bias_E
 
 
-def long_conv(v_BxTxE, filter_ExL, causal: bool, method: str = "auto"):
+def long_conv(v_BxTxE, filter_ExL, causal: bool, method: str = "auto", last_only: bool = False):
     """Convolution with an explicit lag-indexed filter, using its first T lags.
 
     Causal: the linear convolution out[t] = sum_{s<=t} filter[:, s] v[t - s].
     Non-causal: the reference's CIRCULAR convolution of period T, out[t] = sum_s filter[:, s] v[(t-s) mod T].
     The reference computes both by FFT (size 2T when causal, which makes it exact). `method` 'fft' does the
     same; 'toeplitz' contracts with the (E, T, T) matrix, which is cheaper for short sequences and keeps
-    the future's weight exactly zero (an FFT leaks round-off into it); 'auto' picks by T.
+    the future's weight exactly zero (an FFT leaks round-off into it); 'auto' picks by T. With
+    `last_only`, only t = T - 1 is returned: (B, 1, E).
     """
     n = v_BxTxE.shape[1]
     if method == "toeplitz" or (method == "auto" and n < FFT_MIN_LENGTH):
-        return jnp.einsum("ets,bse->bte", conv_matrix(filter_ExL[:, :n], n, circular=not causal), v_BxTxE)
+        return _apply_matrix(conv_matrix(filter_ExL[:, :n], n, circular=not causal), v_BxTxE, last_only)
     size = 2 * n if causal else n
     f_v = jnp.fft.rfft(v_BxTxE, n=size, axis=1)
     f_h = jnp.fft.rfft(filter_ExL[:, :n].T, n=size, axis=0)
-    return jnp.fft.irfft(f_v * f_h, n=size, axis=1)[:, :n].astype(v_BxTxE.dtype)
+    out = jnp.fft.irfft(f_v * f_h, n=size, axis=1)[:, :n].astype(v_BxTxE.dtype)
+    return out[:, -1:] if last_only else out
 
 
 def implicit_features(n_positions: int, dtype=jnp.float64):
@@ -126,13 +135,13 @@ class Conv(nn.Module):
         return dense(cfg.n_embd, name="mlp_1")(h).T, None
 
     @nn.compact
-    def __call__(self, v_BxTxE):
+    def __call__(self, v_BxTxE, last_only: bool = False):
         cfg = self.config
         filter_ExL, bias = self.filter(v_BxTxE.shape[1])
         self.sow("intermediates", "filter", filter_ExL)
         if cfg.conv_type == "short":
-            return short_conv(v_BxTxE, filter_ExL, bias, cfg.causal)
-        return long_conv(v_BxTxE, filter_ExL, cfg.causal)
+            return short_conv(v_BxTxE, filter_ExL, bias, cfg.causal, last_only)
+        return long_conv(v_BxTxE, filter_ExL, cfg.causal, last_only=last_only)
 
 
 class BaseConv(nn.Module):
@@ -140,22 +149,25 @@ class BaseConv(nn.Module):
 
     With use_resid: conv(v) = filter * v + v, and the mixer returns w0 y + w1 u with trainable
     branch weights (w0, w1) initialised (1, 0). Without: no inner `+ v`, and it returns y.
+    With `last_only` only the last position is returned; the gate and output projections then run on one
+    position (the convolution still reads every position of in_proj(u)).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, u_BxTxE):
+    def __call__(self, u_BxTxE, last_only: bool = False):
         cfg = self.config
         dt = cfg.jnp_dtype
         dense = functools.partial(nn.Dense, cfg.n_embd, dtype=dt, param_dtype=dt,
                                   kernel_init=initializers.normal(), bias_init=nn.initializers.zeros)
         v = dense(name="in_proj")(u_BxTxE)
-        c = Conv(cfg, name="conv")(v)
+        c = Conv(cfg, name="conv")(v, last_only)
+        u = u_BxTxE[:, -1:] if last_only else u_BxTxE
         if cfg.use_resid:
-            c = c + v
-        y = dense(name="out_proj")(c * dense(name="projection")(u_BxTxE))
+            c = c + (v[:, -1:] if last_only else v)
+        y = dense(name="out_proj")(c * dense(name="projection")(u))
         if not cfg.use_resid:
             return y
         w = self.param("branch_weights", initializers.branch_weights, (2,), dt)
-        return w[0] * y + w[1] * u_BxTxE
+        return w[0] * y + w[1] * u
