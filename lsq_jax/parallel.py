@@ -4,6 +4,8 @@ Parameters and optimizer state are replicated (P()); the batch is sharded along 
 Plain jax.jit on arrays placed this way lets XLA insert the gradient all-reduce, so the code of the step
 is the same for one CPU and for a pod.
 """
+import os
+
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -35,30 +37,101 @@ def check_batch_size(field: str, batch_size: int, mesh) -> None:
         raise ValueError(f"{field}={batch_size} is not allowed: must be a multiple of the device count {n}")
 
 
+DISTRIBUTED_MODES = ("off", "auto", "explicit")
+INIT_TIMEOUT_S = 300  # how long a process waits for its peers at start-up (JAX's default)
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
 def initialize_distributed(mode: str = "off", coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Start JAX's multi-controller runtime; must come before any other JAX computation.
+                           num_processes: int | None = None, process_id: int | None = None, *,
+                           initialization_timeout: int = INIT_TIMEOUT_S) -> None:
+    """Start JAX's multi-controller runtime; must come before any other JAX call (even `jax.devices()`).
+
+    Every process runs the same program; afterwards `jax.devices()` lists the devices of all processes and
+    `make_mesh` spans them all. A peer that never arrives aborts the process (SIGABRT, exit 134) after
+    `initialization_timeout` seconds rather than raising, so launchers must watch their children.
 
     Args:
-      mode: 'off' (one process), 'auto' (cloud TPU / SLURM / other environments JAX detects by itself),
-        or 'explicit' (the three arguments below are required).
-      coordinator_address: host:port of process 0.
+      mode: 'off' (one process; the three arguments must be unset), 'auto' (JAX reads the cluster from the
+        environment: Cloud TPU VM metadata, SLURM's SLURM_* variables under `srun`, Open MPI, Kubernetes;
+        any argument given overrides what it detects), or 'explicit' (all three arguments required).
+      coordinator_address: host:port of process 0, the same string for every process. A loopback host
+        (127.x.x.x, localhost, ::1) is also where process 0 binds; any other host binds all interfaces
+        on that port (or $JAX_COORDINATOR_BIND_ADDRESS), since a cluster hostname can resolve to a
+        loopback address on its own node.
       num_processes: total processes.
-      process_id: this process's index.
+      process_id: this process's index in [0, num_processes).
+      initialization_timeout: seconds to wait for all processes to connect.
+
+    Raises:
+      ValueError: one line naming the flag (`--distributed`, `--coordinator_address`, ...) when the
+        arguments are inconsistent, or when 'auto' finds no cluster in the environment.
     """
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"--distributed={mode!r} is not allowed: must be one of {', '.join(DISTRIBUTED_MODES)}")
+    given = {name: value for name, value in (("coordinator_address", coordinator_address),
+                                             ("num_processes", num_processes), ("process_id", process_id))
+             if value is not None}
     if mode == "off":
+        if given:
+            raise ValueError(f"--{next(iter(given))} needs --distributed=explicit (or auto); "
+                             "it is not used with --distributed=off")
         return
+    if mode == "explicit":
+        missing = [name for name in ("coordinator_address", "num_processes", "process_id") if name not in given]
+        if missing:
+            raise ValueError(f"--distributed=explicit needs --{', --'.join(missing)}")
+    _check_distributed_args(coordinator_address, num_processes, process_id)
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+                  initialization_timeout=initialization_timeout, local_device_ids=_slurm_local_device_ids())
+    if coordinator_address is not None and _is_loopback(coordinator_address.rsplit(":", 1)[0]):
+        kwargs["coordinator_bind_address"] = coordinator_address
     if mode == "auto":
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as err:  # JAX found no cluster: 'coordinator_address should be defined.' and similar
+            raise ValueError(
+                f"--distributed=auto found no cluster environment (Cloud TPU VM, SLURM under srun, Open MPI) "
+                f"to read the processes from ({_first_line(err)}); use --distributed=explicit "
+                f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None
         return
-    if mode != "explicit":
-        raise ValueError(f"distributed={mode!r} is not allowed: must be one of off, auto, explicit")
-    missing = [name for name, value in (("coordinator_address", coordinator_address),
-                                        ("num_processes", num_processes), ("process_id", process_id))
-               if value is None]
-    if missing:
-        raise ValueError(f"--distributed=explicit needs --{', --'.join(missing)}")
-    # process 0 binds the coordinator service to the very address the others dial
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=300,
-                               coordinator_bind_address=coordinator_address if process_id == 0 else None)
+    jax.distributed.initialize(**kwargs)
+
+
+def _check_distributed_args(coordinator_address, num_processes, process_id) -> None:
+    """The flags' values, checked before JAX sees them (JAX would abort or hang on some of them)."""
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--coordinator_address={coordinator_address!r} is not allowed: "
+                             "must be HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num_processes={num_processes} is not allowed: must be a positive integer")
+    if process_id is not None:
+        if process_id < 0:
+            raise ValueError(f"--process_id={process_id} is not allowed: must be a non-negative integer")
+        if num_processes is not None and process_id >= num_processes:
+            raise ValueError(f"--process_id={process_id} is not allowed: must be less than "
+                             f"--num_processes={num_processes}")
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host.lower() in _LOOPBACK_HOSTS
+
+
+def _slurm_local_device_ids() -> list[int] | None:
+    """[0] for a SLURM task that was bound to exactly one GPU (--gpus-per-task=1, --gpu-bind), else None.
+
+    Under SLURM JAX makes local GPU number SLURM_LOCALID visible, which assumes every task sees all the
+    node's GPUs (--gres=gpu:N); when SLURM already restricts CUDA_VISIBLE_DEVICES to one GPU, that GPU
+    is number 0 and SLURM_LOCALID > 0 would name a device that does not exist.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if "SLURM_LOCALID" in os.environ and visible and len(visible.split(",")) == 1:
+        return [0]
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
