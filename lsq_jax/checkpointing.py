@@ -62,7 +62,15 @@ class Checkpointer:
 
     # -- preemption ----------------------------------------------------------------------------------
     def watch_preemption(self) -> None:
-        """After this, SIGTERM (a preemption notice) makes `preempted(step)` true instead of killing."""
+        """After this, SIGTERM (a preemption notice) makes `preempted(step)` true instead of killing.
+
+        Single-process runs only: in a multi-process run JAX's own preemption notifier (started by
+        jax.distributed.initialize) must see the signal, so that every process agrees on the step at which
+        to stop; a Python handler here would make the signalled process stop alone and hang the others.
+        """
+        if jax.process_count() > 1:
+            return
+
         def handler(signum, frame):
             del signum, frame
             self._sigterm = True
