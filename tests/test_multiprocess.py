@@ -187,9 +187,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     assert np.linalg.norm(p2 - p1) <= 1e-12 * np.linalg.norm(p1), np.linalg.norm(p2 - p1) / np.linalg.norm(p1)
 
     # a one-process evaluation restores the checkpoint the two processes wrote
-    from lsq_jax import main
-    if "eval" in main.MODES:
-        proc = subprocess.run(python + ["--mode=eval", f"--workdir={two}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=DEADLINE_S)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        assert f"evaluating step {NUM_STEPS}" in proc.stdout
+    proc = subprocess.run(python + ["--mode=eval", f"--workdir={two}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"evaluating step {NUM_STEPS}" in proc.stdout
