@@ -137,6 +137,15 @@ def test_attention_matches_naive(causal, softmax):
 
 # --- causality through gradients ---------------------------------------------------------------------------
 
+def perturbed_params(cfg):
+    """Initial parameters plus noise, so that no degenerate init (delta filters, zero biases) hides a
+    dependence."""
+    leaves, tree = jax.tree_util.tree_flatten(init_params(cfg, jax.random.key(3)))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+
+
 MIXER_CASES = [dict(mixer="baseconv", conv_type=c) for c in ("short", "long", "implicit")] + [
     dict(mixer="attention"), dict(mixer="linear_attention", use_mlps=True, use_seqop_ln=True)]
 
@@ -145,12 +154,7 @@ MIXER_CASES = [dict(mixer="baseconv", conv_type=c) for c in ("short", "long", "i
 @pytest.mark.parametrize("kw", MIXER_CASES)
 def test_causality_through_gradients(kw, causal):
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=10, n_embd=8, n_layer=2, n_head=2, causal=causal, **kw)
-    params = init_params(cfg, jax.random.key(3))
-    # perturb so that no degenerate init (delta filters, zero biases) hides a dependence
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(4), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+    params = perturbed_params(cfg)
     x = jax.random.normal(jax.random.key(5), (1, 8, 3))
     jac = jax.jacrev(lambda x: SequenceModel(cfg).apply({"params": params}, x)[0])(x)[:, :, 0]  # (T, out, T, in)
     sensitivity = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [t, s]
@@ -258,11 +262,7 @@ def test_bad_head_count_and_length():
                                               dict(mixer="baseconv", conv_type="long", causal=False)])
 def test_last_only_equals_the_last_row(kw):
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=10, n_embd=8, n_layer=2, n_head=2, **kw)
-    params = init_params(cfg, jax.random.key(3))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(4), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)])
+    params = perturbed_params(cfg)
     x = jax.random.normal(jax.random.key(5), (2, 9, 3))
     model = SequenceModel(cfg)
     full = model.apply({"params": params}, x)
