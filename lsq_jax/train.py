@@ -135,7 +135,7 @@ def _gradient_statistics(state, exp, model, task, stats_key, draw, n_points) -> 
     return jax.lax.cond(state.step % exp.train.log_every == 0, measure, skip)
 
 
-def evaluate_loss(params, exp: Experiment, n_batches: int = 1, sharding=None) -> dict[str, jax.Array]:
+def evaluate_loss(params, exp: Experiment, sharding=None) -> dict[str, jax.Array]:
     """Test metrics of the task (MSE, and the primitives' relative errors) on fresh problems at full size."""
     model, task = SequenceModel(exp.model), exp.make_task()
     batch = draw_batch(task, run_keys(exp.seed)["eval"], 0, exp.train.eval_batch_size, exp.task.n_points, None,

@@ -116,10 +116,6 @@ class SequenceModel(nn.Module):
         return rectangular_identity(x, cfg.out_dims)
 
 
-def make_model(cfg: ModelConfig) -> SequenceModel:
-    return SequenceModel(cfg)
-
-
 def init_params(cfg: ModelConfig, key, seq_len: int | None = None):
     """Parameters of a fresh model with the reference's initialisation (a pure function of the key)."""
     x = jnp.zeros((1, seq_len or cfg.n_positions, cfg.in_dims), cfg.jnp_dtype)
