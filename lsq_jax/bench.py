@@ -90,9 +90,9 @@ def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5) -> float:
 def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
     """Full training step (data, forward, backward, recipe, update) at the config's batch size.
 
-    Measured without the gradient statistics (same work per step otherwise; the adaptive LR is swapped
-    for the step-threshold one, which costs the same): those add grad_stats_batches / log_every of a
-    step on average (64 / 1000 in the published runs).
+    Measured without the gradient statistics, which are a separate jitted call every log_every steps
+    (the adaptive LR is swapped for the step-threshold one, which costs the same): they add about
+    grad_stats_batches / log_every of a step on average (64 / 1000 in the published runs).
     """
     import jax
 
@@ -101,12 +101,12 @@ def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
     exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
     mesh = parallel.make_mesh()
     state = train.place_state(train.init_state(exp), mesh)
-    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     t0 = time.perf_counter()
-    compiled = step.lower(state).compile()
+    compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
     flops = float(compiled.cost_analysis().get("flops", float("nan")))
-    fn = lambda s: compiled(s)[0]  # noqa: E731
+    fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
     state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
     median = statistics.median(rates)
     rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
@@ -132,16 +132,16 @@ def time_to_precision(config, budget_s: float, batch_size: int) -> dict:
     exp = _experiment(config, **{"train.batch_size": batch_size})
     mesh = parallel.make_mesh()
     state = train.place_state(train.init_state(exp), mesh)
-    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
+    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
-    state, _ = step(state)  # compile outside the budget
+    state, _ = train.advance(fns, state, 0, exp)  # compile outside the budget
     jax.block_until_ready(evaluate(state.params))
     crossings, curve, trained_s, steps = {}, [], 0.0, 1
     chunk = exp.train.log_every
     while trained_s < budget_s and steps < exp.train.num_steps:
         t0 = time.perf_counter()
-        for _ in range(chunk):
-            state, _ = step(state)
+        for i in range(steps, steps + chunk):
+            state, _ = train.advance(fns, state, i, exp)
         jax.block_until_ready(state)
         trained_s += time.perf_counter() - t0
         steps += chunk

@@ -15,21 +15,20 @@ The pieces are ordinary Optax transforms and can be used on their own:
 * :func:`current_lr`, :func:`applied_steps`, :func:`skipped_steps`, :func:`optimizer_metrics` -- read
   the loggable quantities out of an optimizer state.
 
-Using it from one jitted train step (the measurement is data dependent, so it is delivered as a float
-scalar in which NaN means "no new measurement this step")::
+Using it from a train step (the measurement is data dependent, so it is delivered as a float scalar in
+which NaN means "no new measurement this step"; lsq_jax.train measures it in a separate jitted call on
+measurement steps and passes it into the step)::
 
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
 
-    def train_step(params, opt_state, step):
+    @jax.jit
+    def train_step(params, opt_state, grad_metric):      # grad_metric: a cosine, or NaN
         grads = jax.grad(loss_fn)(params, batch)
-        stats = jax.lax.cond(step % log_every == 0,
-                             lambda: grad_stats.gradient_signal(task_loss, params, keys),
-                             lambda: nan_stats)             # same dict of scalars, all NaN
-        updates, opt_state = tx.update(grads, opt_state, params,
-                                       grad_metric=stats["gradient_cosine_mean"])
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {**optimizer_metrics(opt_state), **stats}
+        updates, opt_state = tx.update(grads, opt_state, params, grad_metric=grad_metric)
+        return optax.apply_updates(params, updates), opt_state, optimizer_metrics(opt_state)
+
+    metric = grad_stats.gradient_signal(task_loss, params, keys)["gradient_cosine_mean"] if step % log_every == 0 else nan
 
 As in the reference, the metric is absorbed BEFORE that step's optimizer step, and it is absorbed even
 when the guard then skips the step (the reference updates its scheduler's metric before, and

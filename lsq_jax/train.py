@@ -86,21 +86,17 @@ def l1_penalty(params) -> jax.Array:
     return sum(jnp.sum(p * jax.lax.stop_gradient(jnp.sign(p))) for p in jax.tree_util.tree_leaves(params))
 
 
-def train_step(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
+def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
                sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One training iteration: [gradient statistics on measurement steps], loss, gradient, recipe, update.
+    """One training iteration: loss, gradient, recipe, update.
 
-    Every `log_every` iterations (starting at 0, before the step, as in the reference) the gradients of
-    `grad_stats_batches` fresh mini-batches give the gradient statistics, whose mean consecutive cosine
-    feeds the adaptive LR; on other iterations those entries are NaN.
+    `grad_metric` is the adaptive LR's signal: the mean consecutive-gradient cosine that
+    `gradient_statistics` measured on this iteration's state, or NaN / None on iterations without a
+    measurement (see `advance`).
     """
     model, task, tx = SequenceModel(exp.model), exp.make_task(), optim.make_optimizer(exp.optim)
-    keys = run_keys(exp.seed)
-    b = exp.train.batch_size
-    draw = functools.partial(draw_batch, task, batch_size=b, n_points=n_points, n_dims=n_dims, sharding=sharding)
-
-    stats = _gradient_statistics(state, exp, model, task, keys["stats"], draw, n_points)
-    batch = draw(keys["data"], state.step)
+    batch = draw_batch(task, run_keys(exp.seed)["data"], state.step, exp.train.batch_size, n_points, n_dims,
+                       sharding)
 
     def loss_fn(params):
         pred = predict(params, model, task, batch.inputs, n_points)
@@ -109,30 +105,59 @@ def train_step(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int
         return total, (loss, task.per_position_loss(pred, batch.targets))
 
     (_, (loss, per_position)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   grad_metric=stats.get("gradient_cosine_mean", jnp.nan))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
-               **optim.optimizer_metrics(opt_state), **stats}
+               **optim.optimizer_metrics(opt_state)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _gradient_statistics(state, exp, model, task, stats_key, draw, n_points) -> dict[str, jax.Array]:
-    """SPEC §5 statistics over fresh mini-batches on measurement steps, NaN otherwise ({} if disabled)."""
-    n = exp.train.grad_stats_batches
-    if n == 0:
-        return {}
+def gradient_statistics(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
+                        sharding=None) -> dict[str, jax.Array]:
+    """SPEC §5 statistics of the gradients of `grad_stats_batches` fresh mini-batches at state.params
+    (the task loss, unclipped, without L1), as one chunked, vmapped computation."""
+    model, task = SequenceModel(exp.model), exp.make_task()
+    stats_key, n = run_keys(exp.seed)["stats"], exp.train.grad_stats_batches
 
-    def measure():
-        def minibatch_loss(params, i):
-            return task_loss(params, model, task, draw(jax.random.fold_in(stats_key, i), state.step), n_points)
+    def minibatch_loss(params, i):
+        batch = draw_batch(task, jax.random.fold_in(stats_key, i), state.step, exp.train.batch_size, n_points,
+                           n_dims, sharding)
+        return task_loss(params, model, task, batch, n_points)
 
-        return grad_stats.gradient_signal(minibatch_loss, state.params, jnp.arange(n),
-                                          chunk_size=min(n, GRAD_STATS_CHUNK))
+    return grad_stats.gradient_signal(minibatch_loss, state.params, jnp.arange(n),
+                                      chunk_size=min(n, GRAD_STATS_CHUNK))
 
-    shapes = jax.eval_shape(measure)
-    skip = lambda: jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)  # noqa: E731
-    return jax.lax.cond(state.step % exp.train.log_every == 0, measure, skip)
+
+class StepFns(NamedTuple):
+    """The jitted functions of one curriculum size: the (donating) train step, the gradient statistics
+    (None when grad_stats_batches = 0), and the NaN "no measurement" metric, placed like the statistics'
+    output (replicated) so that both kinds of iteration share one compiled step."""
+
+    train: Any
+    stats: Any
+    no_metric: jax.Array
+
+
+def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None) -> StepFns:
+    sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=parallel.batch_sharded(mesh))
+    stats = jax.jit(functools.partial(gradient_statistics, **sizes)) if exp.train.grad_stats_batches else None
+    # made by a computation, not device_put: a multi-process device_put checks the value is the same on
+    # every process, and NaN != NaN
+    no_metric = jax.jit(lambda: jnp.full((), jnp.nan, jnp.dtype(exp.task.dtype)),
+                        out_shardings=parallel.replicated(mesh))()
+    return StepFns(train=jax.jit(functools.partial(train_step, **sizes), donate_argnums=0), stats=stats,
+                   no_metric=no_metric)
+
+
+def advance(fns: StepFns, state: TrainState, step: int, exp: Experiment) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Iteration `step` (a host int equal to state.step): on measurement steps (step % log_every == 0, as
+    in the reference, before the update) the gradient statistics first, in their own jitted call, and
+    their mean cosine fed to the step; otherwise the step with a NaN metric. Metrics include the
+    statistics on measurement steps."""
+    stats = fns.stats(state) if fns.stats is not None and step % exp.train.log_every == 0 else {}
+    metric = stats.get("gradient_cosine_mean", fns.no_metric)
+    state, metrics = fns.train(state, metric)
+    return state, {**metrics, **stats}
 
 
 def evaluate_loss(params, exp: Experiment, sharding=None) -> dict[str, jax.Array]:
@@ -141,13 +166,6 @@ def evaluate_loss(params, exp: Experiment, sharding=None) -> dict[str, jax.Array
     batch = draw_batch(task, run_keys(exp.seed)["eval"], 0, exp.train.eval_batch_size, exp.task.n_points, None,
                        sharding)
     return task.eval_metrics(model.apply({"params": params}, batch.inputs), batch.targets)
-
-
-def make_train_step(exp: Experiment, mesh, n_points: int, n_dims: int | None):
-    """The jitted step for one curriculum size; the state is donated."""
-    step = functools.partial(train_step, exp=exp, n_points=n_points, n_dims=n_dims,
-                             sharding=parallel.batch_sharded(mesh))
-    return jax.jit(step, donate_argnums=0)
 
 
 def place_state(state: TrainState, mesh) -> TrainState:
@@ -272,13 +290,13 @@ def _train_loop(exp, state, mesh, ckpt, config, writer, log):
     """Steps from state.step to num_steps; (final state, whether it stopped for preemption)."""
     start, num_steps, every = int(state.step), exp.train.num_steps, exp.train.log_every
     progress = Progress(start, num_steps)
-    steps: dict[tuple, Any] = {}
+    fns: dict[tuple, StepFns] = {}
     pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
     for step in range(start, num_steps):
         sizes = sizes_at(exp, step)
-        if sizes not in steps:
-            steps[sizes] = make_train_step(exp, mesh, *sizes)
-        state, metrics = steps[sizes](state)
+        if sizes not in fns:
+            fns[sizes] = make_step_fns(exp, mesh, *sizes)
+        state, metrics = advance(fns[sizes], state, step, exp)
         if pending is not None:
             _report(writer, progress, log, *pending)
             pending = None

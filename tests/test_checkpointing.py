@@ -46,9 +46,9 @@ def test_round_trip_of_the_full_state(tmp_path):
     exp = experiment_from_config(baseconv.get_config("smoke"))
     mesh = parallel.make_mesh()
     state = train.place_state(train.init_state(exp), mesh)
-    step = train.make_train_step(exp, mesh, exp.task.n_points, None)
-    for _ in range(3):
-        state, _ = step(state)
+    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    for i in range(3):
+        state, _ = train.advance(fns, state, i, exp)
     expected = leaves(state)
     ckpt = Checkpointer(tmp_path, save_every=1)
     ckpt.save(3, state, experiment_to_dict(exp), force=True)

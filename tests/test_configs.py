@@ -33,6 +33,10 @@ def test_config_converts_and_its_step_traces(name, arg):
         lambda s: train.train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == ()
+    if exp.train.grad_stats_batches:
+        stats = jax.eval_shape(
+            lambda s: train.gradient_statistics(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+        assert stats["gradient_cosine_mean"].shape == ()
 
 
 def test_unknown_variant_is_refused():
