@@ -194,7 +194,9 @@ SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"
 def main(argv):
     del argv
     import jax
+    from absl import logging
 
+    logging.set_verbosity(logging.ERROR)  # JAX reports at INFO each backend it fails to find (tpu, cuda)
     jax.config.update("jax_enable_x64", True)
     config = _CONFIG.value
     if _CHILD.value:
