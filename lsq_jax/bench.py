@@ -134,14 +134,14 @@ def time_to_precision(config, budget_s: float, batch_size: int) -> dict:
     state = train.place_state(train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
-    state, _ = train.advance(fns, state, 0, exp)  # compile outside the budget
+    state, _ = train.advance(fns, state, 0)  # compile outside the budget
     jax.block_until_ready(evaluate(state.params))
     crossings, curve, trained_s, steps = {}, [], 0.0, 1
     chunk = exp.train.log_every
     while trained_s < budget_s and steps < exp.train.num_steps:
         t0 = time.perf_counter()
         for i in range(steps, steps + chunk):
-            state, _ = train.advance(fns, state, i, exp)
+            state, _ = train.advance(fns, state, i)
         jax.block_until_ready(state)
         trained_s += time.perf_counter() - t0
         steps += chunk

@@ -130,12 +130,14 @@ def gradient_statistics(state: TrainState, *, exp: Experiment, n_points: int, n_
 
 class StepFns(NamedTuple):
     """The jitted functions of one curriculum size: the (donating) train step, the gradient statistics
-    (None when grad_stats_batches = 0), and the NaN "no measurement" metric, placed like the statistics'
-    output (replicated) so that both kinds of iteration share one compiled step."""
+    (None when grad_stats_batches = 0), the NaN "no measurement" metric, placed like the statistics'
+    output (replicated) so that both kinds of iteration share one compiled step, and the measurement
+    interval."""
 
     train: Any
     stats: Any
     no_metric: jax.Array
+    log_every: int
 
 
 def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None) -> StepFns:
@@ -146,15 +148,15 @@ def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None) -> S
     no_metric = jax.jit(lambda: jnp.full((), jnp.nan, jnp.dtype(exp.task.dtype)),
                         out_shardings=parallel.replicated(mesh))()
     return StepFns(train=jax.jit(functools.partial(train_step, **sizes), donate_argnums=0), stats=stats,
-                   no_metric=no_metric)
+                   no_metric=no_metric, log_every=exp.train.log_every)
 
 
-def advance(fns: StepFns, state: TrainState, step: int, exp: Experiment) -> tuple[TrainState, dict[str, jax.Array]]:
+def advance(fns: StepFns, state: TrainState, step: int) -> tuple[TrainState, dict[str, jax.Array]]:
     """Iteration `step` (a host int equal to state.step): on measurement steps (step % log_every == 0, as
     in the reference, before the update) the gradient statistics first, in their own jitted call, and
     their mean cosine fed to the step; otherwise the step with a NaN metric. Metrics include the
     statistics on measurement steps."""
-    stats = fns.stats(state) if fns.stats is not None and step % exp.train.log_every == 0 else {}
+    stats = fns.stats(state) if fns.stats is not None and step % fns.log_every == 0 else {}
     metric = stats.get("gradient_cosine_mean", fns.no_metric)
     state, metrics = fns.train(state, metric)
     return state, {**metrics, **stats}
@@ -296,7 +298,7 @@ def _train_loop(exp, state, mesh, ckpt, config, writer, log):
         sizes = sizes_at(exp, step)
         if sizes not in fns:
             fns[sizes] = make_step_fns(exp, mesh, *sizes)
-        state, metrics = advance(fns[sizes], state, step, exp)
+        state, metrics = advance(fns[sizes], state, step)
         if pending is not None:
             _report(writer, progress, log, *pending)
             pending = None

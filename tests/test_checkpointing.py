@@ -48,7 +48,7 @@ def test_round_trip_of_the_full_state(tmp_path):
     state = train.place_state(train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(3):
-        state, _ = train.advance(fns, state, i, exp)
+        state, _ = train.advance(fns, state, i)
     expected = leaves(state)
     ckpt = Checkpointer(tmp_path, save_every=1)
     ckpt.save(3, state, experiment_to_dict(exp), force=True)

@@ -32,7 +32,7 @@ def run_steps(exp, n, state=None):
     state = train.place_state(state if state is not None else train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(int(state.step), int(state.step) + n):
-        state, metrics = train.advance(fns, state, i, exp)
+        state, metrics = train.advance(fns, state, i)
     return state, metrics
 
 
@@ -91,7 +91,7 @@ def test_gradient_statistics_only_on_measurement_steps():
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     seen = []
     for i in range(4):
-        state, metrics = train.advance(fns, state, i, exp)
+        state, metrics = train.advance(fns, state, i)
         seen.append("gradient_cosine_mean" in metrics and bool(np.isfinite(metrics["gradient_cosine_mean"])))
     assert seen == [True, False, False, True]
 
@@ -106,7 +106,7 @@ def test_measured_cosine_reaches_the_adaptive_lr():
     key = "gradient_cosine_metric_lrscheduler"
     before = float(optim.optimizer_metrics(state.opt_state)[key])
     cosine = float(fns.stats(state)["gradient_cosine_mean"])
-    state, _ = train.advance(fns, state, 0, exp)
+    state, _ = train.advance(fns, state, 0)
     decay = exp.optim.metric_decay
     np.testing.assert_allclose(float(optim.optimizer_metrics(state.opt_state)[key]),
                                decay * before + (1 - decay) * cosine, rtol=1e-14)
@@ -254,6 +254,6 @@ def test_no_recompilation_after_the_first_step():
     state = train.place_state(train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(5):  # step 0 measures the gradient statistics, the others pass the NaN metric
-        state, _ = train.advance(fns, state, i, exp)
+        state, _ = train.advance(fns, state, i)
     assert fns.train._cache_size() == 1
     assert fns.stats._cache_size() == 1
