@@ -31,6 +31,10 @@ class TrainConfig:
       eval_problems: problems in the iterated-use / out-of-distribution report.
       eval_iters: iterations of iterated use in that report.
       checkpoint_every: iterations between checkpoints.
+      microbatch_size: examples per device differentiated at once; the step accumulates the gradient over
+        the microbatches of its per-device batch in a scan (same mean, summed in another order). 0 (auto):
+        on CPU, microbatches whose (examples, T, E) activations fit in about 1 MiB, so the step works in
+        cache rather than main memory; on GPU/TPU, the whole per-device batch at once.
     """
 
     batch_size: int = 1024
@@ -41,6 +45,7 @@ class TrainConfig:
     eval_problems: int = 256
     eval_iters: int = 1000
     checkpoint_every: int = 10_000
+    microbatch_size: int = 0
 
     def __post_init__(self):
         for name in ("batch_size", "num_steps", "log_every", "eval_batch_size", "eval_problems", "eval_iters",
@@ -48,6 +53,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} is not allowed: must be a positive integer")
+        value = self.microbatch_size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"microbatch_size={value!r} is not allowed: must be 0 (auto) or a positive integer")
         value = self.grad_stats_batches
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
             raise ValueError(f"grad_stats_batches={value!r} is not allowed: must be 0 or an integer >= 2")
@@ -156,9 +164,10 @@ def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
                       dims=_build("dims", CurriculumConfig, d["dims"]))
 
 
-# Fields that may change when a run is resumed: they do not change what is computed.
+# Fields that may change when a run is resumed: they do not change what is computed (the microbatch size
+# changes only the order in which the batch's gradient is summed).
 RESUMABLE_CHANGES = ("name", "train.num_steps", "train.checkpoint_every", "train.eval_batch_size",
-                     "train.eval_problems", "train.eval_iters")
+                     "train.eval_problems", "train.eval_iters", "train.microbatch_size")
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

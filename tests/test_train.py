@@ -45,13 +45,17 @@ def test_every_floating_leaf_has_the_configured_dtype(dtype):
     assert metrics["loss"].dtype == jnp.dtype(dtype)
 
 
-def test_step_is_sgd_with_l1_on_the_drawn_batch():
+@pytest.mark.parametrize("microbatch_size", [32, 8])
+def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
     """With plain SGD (no momentum, no clipping effect) one step is p - lr (grad of the task loss on the
-    batch of that step + l1 sign(p)); the gradient is computed here independently of the train step."""
+    batch of that step + l1 sign(p)); the gradient is computed here independently of the train step, on the
+    whole batch at once, while the step accumulates it over 1 or 4 microbatches."""
     lr, l1 = 0.05, 1e-3
     exp = smoke_experiment(**{"optim.optimizer": "sgd", "optim.momentum": 0.0, "optim.schedule": "constant",
                               "optim.lr": lr, "optim.l1": l1, "optim.ema_lambda": 0.0,
-                              "train.grad_stats_batches": 0, "optim.clip_norm": 1e12})
+                              "train.grad_stats_batches": 0, "optim.clip_norm": 1e12,
+                              "train.microbatch_size": microbatch_size})
+    assert train.microbatches(exp, exp.task.n_points, 1) == 32 // microbatch_size
     state0 = train.init_state(exp)
     params0 = jax.tree_util.tree_map(np.asarray, state0.params)
     state, metrics = run_steps(exp, 1, state0)
@@ -124,6 +128,44 @@ def test_curriculum_sizes_follow_the_schedule():
     assert train.sizes_at(exp, 10_000) == (20, None)
 
 
+def test_accumulated_gradient_is_the_least_squares_gradient():
+    """Mean of chunk losses mean((X_c w - y_c)^2) and its gradient, accumulated over chunks of interleaved
+    rows, against the closed form 2/N X^T (X w - y) of the whole batch (numpy)."""
+    rng = np.random.default_rng(0)
+    x, y, w = rng.normal(size=(48, 5)), rng.normal(size=48), rng.normal(size=5)
+    want_loss = np.mean((x @ w - y) ** 2)
+    want_grad = 2 / len(y) * x.T @ (x @ w - y)
+
+    def chunk_loss(w, rows):
+        xc, yc = rows
+        r = xc @ w - yc
+        return jnp.mean(r ** 2), jnp.max(jnp.abs(r))
+
+    for n_chunks in (1, 2, 4, 8, 16):
+        (loss, _), grad = jax.jit(train.accumulated_value_and_grad, static_argnums=(0, 3))(
+            chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), n_chunks)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-14)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-13, atol=1e-15)
+    # chunk c holds rows c, c + n, c + 2n, ...: the aux of 4 chunks averages each chunk's max residual
+    resid = np.abs(x @ w - y)
+    (_, aux), _ = train.accumulated_value_and_grad(chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), 4)
+    np.testing.assert_allclose(aux, np.mean([resid[c::4].max() for c in range(4)]), rtol=1e-14)
+
+
+def test_auto_microbatches_keep_an_activation_near_a_mebibyte():
+    exp = smoke_experiment(**{"train.batch_size": 1024})  # T = 21, E = 64
+    # float64: 64 examples x 21 x 64 x 8 B = 688 KiB <= 1 MiB < 128 examples
+    assert train.microbatches(exp, exp.task.n_points, 1, backend="cpu") == 16
+    assert train.microbatches(exp, exp.task.n_points, 2, backend="cpu") == 8
+    assert train.microbatches(smoke_experiment(**{"train.batch_size": 1024, "dtype": "float32"}),
+                              exp.task.n_points, 1, backend="cpu") == 8
+    assert train.microbatches(exp, exp.task.n_points, 1, backend="gpu") == 1
+    assert train.microbatches(smoke_experiment(), exp.task.n_points, 1, backend="cpu") == 1  # batch 32: fits
+    with pytest.raises(ValueError, match="train.microbatch_size=48 .* per-device batch 512"):
+        train.microbatches(smoke_experiment(**{"train.batch_size": 1024, "train.microbatch_size": 48}),
+                           exp.task.n_points, 2)
+
+
 # --- subprocesses: device counts and the command line ------------------------------------------------------
 
 DUMP_PARAMS = textwrap.dedent("""
@@ -136,7 +178,8 @@ DUMP_PARAMS = textwrap.dedent("""
     c = baseconv.get_config("smoke")
     # without the gradient statistics: on an oversubscribed 2-core machine the emulated devices'
     # collectives inside their loop have stalled for minutes (see the note on issue 9)
-    c.update_from_flattened_dict({"train.grad_stats_batches": 0, "optim.schedule": "step"})
+    c.update_from_flattened_dict({"train.grad_stats_batches": 0, "optim.schedule": "step",
+                                  "train.microbatch_size": int(sys.argv[3])})
     exp = experiment_from_config(c)
     mesh = parallel.make_mesh()
     assert mesh.devices.size == int(sys.argv[2]), mesh
@@ -168,7 +211,8 @@ def test_same_parameters_on_1_2_4_devices(tmp_path):
             # emulated devices on 2 cores occasionally deadlock in XLA's in-process collective rendezvous
             # (no progress, no CPU use); that is the runtime, not the numbers: retry a fresh process
             try:
-                proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n)],
+                # 1 device: the whole batch of 32 at once; 2 and 4 devices: 4 and 2 microbatches of 4 each
+                proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n), "32" if n == 1 else "4"],
                             {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SLOW_COLLECTIVES}"},
                             timeout=120)
                 break
@@ -234,6 +278,7 @@ BAD_INPUTS = [
     (["--config=configs/nosuch.py"], "nosuch.py"),
     (["--config=configs/baseconv.py:huge"], "huge"),
     (["--config=configs/baseconv.py:smoke", "--config.optim.gamma=1.5"], "gamma"),
+    (["--config=configs/baseconv.py:smoke", "--config.train.microbatch_size=5"], "train.microbatch_size"),
     (["--mode=eval"], "no checkpoints"),  # the test's --workdir is an empty directory
 ]
 
