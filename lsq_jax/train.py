@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from lsq_jax import evaluate, grad_stats, optim, parallel, plots
 from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
@@ -24,9 +25,6 @@ from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, confi
                                 experiment_from_dict, experiment_to_dict)
 from lsq_jax.metrics import MetricsWriter, Progress, read_metrics
 from lsq_jax.models.backbone import SequenceModel, init_params
-
-GRAD_STATS_CHUNK = 8  # mini-batches differentiated at once for the gradient statistics (bounds memory)
-
 
 class TrainState(NamedTuple):
     """step: training iterations done (skipped ones included); params; opt_state (EMA, LR controller,
@@ -126,9 +124,21 @@ def predict(params, model: SequenceModel, task: Task, inputs, n_points: int):
     return model.apply({"params": params}, inputs, last_only=reads_last_only(task, n_points))
 
 
-def task_loss(params, model: SequenceModel, task: Task, batch, n_points: int):
-    """Mean squared error of the model on the task's read-out slice (the training metric)."""
-    return task.loss(predict(params, model, task, batch.inputs, n_points), batch.targets)
+def example_loss(params, keys, *, model: SequenceModel, task: Task, n_points: int, n_dims: int | None):
+    """(task loss, per-position loss) on the examples drawn from `keys` (one key per example)."""
+    batch = task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
+    pred = predict(params, model, task, batch.inputs, n_points)
+    return task.loss(pred, batch.targets), task.per_position_loss(pred, batch.targets)
+
+
+def batch_gradient(params, key, step, *, exp: Experiment, n_points: int, n_dims: int | None, sharding=None,
+                   n_microbatches: int = 1):
+    """((task loss, per-position loss), gradient) on the global batch drawn from `key` at `step`,
+    accumulated over `n_microbatches` per device (the keys are sharded before anything is drawn)."""
+    keys = _placed(example_keys(key, step, 0, exp.train.batch_size), sharding)
+    loss = functools.partial(example_loss, model=SequenceModel(exp.model), task=exp.make_task(),
+                             n_points=n_points, n_dims=n_dims)
+    return accumulated_value_and_grad(loss, params, keys, n_microbatches, sharding)
 
 
 def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
@@ -139,16 +149,10 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
     `gradient_statistics` measured on this iteration's state, or NaN / None on iterations without a
     measurement (see `advance`).
     """
-    model, task, tx = SequenceModel(exp.model), exp.make_task(), optim.make_optimizer(exp.optim)
-    keys = _placed(example_keys(run_keys(exp.seed)["data"], state.step, 0, exp.train.batch_size), sharding)
-
-    def microbatch_loss(params, keys):
-        batch = task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
-        pred = predict(params, model, task, batch.inputs, n_points)
-        return task.loss(pred, batch.targets), task.per_position_loss(pred, batch.targets)
-
-    (loss, per_position), grads = accumulated_value_and_grad(microbatch_loss, state.params, keys,
-                                                             n_microbatches, sharding)
+    tx = optim.make_optimizer(exp.optim)
+    (loss, per_position), grads = batch_gradient(state.params, run_keys(exp.seed)["data"], state.step, exp=exp,
+                                                 n_points=n_points, n_dims=n_dims, sharding=sharding,
+                                                 n_microbatches=n_microbatches)
     if exp.optim.l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
         grads = jax.tree.map(lambda g, p: g + exp.optim.l1 * jnp.sign(p), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_metric=grad_metric)
@@ -159,19 +163,19 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
 
 
 def gradient_statistics(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
-                        sharding=None) -> dict[str, jax.Array]:
+                        sharding=None, n_microbatches: int = 1) -> dict[str, jax.Array]:
     """SPEC §5 statistics of the gradients of `grad_stats_batches` fresh mini-batches at state.params
-    (the task loss, unclipped, without L1), as one chunked, vmapped computation."""
-    model, task = SequenceModel(exp.model), exp.make_task()
-    stats_key, n = run_keys(exp.seed)["stats"], exp.train.grad_stats_batches
+    (the task loss, unclipped, without L1): one mini-batch at a time, each accumulated over microbatches
+    like the step's (all at once would hold grad_stats_batches batches of activations)."""
+    stats_key = run_keys(exp.seed)["stats"]
 
-    def minibatch_loss(params, i):
-        batch = draw_batch(task, jax.random.fold_in(stats_key, i), state.step, exp.train.batch_size, n_points,
-                           n_dims, sharding)
-        return task_loss(params, model, task, batch, n_points)
+    def flat_gradient(i):
+        _, grads = batch_gradient(state.params, jax.random.fold_in(stats_key, i), state.step, exp=exp,
+                                  n_points=n_points, n_dims=n_dims, sharding=sharding,
+                                  n_microbatches=n_microbatches)
+        return ravel_pytree(grads)[0]
 
-    return grad_stats.gradient_signal(minibatch_loss, state.params, jnp.arange(n),
-                                      chunk_size=min(n, GRAD_STATS_CHUNK))
+    return grad_stats.gradient_stats(jax.lax.map(flat_gradient, jnp.arange(exp.train.grad_stats_batches)))
 
 
 class StepFns(NamedTuple):
@@ -187,15 +191,14 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None) -> StepFns:
-    sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=parallel.batch_sharded(mesh))
-    n_microbatches = microbatches(exp, n_points, mesh.devices.size)
+    sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=parallel.batch_sharded(mesh),
+                 n_microbatches=microbatches(exp, n_points, mesh.devices.size))
     stats = jax.jit(functools.partial(gradient_statistics, **sizes)) if exp.train.grad_stats_batches else None
     # made by a computation, not device_put: a multi-process device_put checks the value is the same on
     # every process, and NaN != NaN
     no_metric = jax.jit(lambda: jnp.full((), jnp.nan, jnp.dtype(exp.task.dtype)),
                         out_shardings=parallel.replicated(mesh))()
-    step = functools.partial(train_step, n_microbatches=n_microbatches, **sizes)
-    return StepFns(train=jax.jit(step, donate_argnums=0), stats=stats,
+    return StepFns(train=jax.jit(functools.partial(train_step, **sizes), donate_argnums=0), stats=stats,
                    no_metric=no_metric, log_every=exp.train.log_every)
 
 
