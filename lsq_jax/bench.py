@@ -6,9 +6,10 @@
 
 Every figure is measured, never assumed: steps/s is the median (with min and max) of several timed
 windows after warm-up, compile time is reported apart, the step's FLOPs come from XLA's cost analysis of
-the compiled step, and the roofline ratio divides the step's achieved FLOP/s by the rate of the model's
-dominant dense matmul ((B*T x E) @ (E x E)) measured in the same run, in the same dtype. Results are
-printed as tables and written as JSON (--out).
+the compiled step (compiled without microbatches: the analysis counts a loop's body once), and the
+roofline ratio divides the step's achieved FLOP/s by the rate of the model's dominant dense matmul
+((B*T x E) @ (E x E)) measured in the same run, in the same dtype. Results are printed as tables and
+written as JSON (--out).
 """
 from __future__ import annotations
 
@@ -196,7 +197,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-THROUGHPUT_COLUMNS = [("dtype", "dtype", ""), ("microbatches", "microbatches", "d"), ("steps/s", "steps_per_s", ".2f"), ("min", "steps_per_s_min", ".2f"),
+THROUGHPUT_COLUMNS = [("dtype", "dtype", ""), ("microbatches", "microbatches", "d"),
+                      ("steps/s", "steps_per_s", ".2f"), ("min", "steps_per_s_min", ".2f"),
                       ("max", "steps_per_s_max", ".2f"), ("examples/s", "examples_per_s", ".0f"),
                       ("compile s", "compile_s", ".1f"), ("GFLOP/step", "step_gflop", ".2f"),
                       ("GFLOP/s", "achieved_gflops", ".1f"), ("matmul GFLOP/s", "matmul_gflops", ".1f"),

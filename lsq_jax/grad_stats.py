@@ -3,7 +3,9 @@
 Every ``log_every`` steps the reference draws 64 fresh mini-batches, takes the gradient of the task loss
 on each (unclipped, no L1 term), flattens them into a (64, P) matrix and reports the statistics below;
 the adaptive learning rate consumes ``gradient_cosine_mean``. The reference spends 64 backward passes;
-:func:`batched_gradients` does it in one vmapped call (optionally in chunks, to bound memory).
+the train loop builds the (64, P) matrix one mini-batch at a time (``lsq_jax.train.gradient_statistics``:
+on CPU the activations of many mini-batches at once outgrow the cache), and :func:`batched_gradients` does
+it in one vmapped call (optionally in chunks), which suits an accelerator with memory to spare.
 
 Key names are the reference's (``compute_gradient_stats`` / ``compute_gradient_stats_gt``), so logs
 compare one to one. All functions are pure and jittable; the statistics are 0-d arrays.

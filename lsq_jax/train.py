@@ -74,7 +74,7 @@ def microbatches(exp: Experiment, n_points: int, n_devices: int, backend: str | 
     Auto (microbatch_size 0) on CPU: the fewest that bring one (examples, T, E) activation down to
     MICROBATCH_BYTES. XLA:CPU's step is bound by main memory once the activations outgrow the cache: on a
     2-core VM with ~7 GB/s to memory one pass over a 1024 x 21 x 64 float64 tensor costs ~3 ms, the matmul
-    that reads it ~1 ms in cache. In cache-sized microbatches the same step ran 2.5x faster there.
+    that reads it ~1 ms in cache. In cache-sized microbatches the whole step ran about 2x faster there.
     """
     local = exp.train.batch_size // n_devices
     size = exp.train.microbatch_size

@@ -18,3 +18,19 @@ def test_throughput_figures_are_consistent():
     np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / row["matmul_gflops"])
     # forward alone is 9 dense (64 x 64) products over 32 * 21 rows: the step must count at least that
     assert row["step_gflop"] * 1e9 > 9 * 2 * 32 * 21 * 64 * 64
+
+
+def test_step_flops_count_every_microbatch():
+    """XLA's cost analysis counts a loop body once: the bench must report the FLOPs of the whole step
+    whether the step runs in 1 or 4 microbatches."""
+    import baseconv
+
+    from lsq_jax import bench
+
+    rows = {}
+    for size in (32, 8):
+        c = baseconv.get_config("smoke")
+        c.train.microbatch_size = size
+        rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
+    assert rows[32]["microbatches"] == 1 and rows[8]["microbatches"] == 4
+    np.testing.assert_allclose(rows[8]["step_gflop"], rows[32]["step_gflop"], rtol=1e-12)
