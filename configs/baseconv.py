@@ -5,7 +5,7 @@ A^T (A x0 - b) / L. Recipe: Adam lr 1e-2 (eps 1e-16), adaptive LR step_rate 3000
 gradients 0.98 / 2.0, 2.5M steps of batch 1024.
 
     python -m lsq_jax.main --config=configs/baseconv.py            # published size
-    python -m lsq_jax.main --config=configs/baseconv.py:cpu        # batch 128, lr 3e-3: < 10 min on 2 cores
+    python -m lsq_jax.main --config=configs/baseconv.py:cpu        # batch 128, lr 3e-3: ~3 min on 2 cores
     python -m lsq_jax.main --config=configs/baseconv.py:smoke      # < 60 s
 """
 import os

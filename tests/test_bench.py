@@ -34,3 +34,19 @@ def test_step_flops_count_every_microbatch():
         rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
     assert rows[32]["microbatches"] == 1 and rows[8]["microbatches"] == 4
     np.testing.assert_allclose(rows[8]["step_gflop"], rows[32]["step_gflop"], rtol=1e-12)
+
+
+def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
+    import baseconv
+
+    from lsq_jax import bench
+
+    r = bench.time_to_precision(baseconv.get_config("smoke"), budget_s=3.0)
+    assert r["batch_size"] == 32  # the config's own batch unless one is given
+    curve = r["curve"]
+    assert len(curve) >= 2 and r["steps"] == curve[-1]["step"]
+    assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
+    for level in bench.PRECISION_LEVELS:
+        below = [p for p in curve if p["test_mse"] < level]
+        crossing = r["crossings"].get(f"{level:.0e}")
+        assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
