@@ -16,6 +16,8 @@ def test_throughput_figures_are_consistent():
     assert row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
     np.testing.assert_allclose(row["examples_per_s"], row["steps_per_s"] * 32)
     np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / row["matmul_gflops"])
+    np.testing.assert_allclose(row["peak_ratio"], row["achieved_gflops"] / row["peak_matmul_gflops"])
+    assert row["matmul_gflops"] == max(row["matmul_gflops_by_form"].values())
     # forward alone is 9 dense (64 x 64) products over 32 * 21 rows: the step must count at least that
     assert row["step_gflop"] * 1e9 > 9 * 2 * 32 * 21 * 64 * 64
 
@@ -33,6 +35,7 @@ def test_step_flops_count_every_microbatch():
         c.train.microbatch_size = size
         rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
     assert rows[32]["microbatches"] == 1 and rows[8]["microbatches"] == 4
+    assert set(rows[8]["matmul_gflops_by_form"]) == {"whole", "microbatched"}
     np.testing.assert_allclose(rows[8]["step_gflop"], rows[32]["step_gflop"], rtol=1e-12)
 
 
