@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1_000_000  # training iterations
     c.train.log_every = 1000  # progress line, metrics and gradient statistics every this many steps
     c.train.grad_stats_batches = 64  # mini-batches for the gradient statistics (0 = none; adaptive needs >= 2)
-    c.train.microbatch_size = 0  # examples per device per gradient-accumulation chunk (0 = auto: ~1 MiB on CPU)
+    c.train.microbatch_size = 0  # examples per device per gradient-accumulation chunk (0 = auto: 2^17-element activations on CPU)
     c.train.eval_batch_size = 4096  # fresh problems for the evaluation at the end
     c.train.eval_problems = 256  # problems in the iterated-use / out-of-distribution report
     c.train.eval_iters = 1000  # iterations of iterated use in that report

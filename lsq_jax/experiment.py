@@ -33,7 +33,7 @@ class TrainConfig:
       checkpoint_every: iterations between checkpoints.
       microbatch_size: examples per device differentiated at once; the step accumulates the gradient over
         the microbatches of its per-device batch in a scan (same mean, summed in another order). 0 (auto):
-        on CPU, microbatches whose (examples, T, E) activations fit in about 1 MiB, so the step works in
+        on CPU, microbatches whose (examples, T, E) activations hold at most 2^17 elements, so the step works in
         cache rather than main memory; on GPU/TPU, the whole per-device batch at once.
     """
 
