@@ -133,15 +133,14 @@ def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
     rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
     n_micro = train.microbatches(exp, exp.task.n_points, mesh.devices.size)
     # the machine's matmul rate on this width: the better of the whole batch's rows at once and in the
-    # step's microbatches (a wide model's whole-batch product is bound by memory, not arithmetic)
+    # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory)
     mm_rates = {"whole": matmul_rate(rows, exp.model.n_embd, dtype)}
     if n_micro > 1:
-        mm_rates["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro)
+        mm_rates["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro * mesh.devices.size)
     mm = max(mm_rates.values())
     peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype)
     return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": jax.device_count(),
-            "microbatches": n_micro,
-            "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
+            "microbatches": n_micro, "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
             "steps_per_s_max": max(rates), "examples_per_s": median * exp.train.batch_size,
             "step_gflop": flops / 1e9, "achieved_gflops": flops * median / 1e9,
             "matmul_gflops": mm / 1e9, "matmul_gflops_by_form": {k: v / 1e9 for k, v in mm_rates.items()},
