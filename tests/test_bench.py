@@ -44,10 +44,11 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 
     from lsq_jax import bench
 
-    r = bench.time_to_precision(baseconv.get_config("smoke"), budget_s=3.0)
+    r = bench.time_to_precision(baseconv.get_config("smoke"), budget_s=3.0, every=20)
     assert r["batch_size"] == 32  # the config's own batch unless one is given
     curve = r["curve"]
     assert len(curve) >= 2 and r["steps"] == curve[-1]["step"]
+    assert [p["step"] for p in curve] == [1 + 20 * (i + 1) for i in range(len(curve))]
     assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
     for level in bench.PRECISION_LEVELS:
         below = [p for p in curve if p["test_mse"] < level]
