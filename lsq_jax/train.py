@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
-from jax.sharding import PartitionSpec as P
 
 from lsq_jax import evaluate, grad_stats, optim, parallel, plots
 from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
@@ -96,34 +95,22 @@ def microbatches(exp: Experiment, n_points: int, n_devices: int, backend: str | 
 def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
     """The mean over `n_chunks` chunks of xs of fn(params, chunk) -> (scalar, aux), and its gradient.
 
-    One chunk at a time in a lax.scan, so only one chunk's activations are live; equal to value_and_grad
-    of the mean over all rows when every chunk's value is a mean over its rows. Chunk c holds the rows
-    c, c + n_chunks, c + 2 n_chunks, ... With `sharding` (rows split over its mesh's first axis), every
-    device accumulates the chunks of its own rows, unreduced, and the devices average once at the end
-    (n_chunks must divide the per-device rows); a replicated accumulator would be all-reduced per chunk.
+    One chunk at a time in a lax.scan, so only one chunk's activations are live. Chunk c holds the rows
+    c, c + n_chunks, c + 2 n_chunks, ... of every leaf of xs: rows sharded over devices in contiguous blocks
+    stay on their device (n_chunks must divide the per-device rows). Equal to value_and_grad of the mean
+    over all rows when every chunk's value is a mean over its rows.
     """
-    if n_chunks == 1:
-        return jax.value_and_grad(fn, has_aux=True)(params, xs)
-    if sharding is None:
-        return _scan_chunks(fn, params, xs, n_chunks)
-    axis = sharding.spec[0]
-    varying = functools.partial(jax.tree.map, lambda a: jax.lax.pcast(a, axis, to="varying"))
-
-    def per_device(params, xs):  # params varying: their gradient is this device's, not yet summed
-        return jax.lax.pmean(_scan_chunks(fn, varying(params), xs, n_chunks, varying), axis)
-
-    return jax.shard_map(per_device, mesh=sharding.mesh, in_specs=(P(), P(axis)), out_specs=P())(params, xs)
-
-
-def _scan_chunks(fn, params, xs, n_chunks: int, place_zeros=lambda zeros: zeros):
     value_and_grad = jax.value_and_grad(fn, has_aux=True)
+    if n_chunks == 1:
+        return value_and_grad(params, xs)
     chunked = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(-1, n_chunks, *a.shape[1:]), 0, 1), xs)
 
     def add_chunk(total, chunk):
-        return jax.tree.map(jnp.add, total, value_and_grad(params, chunk)), None
+        out = value_and_grad(params, jax.tree.map(lambda a: _placed(a, sharding), chunk))
+        return jax.tree.map(jnp.add, total, out), None
 
     shapes = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda a: a[0], chunked))
-    zeros = place_zeros(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     total, _ = jax.lax.scan(add_chunk, zeros, chunked)
     return jax.tree.map(lambda t: t / n_chunks, total)
 

@@ -165,10 +165,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     env2 = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {SLOW_COLLECTIVES}"}
     env4 = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {SLOW_COLLECTIVES}"}
     codes = _run_together(
-        # the two processes also accumulate over 2 microbatches per device (cross-process shard_map),
-        # the one process differentiates its 8 rows per device at once
-        [(python + _train_args(two) + ["--distributed=explicit", address, "--num_processes=2", f"--process_id={i}",
-                                       "--config.train.microbatch_size=4"],
+        [(python + _train_args(two) + ["--distributed=explicit", address, "--num_processes=2", f"--process_id={i}"],
           env2) for i in range(2)] + [(python + _train_args(one), env4)], logs)
     assert codes == [0, 0, 0], _logs(logs)
 
