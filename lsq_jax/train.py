@@ -259,7 +259,7 @@ def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_chan
     try:
         parallel.check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         parallel.check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
-        microbatches(exp, exp.task.n_points, mesh.devices.size)
+        microbatches(exp, exp.task.n_points, mesh.devices.size)  # an explicit size must divide the device share
     except ValueError as err:
         raise UsageError(str(err)) from None
     is_main = jax.process_index() == 0
