@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsq_jax.models import attention, baseconv
+from lsq_jax.models import attention, baseconv, dense
 from lsq_jax.models.backbone import SequenceModel, init_params
 from lsq_jax.models.config import ModelConfig
 from lsq_jax.models.convert import config_from_reference, params_from_reference
@@ -99,6 +99,29 @@ def test_long_conv_matches_direct(causal, method):
             elif not causal:
                 expected[:, t] += h[:, s] * v[:, (t - s) % n]
     np.testing.assert_allclose(baseconv.long_conv(jnp.asarray(v), jnp.asarray(h), causal, method), expected, atol=1e-13)
+
+
+# --- dense layers: the product by rows ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 4, 5), (7, 5)])
+def test_rows_dot_general_is_the_feature_product_and_its_gradient(shape):
+    """(..., in) @ (in, out) by rows: the same values and input/kernel gradients as numpy's einsum."""
+    rng = np.random.default_rng(0)
+    x, w, g = rng.normal(size=shape), rng.normal(size=(5, 6)), rng.normal(size=shape[:-1] + (6,))
+    dims = (((len(shape) - 1,), (0,)), ((), ()))
+    f = lambda x, w: jnp.vdot(g, dense.rows_dot_general(x, w, dims))
+    np.testing.assert_allclose(dense.rows_dot_general(x, w, dims), np.einsum("...i,io->...o", x, w), rtol=1e-13)
+    dx, dw = jax.grad(f, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(dx, np.einsum("...o,io->...i", g, w), rtol=1e-13)
+    lead = list(range(len(shape) - 1))
+    np.testing.assert_allclose(dw, np.tensordot(x, g, axes=(lead, lead)), rtol=1e-13)
+
+
+def test_rows_dot_general_passes_other_products_through():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_allclose(dense.rows_dot_general(a, b, batched), np.einsum("bij,bjk->bik", a, b), rtol=1e-13)
 
 
 # --- attention against a naive O(L^2) formula ------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lsq_jax.models import initializers
 from lsq_jax.models.config import ModelConfig
+from lsq_jax.models.dense import Dense
 
 
 def attention_weights(q_BxHxQxd, k_BxHxTxd, causal: bool, softmax: bool):
@@ -39,13 +40,13 @@ class Attention(nn.Module):
         cfg = self.config
         dt = cfg.jnp_dtype
         b, n, e = x_BxTxE.shape
-        qkv = nn.Dense(3 * e, use_bias=cfg.use_bias, dtype=dt, param_dtype=dt,
-                       kernel_init=initializers.normal(), name="c_attn")(x_BxTxE)
+        qkv = Dense(3 * e, use_bias=cfg.use_bias, dtype=dt, param_dtype=dt,
+                    kernel_init=initializers.normal(), name="c_attn")(x_BxTxE)
         # (B, T, 3E) -> three (B, H, T, hs)
         q, k, v = qkv.reshape(b, n, 3, cfg.n_head, cfg.head_dim).transpose(2, 0, 3, 1, 4)
         if last_only:  # one query: the last position
             q = q[:, :, -1:]
         weights = attention_weights(q, k, cfg.causal, self.softmax)
         y = jnp.einsum("bhts,bhsd->bthd", weights, v).reshape(b, q.shape[2], e)
-        return nn.Dense(e, use_bias=cfg.use_bias, dtype=dt, param_dtype=dt,
-                        kernel_init=initializers.output_projection(cfg.n_layer), name="c_proj")(y)
+        return Dense(e, use_bias=cfg.use_bias, dtype=dt, param_dtype=dt,
+                     kernel_init=initializers.output_projection(cfg.n_layer), name="c_proj")(y)

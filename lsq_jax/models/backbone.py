@@ -14,6 +14,7 @@ from lsq_jax.models import initializers
 from lsq_jax.models.attention import Attention
 from lsq_jax.models.baseconv import BaseConv
 from lsq_jax.models.config import ModelConfig
+from lsq_jax.models.dense import Dense
 
 LN_EPS = 1e-5
 
@@ -41,7 +42,7 @@ class MLP(nn.Module):
         cfg = self.config
         dt = cfg.jnp_dtype
         hidden = cfg.mlp_upfactor * cfg.n_embd
-        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=dt)
+        dense = functools.partial(Dense, dtype=dt, param_dtype=dt)
         h = dense(hidden, use_bias=cfg.use_bias, kernel_init=initializers.normal(), name="c_fc")(x)
         if cfg.mlp_activ == "relu":
             h = nn.relu(h)
@@ -95,8 +96,8 @@ class SequenceModel(nn.Module):
             raise ValueError(f"sequence length {n} is not allowed: must be <= n_positions={cfg.n_positions}")
         x = x_BxTxD.astype(dt)
         if cfg.train_proj:
-            x = nn.Dense(cfg.n_embd, dtype=dt, param_dtype=dt, kernel_init=initializers.uniform_fan_in(cfg.in_dims),
-                         bias_init=initializers.uniform_fan_in(cfg.in_dims), name="read_in")(x)
+            x = Dense(cfg.n_embd, dtype=dt, param_dtype=dt, kernel_init=initializers.uniform_fan_in(cfg.in_dims),
+                      bias_init=initializers.uniform_fan_in(cfg.in_dims), name="read_in")(x)
         else:
             x = rectangular_identity(x, cfg.n_embd)
         if cfg.train_pos:
@@ -110,9 +111,9 @@ class SequenceModel(nn.Module):
             x = layer_norm(cfg, "ln_f")(x)
             self.sow("intermediates", "hidden", x)
         if cfg.train_proj:
-            return nn.Dense(cfg.out_dims, dtype=dt, param_dtype=dt,
-                            kernel_init=initializers.uniform_fan_in(cfg.n_embd),
-                            bias_init=initializers.uniform_fan_in(cfg.n_embd), name="read_out")(x)
+            return Dense(cfg.out_dims, dtype=dt, param_dtype=dt,
+                         kernel_init=initializers.uniform_fan_in(cfg.n_embd),
+                         bias_init=initializers.uniform_fan_in(cfg.n_embd), name="read_out")(x)
         return rectangular_identity(x, cfg.out_dims)
 
 

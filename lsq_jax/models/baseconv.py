@@ -13,6 +13,7 @@ import numpy as np
 
 from lsq_jax.models import initializers
 from lsq_jax.models.config import ModelConfig
+from lsq_jax.models.dense import Dense
 
 IMPLICIT_HIDDEN = 16  # width of the implicit filter's MLP (3 -> 16 -> E)
 IMPLICIT_FREQ = 1e-4  # frequency of its cos / -sin positional features
@@ -128,7 +129,7 @@ class Conv(nn.Module):
         if cfg.conv_type == "long":
             return self.param("filter", initializers.delta, shape, dt), None
         # implicit: the table is truncated to the first n rows, not rebuilt for length n
-        dense = functools.partial(nn.Dense, dtype=dt, param_dtype=dt, kernel_init=initializers.normal(),
+        dense = functools.partial(Dense, dtype=dt, param_dtype=dt, kernel_init=initializers.normal(),
                                   bias_init=nn.initializers.zeros)
         z = implicit_features(cfg.n_positions, dt)[:n]
         h = nn.relu(dense(IMPLICIT_HIDDEN, name="mlp_0")(z))
@@ -159,7 +160,7 @@ class BaseConv(nn.Module):
     def __call__(self, u_BxTxE, last_only: bool = False):
         cfg = self.config
         dt = cfg.jnp_dtype
-        dense = functools.partial(nn.Dense, cfg.n_embd, dtype=dt, param_dtype=dt,
+        dense = functools.partial(Dense, cfg.n_embd, dtype=dt, param_dtype=dt,
                                   kernel_init=initializers.normal(), bias_init=nn.initializers.zeros)
         v = dense(name="in_proj")(u_BxTxE)
         c = Conv(cfg, name="conv")(v, last_only)
