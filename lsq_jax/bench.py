@@ -38,7 +38,8 @@ _PRECISION_BATCH = flags.DEFINE_integer("precision_batch", 0,
                                         "Batch size of the time-to-precision run (0: the config's own).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmark.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
-_CHILD = flags.DEFINE_bool("scaling_child", False, "Internal: one scaling measurement in a subprocess.")
+_CHILD = flags.DEFINE_integer("scaling_child", 0,
+                              "Internal: one scaling measurement on this many devices, in a subprocess.")
 
 PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
 
@@ -110,8 +111,9 @@ def step_flops(exp, mesh, state, no_metric) -> float:
     return float(compiled.cost_analysis().get("flops", float("nan")))
 
 
-def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
-    """Full training step (data, forward, backward, recipe, update) at the config's batch size.
+def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: int = 0) -> dict:
+    """Full training step (data, forward, backward, recipe, update) at the config's batch size, on the
+    first `n_devices` devices (0: all).
 
     Measured without the gradient statistics, which are a separate jitted call every log_every steps
     (the adaptive LR is swapped for the step-threshold one, which costs the same): they add about
@@ -122,7 +124,7 @@ def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
     from lsq_jax import parallel, train
 
     exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(n_devices)
     state = train.place_state(train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     t0 = time.perf_counter()
@@ -141,7 +143,7 @@ def throughput(config, dtype: str, n_windows: int, window_s: float) -> dict:
         mm_rates["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro * mesh.devices.size)
     mm = max(mm_rates.values())
     peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype)
-    return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": jax.device_count(),
+    return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": int(mesh.devices.size),
             "microbatches": n_micro, "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
             "steps_per_s_max": max(rates), "examples_per_s": median * exp.train.batch_size,
             "step_gflop": flops / 1e9, "achieved_gflops": flops * median / 1e9,
@@ -189,20 +191,29 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, every: int =
 
 
 def scaling(config_arg: str, devices: list[int], n_windows: int, window_s: float) -> list[dict]:
-    """Steps/s on 1, 2, 4 ... devices (emulated CPU devices here) at a fixed global batch; each count runs
-    in a subprocess, since the device count is fixed when JAX starts."""
+    """Steps/s on 1, 2, 4 ... devices at a fixed global batch, each count in a subprocess on the first n
+    devices. On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX
+    starts, added to any XLA_FLAGS already set); on accelerators they are real, and counts above what
+    the machine has are skipped."""
+    import jax
+
+    emulated = jax.default_backend() == "cpu"
     rows = []
     for n in devices:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        cmd = [sys.executable, "-m", "lsq_jax.bench", "--scaling_child", f"--config={config_arg}",
+        env = dict(os.environ)
+        if emulated:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        elif n > jax.device_count():
+            print(f"scaling: {n} devices skipped ({jax.device_count()} available)", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "lsq_jax.bench", f"--scaling_child={n}", f"--config={config_arg}",
                "--dtypes=float64", f"--windows={n_windows}", f"--window_s={window_s}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"scaling run on {n} devices failed: {proc.stderr.strip().splitlines()[-1:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = rows[0]["steps_per_s"]
     for row in rows:
-        row["speedup"] = row["steps_per_s"] / base
+        row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
         row["efficiency"] = row["speedup"] / (row["devices"] / rows[0]["devices"])
     return rows
 
@@ -236,7 +247,7 @@ def main(argv):
     jax.config.update("jax_enable_x64", True)
     config = _CONFIG.value
     if _CHILD.value:
-        print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value)))
+        print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, _CHILD.value)))
         return
     config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/baseconv.py")
     results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],

@@ -12,13 +12,19 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A mesh over all devices of all processes, along one axis 'data'.
+def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
+    """A mesh along one axis 'data' over all devices of all processes, or over the first `n_devices`
+    (the scaling benchmark's subsets of one machine's devices).
 
     The axis is Auto (JAX 0.10 defaults to Explicit): the step only constrains where the per-example
     keys live and lets XLA propagate the sharding through the sampler, the model and the gradient sum.
     """
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    devices = jax.devices()
+    if not 0 <= n_devices <= len(devices):
+        raise ValueError(f"n_devices={n_devices} is not allowed: must be in [0, {len(devices)}] "
+                         f"(0: all {len(devices)} devices)")
+    devices = devices[:n_devices or len(devices)]
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -3,6 +3,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 
@@ -54,3 +55,16 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
         below = [p for p in curve if p["test_mse"] < level]
         crossing = r["crossings"].get(f"{level:.0e}")
         assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
+
+
+@pytest.mark.slow
+def test_scaling_measures_each_count_on_that_many_devices():
+    """Each row runs in its own process on exactly the requested device count (emulated here)."""
+    from lsq_jax import bench
+
+    config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
+    rows = bench.scaling(f"{config}:smoke", [1, 2], n_windows=2, window_s=0.2)
+    assert [row["devices"] for row in rows] == [1, 2]
+    assert rows[0]["speedup"] == 1.0
+    np.testing.assert_allclose(rows[1]["speedup"], rows[1]["steps_per_s"] / rows[0]["steps_per_s"])
+    np.testing.assert_allclose(rows[1]["efficiency"], rows[1]["speedup"] / 2)

@@ -58,6 +58,13 @@ def test_bad_distributed_flags_are_one_line_value_errors(kwargs, needle):
     assert needle in message and "\n" not in message, message
 
 
+def test_mesh_over_all_or_the_first_n_devices():
+    assert parallel.make_mesh().devices.size == jax.device_count()
+    assert list(parallel.make_mesh(1).devices.flat) == jax.devices()[:1]
+    with pytest.raises(ValueError, match="n_devices=.* is not allowed"):
+        parallel.make_mesh(jax.device_count() + 1)
+
+
 def test_off_does_nothing():
     assert parallel.initialize_distributed("off") is None
 
