@@ -190,23 +190,40 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, every: int =
             "final_test_mse": curve[-1]["test_mse"] if curve else None, "crossings": crossings, "curve": curve}
 
 
-def scaling(config_arg: str, devices: list[int], n_windows: int, window_s: float) -> list[dict]:
-    """Steps/s on 1, 2, 4 ... devices at a fixed global batch, each count in a subprocess on the first n
-    devices. On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX
-    starts, added to any XLA_FLAGS already set); on accelerators they are real, and counts above what
-    the machine has are skipped."""
+def config_argv(argv: list[str]) -> list[str]:
+    """The --config flag and its --config.field overrides from a command line, in either absl form
+    (`--config=x` or `--config x`), to start a subprocess on the same config."""
+    out, rest = [], iter(argv)
+    for arg in rest:
+        if arg == "--config" or arg.startswith("--config."):
+            out += [arg] if "=" in arg else [arg, next(rest, "")]
+        elif arg.startswith("--config="):
+            out.append(arg)
+    return out
+
+
+def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_s: float) -> list[dict]:
+    """Steps/s on 1, 2, 4 ... devices at a fixed global batch, each on the first n devices.
+
+    On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX starts and
+    added to any XLA_FLAGS already set), so each count runs in a subprocess given the config flags of
+    `argv` (see `config_argv`). On
+    accelerators they are real and each count runs here on `config` (a subprocess would find the
+    accelerator's memory already taken by this one); counts above what the machine has are skipped.
+    """
     import jax
 
-    emulated = jax.default_backend() == "cpu"
     rows = []
     for n in devices:
-        env = dict(os.environ)
-        if emulated:
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-        elif n > jax.device_count():
-            print(f"scaling: {n} devices skipped ({jax.device_count()} available)", flush=True)
+        if jax.default_backend() != "cpu":
+            if n > jax.device_count():
+                print(f"scaling: {n} devices skipped ({jax.device_count()} available)", flush=True)
+                continue
+            rows.append(throughput(config, "float64", n_windows, window_s, n))
             continue
-        cmd = [sys.executable, "-m", "lsq_jax.bench", f"--scaling_child={n}", f"--config={config_arg}",
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        cmd = [sys.executable, "-m", "lsq_jax.bench", f"--scaling_child={n}", *config_argv(argv),
                "--dtypes=float64", f"--windows={n_windows}", f"--window_s={window_s}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -249,7 +266,6 @@ def main(argv):
     if _CHILD.value:
         print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, _CHILD.value)))
         return
-    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/baseconv.py")
     results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
                            "cpu_count": os.cpu_count()}}
     if "throughput" in _BENCH.value:
@@ -265,7 +281,8 @@ def main(argv):
                      [("MSE below", "level", ""), ("seconds", "seconds", ".1f"), ("step", "step", "d")]) + "\n",
               flush=True)
     if "scaling" in _BENCH.value:
-        results["scaling"] = scaling(config_arg, [int(d) for d in _DEVICES.value], _WINDOWS.value, _WINDOW_S.value)
+        results["scaling"] = scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _WINDOWS.value,
+                                     _WINDOW_S.value)
         print("scaling (float64, fixed global batch)")
         print(_table(results["scaling"], SCALING_COLUMNS) + "\n", flush=True)
     with open(_OUT.value, "w") as f:

@@ -60,11 +60,42 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 @pytest.mark.slow
 def test_scaling_measures_each_count_on_that_many_devices():
     """Each row runs in its own process on exactly the requested device count (emulated here)."""
+    import baseconv
+
     from lsq_jax import bench
 
-    config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
-    rows = bench.scaling(f"{config}:smoke", [1, 2], n_windows=2, window_s=0.2)
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
+    rows = bench.scaling(baseconv.get_config("smoke"), [f"--config={path}:smoke"], [1, 2], n_windows=2,
+                         window_s=0.2)
     assert [row["devices"] for row in rows] == [1, 2]
     assert rows[0]["speedup"] == 1.0
     np.testing.assert_allclose(rows[1]["speedup"], rows[1]["steps_per_s"] / rows[0]["steps_per_s"])
     np.testing.assert_allclose(rows[1]["efficiency"], rows[1]["speedup"] / 2)
+
+
+def test_config_argv_keeps_the_config_flags_in_both_forms():
+    from lsq_jax import bench
+
+    argv = ["--bench=scaling", "--config", "configs/a.py:cpu", "--config.train.batch_size=64", "--windows=3",
+            "--config.dtype", "float32", "--out=x.json"]
+    assert bench.config_argv(argv) == ["--config", "configs/a.py:cpu", "--config.train.batch_size=64",
+                                       "--config.dtype", "float32"]
+    assert bench.config_argv(["--config=configs/b.py", "--devices=1,2"]) == ["--config=configs/b.py"]
+    assert bench.config_argv(["--bench=scaling"]) == []
+
+
+def test_scaling_on_accelerators_runs_here_and_skips_counts_the_machine_lacks(monkeypatch, capsys):
+    """Off CPU the devices are real: each count runs in this process (no emulation flag, no subprocess),
+    and a count above jax.device_count() is skipped with a line saying so."""
+    import baseconv
+    import jax
+
+    from lsq_jax import bench
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("started a subprocess"))
+    n = jax.device_count()
+    rows = bench.scaling(baseconv.get_config("smoke"), [], [n, n + 1], n_windows=2, window_s=0.2)
+    assert [row["devices"] for row in rows] == [n]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
+    assert f"scaling: {n + 1} devices skipped ({n} available)" in capsys.readouterr().out
