@@ -207,9 +207,9 @@ def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_
 
     On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX starts and
     added to any XLA_FLAGS already set), so each count runs in a subprocess given the config flags of
-    `argv` (see `config_argv`). On
-    accelerators they are real and each count runs here on `config` (a subprocess would find the
-    accelerator's memory already taken by this one); counts above what the machine has are skipped.
+    `argv` (see `config_argv`). On accelerators they are real and each count runs here on `config` (a
+    subprocess would find the accelerator's memory already taken by this one); counts above what the
+    machine has are skipped.
     """
     import jax
 

@@ -19,12 +19,11 @@ def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
     The axis is Auto (JAX 0.10 defaults to Explicit): the step only constrains where the per-example
     keys live and lets XLA propagate the sharding through the sampler, the model and the gradient sum.
     """
-    devices = jax.devices()
-    if not 0 <= n_devices <= len(devices):
-        raise ValueError(f"n_devices={n_devices} is not allowed: must be in [0, {len(devices)}] "
-                         f"(0: all {len(devices)} devices)")
-    devices = devices[:n_devices or len(devices)]
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+    total = jax.device_count()
+    if not 0 <= n_devices <= total:
+        raise ValueError(f"n_devices={n_devices} is not allowed: must be in [0, {total}] (0: all {total} devices)")
+    devices = jax.devices()[:n_devices] if n_devices else None  # None: make_mesh's own order of all devices
+    return jax.make_mesh((n_devices or total,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh) -> NamedSharding:
