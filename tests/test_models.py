@@ -105,7 +105,7 @@ def test_long_conv_matches_direct(causal, method):
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 4, 5), (7, 5)])
 def test_rows_dot_general_is_the_feature_product_and_its_gradient(shape):
-    """(..., in) @ (in, out) by rows: the same values and input/kernel gradients as numpy's einsum."""
+    """(..., in) @ (in, out) by rows: the same values and input/kernel gradients as numpy (einsum, tensordot)."""
     rng = np.random.default_rng(0)
     x, w, g = rng.normal(size=shape), rng.normal(size=(5, 6)), rng.normal(size=shape[:-1] + (6,))
     dims = (((len(shape) - 1,), (0,)), ((), ()))
