@@ -213,11 +213,12 @@ def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_
     """
     import jax
 
+    emulated, available = jax.default_backend() == "cpu", jax.device_count()
     rows = []
     for n in devices:
-        if jax.default_backend() != "cpu":
-            if n > jax.device_count():
-                print(f"scaling: {n} devices skipped ({jax.device_count()} available)", flush=True)
+        if not emulated:
+            if n > available:
+                print(f"scaling: {n} devices skipped ({available} available)", flush=True)
                 continue
             rows.append(throughput(config, "float64", n_windows, window_s, n))
             continue
