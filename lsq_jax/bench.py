@@ -6,10 +6,10 @@
 
 Every figure is measured, never assumed: steps/s is the median (with min and max) of several timed
 windows after warm-up, compile time is reported apart, the step's FLOPs come from XLA's cost analysis of
-the compiled step (compiled without microbatches: the analysis counts a loop's body once), and the
-roofline ratio divides the step's achieved FLOP/s by the rate of the model's dominant dense matmul
-((B*T x E) @ (E x E), the better of all rows at once and the step's microbatches) measured in the same
-run, in the same dtype; "of peak" divides it by the rate of a square 1024 product instead, the machine's
+the step compiled for one device without microbatches (the analysis counts a loop's body once, and a
+partitioned program's analysis counts one device's share), and the roofline ratio divides the step's
+achieved FLOP/s by the rate of the model's dominant dense matmul ((B*T x E) @ (E x E), the better of all
+rows at once and the step's microbatches) measured in the same run, in the same dtype; "of peak" divides it by the rate of a square 1024 product instead, the machine's
 best (a model whose other products are wider than E x E can exceed a roofline ratio of 1). Results are
 printed as tables and written as JSON (--out).
 """
@@ -99,16 +99,20 @@ def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: i
     return statistics.median(rates)
 
 
-def step_flops(exp, mesh, state, no_metric) -> float:
-    """FLOPs of one training step by XLA's cost analysis, of the step compiled WITHOUT microbatches: the
-    analysis counts a loop's body once, and accumulating microbatches changes the order of the sums, not
-    the arithmetic."""
-    from lsq_jax import train
+def step_flops(exp, state) -> float:
+    """FLOPs of one training step by XLA's cost analysis, of the whole batch on ONE device without
+    microbatches, whatever the run's devices: the analysis counts a loop's body once (accumulating
+    microbatches changes the order of the sums, not the arithmetic), and the analysis of a partitioned
+    program counts one device's share, replicated work (the optimizer update) included. So the figure is
+    the step's useful work, the same on any device count. Compiled only, never run."""
+    import jax
 
-    whole = dataclasses.replace(exp, train=dataclasses.replace(
-        exp.train, microbatch_size=exp.train.batch_size // mesh.devices.size))
-    compiled = train.make_step_fns(whole, mesh, exp.task.n_points, None).train.lower(state, no_metric).compile()
-    return float(compiled.cost_analysis().get("flops", float("nan")))
+    from lsq_jax import parallel, train
+
+    whole = dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatch_size=exp.train.batch_size))
+    fns = train.make_step_fns(whole, parallel.make_mesh(1), exp.task.n_points, None)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, fns.no_metric))
+    return float(fns.train.lower(*abstract).compile().cost_analysis().get("flops", float("nan")))
 
 
 def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: int = 0) -> dict:
@@ -130,7 +134,7 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     t0 = time.perf_counter()
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
-    flops = step_flops(exp, mesh, state, fns.no_metric)
+    flops = step_flops(exp, state)
     fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
     state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
     median = statistics.median(rates)

@@ -59,7 +59,8 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 
 @pytest.mark.slow
 def test_scaling_measures_each_count_on_that_many_devices():
-    """Each row runs in its own process on exactly the requested device count (emulated here)."""
+    """Each row runs in its own process on exactly the requested device count (emulated here); the step's
+    FLOPs are the whole step's, the same on any device count (not one device's share)."""
     import baseconv
 
     from lsq_jax import bench
@@ -71,6 +72,7 @@ def test_scaling_measures_each_count_on_that_many_devices():
     assert rows[0]["speedup"] == 1.0
     np.testing.assert_allclose(rows[1]["speedup"], rows[1]["steps_per_s"] / rows[0]["steps_per_s"])
     np.testing.assert_allclose(rows[1]["efficiency"], rows[1]["speedup"] / 2)
+    np.testing.assert_allclose(rows[1]["step_gflop"], rows[0]["step_gflop"], rtol=1e-12)
 
 
 def test_config_argv_keeps_the_config_flags_in_both_forms():
