@@ -9,9 +9,10 @@ windows after warm-up, compile time is reported apart, the step's FLOPs come fro
 the step compiled for one device without microbatches (the analysis counts a loop's body once, and a
 partitioned program's analysis counts one device's share), and the roofline ratio divides the step's
 achieved FLOP/s by the rate of the model's dominant dense matmul ((B*T x E) @ (E x E), the better of all
-rows at once and the step's microbatches) measured in the same run, in the same dtype; "of peak" divides it by the rate of a square 1024 product instead, the machine's
-best (a model whose other products are wider than E x E can exceed a roofline ratio of 1). Results are
-printed as tables and written as JSON (--out).
+rows at once and the step's microbatches) measured in the same run (the best of its windows), in the same
+dtype; "of peak" divides it by the rate of a square 1024 product instead, the machine's best (a model
+whose other products are wider than E x E can exceed a roofline ratio of 1). Results are printed as
+tables and written as JSON (--out).
 """
 from __future__ import annotations
 
@@ -77,8 +78,10 @@ PEAK_SIZE = 1024  # the square product that measures the machine's best matmul r
 
 
 def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: int = 1) -> float:
-    """FLOP/s of the jitted (rows x width) @ (width x width) product, median of timed windows; with
-    `chunks` > 1 the rows are multiplied `chunks` at a time in one lax.map, as the microbatched step does."""
+    """FLOP/s of the jitted (rows x width) @ (width x width) product, the best of its timed windows (the
+    rate the machine can reach: a slow episode of a shared machine only lowers it, and would inflate a
+    ratio over it); with `chunks` > 1 the rows are multiplied `chunks` at a time in one lax.map, as the
+    microbatched step does."""
     import jax
     import jax.numpy as jnp
 
@@ -96,7 +99,7 @@ def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: i
             y = f(x, w)
         jax.block_until_ready(y)
         rates.append(2 * (rows // chunks) * chunks * width * width * reps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return max(rates)
 
 
 def step_flops(exp, state) -> float:
