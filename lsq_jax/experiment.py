@@ -32,9 +32,10 @@ class TrainConfig:
       eval_iters: iterations of iterated use in that report.
       checkpoint_every: iterations between checkpoints.
       microbatch_size: examples per device differentiated at once; the step accumulates the gradient over
-        the microbatches of its per-device batch in a scan (same mean, summed in another order). 0 (auto):
-        on CPU, microbatches whose (examples, T, E) activations hold at most 2^17 elements, so the step works in
-        cache rather than main memory; on GPU/TPU, the whole per-device batch at once.
+        the microbatches of its per-device batch in a scan (same mean, summed in another order; on CPU two
+        microbatches at a time, to use two cores). 0 (auto): on CPU, microbatches whose (examples, T, E)
+        activations hold at most 2^17 elements, so the step works in cache rather than main memory; on
+        GPU/TPU, the whole per-device batch at once.
     """
 
     batch_size: int = 1024

@@ -92,21 +92,24 @@ def microbatches(exp: Experiment, n_points: int, n_devices: int, backend: str | 
     return next((n for n in divisors if (local // n) * per_example <= MICROBATCH_ELEMENTS), local)
 
 
-# Microbatches per iteration of the accumulating scan. Two independent microbatches in one loop body let
-# XLA:CPU run their ops side by side on two cores, where one microbatch's small ops scale poorly. Measured
-# on 2 cores in alternated runs (steps/s, unroll 1 -> 2): baseconv float64 18.7-19.1 -> 20.5-21.8,
-# float32 32.5-34.5 -> 38.2-38.3; linear_attention float64 0.98-1.14 -> 1.20; multistep_gd float64 8.1-9.0
-# -> 8.4-8.5. 4 was slower (float64 13-16). The values do not change (bitwise equal over 3 steps of 8
-# microbatches).
-SCAN_UNROLL = 2
+# Microbatches per iteration of the accumulating scan on CPU. Two independent microbatches in one loop
+# body let XLA:CPU run their ops side by side on two cores, where one microbatch's small ops scale poorly.
+# Measured on 2 cores in alternated runs (steps/s, unroll 1 -> 2): baseconv float64 18.7-19.1 ->
+# 20.5-21.8, float32 32.5-34.5 -> 38.2-38.3; linear_attention float64 0.98-1.14 -> 1.20; multistep_gd
+# float64 8.1-9.0 -> 8.4-8.5. 4 was slower (float64 13-16). The sums are the same: bitwise equal over 3
+# steps with 4 or 8 microbatches; with 2 the single unrolled body is fused differently (7e-16 apart).
+# Off CPU the scan is not unrolled: a microbatch size chosen there to fit device memory stays the most
+# that is live at once.
+CPU_SCAN_UNROLL = 2
 
 
 def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
     """The mean over `n_chunks` chunks of xs of fn(params, chunk) -> (scalar, aux), and its gradient.
 
-    One chunk at a time in a lax.scan, so only one chunk's activations are live. Chunk c holds the rows
-    c, c + n_chunks, c + 2 n_chunks, ... of every leaf of xs: rows sharded over devices in contiguous blocks
-    stay on their device (n_chunks must divide the per-device rows). Equal to value_and_grad of the mean
+    One chunk at a time in a lax.scan, so only one chunk's activations are live (two on CPU, where the
+    scan is unrolled by CPU_SCAN_UNROLL). Chunk c holds the rows c, c + n_chunks, c + 2 n_chunks, ... of
+    every leaf of xs: rows sharded over devices in contiguous blocks stay on their device (n_chunks must
+    divide the per-device rows). Equal to value_and_grad of the mean
     over all rows when every chunk's value is a mean over its rows. With several devices the replicated
     accumulator is all-reduced once per chunk (a shard_map form with one reduction per step stalled
     emulated CPU devices in half the runs; see the note on issue 11).
@@ -122,7 +125,8 @@ def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
 
     shapes = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda a: a[0], chunked))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    total, _ = jax.lax.scan(add_chunk, zeros, chunked, unroll=SCAN_UNROLL)
+    unroll = CPU_SCAN_UNROLL if jax.default_backend() == "cpu" else 1
+    total, _ = jax.lax.scan(add_chunk, zeros, chunked, unroll=unroll)
     return jax.tree.map(lambda t: t / n_chunks, total)
 
 

@@ -141,7 +141,7 @@ def test_accumulated_gradient_is_the_least_squares_gradient():
         r = xc @ w - yc
         return jnp.mean(r ** 2), jnp.max(jnp.abs(r))
 
-    for n_chunks in (1, 2, 4, 8, 16):
+    for n_chunks in (1, 2, 3, 4, 8, 16):  # 3: an odd count, with the CPU scan unrolled by 2
         (loss, _), grad = jax.jit(train.accumulated_value_and_grad, static_argnums=(0, 3))(
             chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), n_chunks)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-14)
@@ -150,6 +150,23 @@ def test_accumulated_gradient_is_the_least_squares_gradient():
     resid = np.abs(x @ w - y)
     (_, aux), _ = train.accumulated_value_and_grad(chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), 4)
     np.testing.assert_allclose(aux, np.mean([resid[c::4].max() for c in range(4)]), rtol=1e-14)
+
+
+def test_microbatch_scan_is_unrolled_on_cpu_only(monkeypatch):
+    """On CPU two microbatches per scan iteration (two cores); elsewhere one, so that a microbatch size
+    chosen to fit device memory is the most that is live at once."""
+    def loss(w, x):
+        return jnp.mean(x @ w), None
+
+    def scan_unroll():
+        jaxpr = jax.make_jaxpr(lambda w, x: train.accumulated_value_and_grad(loss, w, x, 4))(
+            jnp.ones(3), jnp.ones((8, 3)))
+        (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        return eqn.params["unroll"]
+
+    assert scan_unroll() == train.CPU_SCAN_UNROLL == 2
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert scan_unroll() == 1
 
 
 def test_auto_microbatches_keep_an_activation_within_2_17_elements():
