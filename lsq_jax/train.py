@@ -109,10 +109,10 @@ def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
     One chunk at a time in a lax.scan, so only one chunk's activations are live (two on CPU, where the
     scan is unrolled by CPU_SCAN_UNROLL). Chunk c holds the rows c, c + n_chunks, c + 2 n_chunks, ... of
     every leaf of xs: rows sharded over devices in contiguous blocks stay on their device (n_chunks must
-    divide the per-device rows). Equal to value_and_grad of the mean
-    over all rows when every chunk's value is a mean over its rows. With several devices the replicated
-    accumulator is all-reduced once per chunk (a shard_map form with one reduction per step stalled
-    emulated CPU devices in half the runs; see the note on issue 11).
+    divide the per-device rows). Equal to value_and_grad of the mean over all rows when every chunk's
+    value is a mean over its rows. With several devices the replicated accumulator is all-reduced once per
+    chunk (a shard_map form with one reduction per step stalled emulated CPU devices in half the runs; see
+    the note on issue 11).
     """
     value_and_grad = jax.value_and_grad(fn, has_aux=True)
     if n_chunks == 1:
