@@ -10,8 +10,9 @@ the step compiled for one device without microbatches (the analysis counts a loo
 partitioned program's analysis counts one device's share), and the roofline ratio divides the step's
 achieved FLOP/s by the rate of the model's dominant dense matmul ((B*T x E) @ (E x E), the better of all
 rows at once and the step's microbatches) measured in the same run (the best of its windows), in the same
-dtype; "of peak" divides it by the rate of a square 1024 product instead, the machine's best (a model
-whose other products are wider than E x E can exceed a roofline ratio of 1). Results are printed as
+dtype, on one device (times the device count on accelerators; emulated CPU devices share the cores that
+one product uses); "of peak" divides it by the rate of a square 1024 product instead, the machine's best
+(a model whose other products are wider than E x E can exceed a roofline ratio of 1). Results are printed as
 tables and written as JSON (--out).
 """
 from __future__ import annotations
@@ -107,7 +108,8 @@ def step_flops(exp, state) -> float:
     microbatches, whatever the run's devices: the analysis counts a loop's body once (accumulating
     microbatches changes the order of the sums, not the arithmetic), and the analysis of a partitioned
     program counts one device's share, replicated work (the optimizer update) included. So the figure is
-    the step's useful work, the same on any device count. Compiled only, never run."""
+    the step's useful work, the same on any device count. The step is compiled, never run (its whole
+    batch must fit one device's memory at compile time)."""
     import jax
 
     from lsq_jax import parallel, train
@@ -144,12 +146,16 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
     n_micro = train.microbatches(exp, exp.task.n_points, mesh.devices.size)
     # the machine's matmul rate on this width: the better of the whole batch's rows at once and in the
-    # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory)
-    mm_rates = {"whole": matmul_rate(rows, exp.model.n_embd, dtype)}
+    # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory), measured
+    # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores
+    # that one product already uses
+    per_device = {"whole": matmul_rate(rows, exp.model.n_embd, dtype)}
     if n_micro > 1:
-        mm_rates["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro * mesh.devices.size)
+        per_device["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro * mesh.devices.size)
+    machines = 1 if jax.default_backend() == "cpu" else mesh.devices.size
+    mm_rates = {k: v * machines for k, v in per_device.items()}
     mm = max(mm_rates.values())
-    peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype)
+    peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype) * machines
     return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": int(mesh.devices.size),
             "microbatches": n_micro, "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
             "steps_per_s_max": max(rates), "examples_per_s": median * exp.train.batch_size,

@@ -75,6 +75,42 @@ def test_scaling_measures_each_count_on_that_many_devices():
     np.testing.assert_allclose(rows[1]["step_gflop"], rows[0]["step_gflop"], rtol=1e-12)
 
 
+MACHINE_RATE_ON_2_DEVICES = """
+import json, sys, jax
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, "configs")
+import baseconv
+from lsq_jax import bench
+bench.matmul_rate = lambda *a, **k: 1e9  # one device's rate, whatever the shape
+rows = {}
+for backend in ("cpu", "gpu"):
+    jax.default_backend = lambda: backend
+    rows[backend] = bench.throughput(baseconv.get_config("smoke"), "float64", n_windows=2, window_s=0.1, n_devices=2)
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_matmul_reference_is_the_machines_rate_on_several_devices():
+    """Real accelerators each multiply at the rate measured on one: the reference is 2x on 2 of them.
+    Emulated CPU devices share the cores one product already uses: the reference stays 1x."""
+    import json
+    import os
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", MACHINE_RATE_ON_2_DEVICES], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for backend, machines in (("cpu", 1), ("gpu", 2)):
+        row = rows[backend]
+        assert row["devices"] == 2
+        assert row["matmul_gflops"] == row["peak_matmul_gflops"] == machines
+        np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / machines)
+
+
 def test_config_argv_keeps_the_config_flags_in_both_forms():
     from lsq_jax import bench
 

@@ -141,15 +141,14 @@ def test_accumulated_gradient_is_the_least_squares_gradient():
         r = xc @ w - yc
         return jnp.mean(r ** 2), jnp.max(jnp.abs(r))
 
+    resid = np.abs(x @ w - y)
     for n_chunks in (1, 2, 3, 4, 8, 16):  # 3: an odd count, with the CPU scan unrolled by 2
-        (loss, _), grad = jax.jit(train.accumulated_value_and_grad, static_argnums=(0, 3))(
+        (loss, aux), grad = jax.jit(train.accumulated_value_and_grad, static_argnums=(0, 3))(
             chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), n_chunks)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-14)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-13, atol=1e-15)
-    # chunk c holds rows c, c + n, c + 2n, ...: the aux of 4 chunks averages each chunk's max residual
-    resid = np.abs(x @ w - y)
-    (_, aux), _ = train.accumulated_value_and_grad(chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), 4)
-    np.testing.assert_allclose(aux, np.mean([resid[c::4].max() for c in range(4)]), rtol=1e-14)
+        # chunk c holds rows c, c + n, c + 2n, ...: the aux averages each chunk's max residual
+        np.testing.assert_allclose(aux, np.mean([resid[c::n_chunks].max() for c in range(n_chunks)]), rtol=1e-14)
 
 
 def test_microbatch_scan_is_unrolled_on_cpu_only(monkeypatch):
