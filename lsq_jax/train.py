@@ -78,7 +78,8 @@ def microbatches(exp: Experiment, n_points: int, n_devices: int, backend: str | 
     microbatch): width 64 float64 32: 13.4, 64: 17.1, 128: 14.8, 1024: 8.0; float32 64: 28.8, 128: 27.0,
     1024: 13.0; width 256 float64 8-32: 1.03-1.07, 64: 0.93, 1024: 0.46. The rule picks 64, 64 and 16.
     The bound is per microbatch: on CPU two are live at once (CPU_SCAN_UNROLL), and swept again that way
-    64 stayed the best (float64 / float32 steps/s: 32: 18.9 / 30.0, 128: 16.6 / 34.2, 64 in the bench: 20.6 / 36.7).
+    64 stayed the best (float64 / float32 steps/s: 32: 18.9 / 30.0, 128: 16.6 / 34.2, 64 in the bench:
+    20.6 / 36.7).
     """
     local = exp.train.batch_size // n_devices
     size = exp.train.microbatch_size
