@@ -149,11 +149,11 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory), measured
     # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores
     # that one product already uses
-    per_device = {"whole": matmul_rate(rows, exp.model.n_embd, dtype)}
-    if n_micro > 1:
-        per_device["microbatched"] = matmul_rate(rows, exp.model.n_embd, dtype, chunks=n_micro * mesh.devices.size)
     machines = 1 if jax.default_backend() == "cpu" else mesh.devices.size
-    mm_rates = {k: v * machines for k, v in per_device.items()}
+    mm_rates = {"whole": matmul_rate(rows, exp.model.n_embd, dtype) * machines}
+    if n_micro > 1:
+        mm_rates["microbatched"] = machines * matmul_rate(rows, exp.model.n_embd, dtype,
+                                                          chunks=n_micro * mesh.devices.size)
     mm = max(mm_rates.values())
     peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype) * machines
     return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": int(mesh.devices.size),
