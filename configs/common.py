@@ -13,6 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "run"  # short name used in the default workdir runs/<name>-<timestamp>
     c.seed = 0  # one run key: parameters from fold_in(key, 0), data from fold_in(key, 1)
     c.dtype = "float64"  # float64 | float32: data, parameters and activations alike
+    c.matmul_precision = "highest"  # highest | high | default: GPUs default to TF32 and TPUs to bfloat16 passes for float32
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "explicit_gradient"  # identity|square|elementwise_multiply|read|linear|least_squares|least_squares_icl|explicit_gradient|multistep_gd

@@ -1,14 +1,21 @@
-"""Checkpoints (the only module that imports Orbax): save, retain, restore, preemption.
+"""The workdir and its checkpoints (the only module that imports Orbax): where a workdir is, who uses it,
+save, retain, restore with fallback, preemption.
 
 A checkpoint holds the whole TrainState (parameters, optimizer state with the EMA, the LR controller and
 the skip counter, and the step) plus the resolved configuration as JSON. Layout:
-<workdir>/checkpoints/<step>/{state,config}. Saves are asynchronous; `close()` waits for them.
+<workdir>/checkpoints/<step>/{state,config}. Saves are asynchronous; `close()` waits for them. A newest
+checkpoint that cannot be restored while training resumes is moved to <workdir>/unrestorable/<step>-<time>
+(kept for inspection), so that training can save that step again.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
-from typing import Any
+import socket
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,6 +26,152 @@ _POLICIES = ocp.checkpoint_managers
 
 class CheckpointError(Exception):
     """A workdir without a usable checkpoint, or a checkpoint that does not fit the model asked for."""
+
+
+class WorkdirError(Exception):
+    """A workdir that cannot be used: not a directory, not writable, or in use by another run."""
+
+
+def resolve_workdir(workdir: str) -> epath.Path:
+    """The workdir as an absolute path (local paths against the current directory; URLs such as gs://
+    unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files."""
+    if "://" in str(workdir):
+        return epath.Path(workdir)
+    return epath.Path(os.path.abspath(os.path.expanduser(str(workdir))))
+
+
+def check_writable(directory) -> None:
+    """Create `directory` (and its parents) and write and remove a probe file in it, or raise WorkdirError."""
+    directory = epath.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WorkdirError(f"{directory} exists and is not a directory")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(f"{directory} is not writable ({err.strerror or type(err).__name__})") from None
+
+
+class Preempted(Exception):
+    """SIGTERM outside the training loop (start-up, evaluation): nothing to save, resume by rerunning."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise Preempted wherever the program is (the training loop narrows this to a flag
+    checked between steps). Single-process runs only, as `Checkpointer.watch_preemption`."""
+    if jax.process_count() > 1:
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        raise Preempted
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+LOCK_NAME = "lock"
+LOCK_HEARTBEAT_S = 30.0  # how often a running job rewrites the time in its lock file
+LOCK_STALE_S = 600.0  # a lock of another host whose time is older than this belongs to no live run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    """<workdir>/lock: {"pid", "host", "time"} of the run that trains in the workdir.
+
+    `acquire` refuses a workdir whose lock belongs to a live run, and takes over a stale one: a dead pid
+    on this host, or a time older than LOCK_STALE_S (a run on another host that was killed without
+    cleaning up; a live run rewrites the time every LOCK_HEARTBEAT_S from a background thread). Locally
+    the lock file is created atomically (O_EXCL); on object stores (gs://) creation is check-then-write.
+    """
+
+    def __init__(self, workdir, *, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+        self.path = epath.Path(workdir) / LOCK_NAME
+        self._heartbeat_s, self._stale_s = heartbeat_s, stale_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _record(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+
+    def holder(self) -> dict | None:
+        """The lock's record, {} for an unreadable one, None when there is no lock."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def is_stale(self, record: dict) -> bool:
+        if not record:
+            return True
+        if record.get("host") == socket.gethostname():
+            return not _pid_alive(int(record.get("pid", -1)))
+        return time.time() - float(record.get("time", 0)) > self._stale_s
+
+    def _create(self) -> bool:
+        if self.path.parts[0] == "/" and "://" not in str(self.path):
+            try:
+                fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record())
+            return True
+        if self.path.exists():
+            return False
+        self.path.write_text(self._record())
+        return True
+
+    def acquire(self, log=print) -> None:
+        for _ in range(3):
+            if self._create():
+                break
+            record = self.holder()
+            if record is None:
+                continue  # released in between
+            if not self.is_stale(record):
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another run (pid {record.get('pid')} on "
+                    f"{record.get('host')}); wait for it to end, or use another --workdir (if no run uses it, "
+                    f"delete {self.path})")
+            log(f"warning: taking over the stale lock of pid {record.get('pid')} on {record.get('host')}")
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        else:
+            raise WorkdirError(f"could not take the lock {self.path}: another run keeps creating it")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self.path.write_text(self._record())
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
 
 
 class Checkpointer:
@@ -47,7 +200,10 @@ class Checkpointer:
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
-        """Save (asynchronously) if `step` is due, or always with `force`. Every process must call it."""
+        """Save (asynchronously) if `step` is due, or always with `force`, unless `step` is saved already
+        (a preemption right after a regular save). Every process must call it."""
+        if step == self._manager.latest_step():
+            return False
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=force)
 
@@ -110,18 +266,53 @@ class Checkpointer:
                                   f"{_first_line(err)}") from None
         return restored.state
 
-    def restore_latest(self, abstract_state: Any, log=print) -> tuple[int, Any] | None:
-        """(step, state) of the newest checkpoint that restores, falling back past damaged ones; None if
-        there is no checkpoint at all."""
+    def restore_newest(self, target: Callable[[dict], Any], *, step: int | None = None, log=print,
+                       set_aside: bool = False) -> tuple[int, dict, Any] | None:
+        """(step, saved config, state) of checkpoint `step`, or of the newest one that restores.
+
+        `target(saved_config)` gives the abstract state to restore onto (ShapeDtypeStructs with concrete
+        shardings); it raises CheckpointError for a config it cannot use (damaged files are the same),
+        anything else (a config the caller refuses) propagates. Without `step` it falls back past unusable
+        checkpoints with a warning; with `set_aside` (training), once an earlier one has restored, the
+        unusable ones are moved to <workdir>/unrestorable/ so the run can save those steps again. None
+        when there is no checkpoint at all; CheckpointError (nothing moved) when none restores.
+        """
         steps = self.steps()
-        for step in reversed(steps):
+        if step is not None and step not in steps:
+            raise CheckpointError(f"step {step} is not in {self.directory}: available are {steps or 'none'}")
+        unusable = []
+        for s in [step] if step is not None else list(reversed(steps)):
             try:
-                return step, self.restore(step, abstract_state)
+                config = self.saved_config(s)
+                try:
+                    abstract = target(config)
+                except CheckpointError as err:
+                    raise CheckpointError(f"checkpoint {s} in {self.directory}: {err}") from None
+                state = self.restore(s, abstract)
             except CheckpointError as err:
+                if step is not None:
+                    raise
                 log(f"warning: {err}; trying an earlier checkpoint")
+                unusable.append(s)
+                continue
+            for bad in unusable if set_aside else ():
+                log(f"warning: moved the unusable checkpoint {bad} to {self._set_aside(bad)}")
+            return s, config, state
         if steps:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored")
         return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Move checkpoint `step` to <workdir>/unrestorable/<step>-<time> and forget it."""
+        destination = self.directory.parent / "unrestorable" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self._manager.reload()
+        return destination
 
 
 def _first_line(err: BaseException) -> str:

@@ -18,6 +18,19 @@ class UsageError(ValueError):
     """Input that can only be judged once the run starts (device count, workdir contents): one line, exit 2."""
 
 
+# jax_default_matmul_precision of every run. "highest" keeps float32 matmuls in full float32 on GPUs
+# (whose default is TF32) and TPUs (whose default is bfloat16 passes); float64 is unaffected.
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def matmul_precision_of(config) -> str:
+    """The config's matmul_precision (default "highest"), validated; None (no config) gives the default."""
+    value = "highest" if config is None else config.get("matmul_precision", "highest")
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision={value!r} is not allowed: must be one of {', '.join(MATMUL_PRECISIONS)}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Sizes of the training loop.
@@ -74,6 +87,7 @@ class Experiment:
     train: TrainConfig
     points: CurriculumConfig
     dims: CurriculumConfig
+    matmul_precision: str = "highest"
 
     def make_task(self):
         return make_task(self.task)
@@ -106,13 +120,14 @@ def experiment_from_config(config) -> Experiment:
     and, when given, must be at least that. The curriculum ends at task.n_points / task.n_dims.
     """
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    known = {"name", "seed", "dtype", "task", "model", "optim", "train", "curriculum"}
+    known = {"name", "seed", "dtype", "matmul_precision", "task", "model", "optim", "train", "curriculum"}
     for name in c:
         if name not in known:
             raise ValueError(f"{name} is not a known field: allowed are {', '.join(sorted(known))}")
     dtype = c.get("dtype", "float64")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype={dtype!r} is not allowed: must be one of float64, float32")
+    matmul_precision = matmul_precision_of(c)
     seed = c.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} is not allowed: must be a non-negative integer")
@@ -148,7 +163,7 @@ def experiment_from_config(config) -> Experiment:
     dims = _curriculum("dims", cur.get("dims", {}), task_cfg.n_dims)
     name = c.get("name", "run")
     return Experiment(name=name, seed=seed, task=task_cfg, model=model, optim=optim, train=train,
-                      points=points, dims=dims)
+                      points=points, dims=dims, matmul_precision=matmul_precision)
 
 
 def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
@@ -162,7 +177,8 @@ def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
                       model=_build("model", ModelConfig, d["model"]), optim=_build("optim", OptimConfig, d["optim"]),
                       train=_build("train", TrainConfig, d["train"]),
                       points=_build("points", CurriculumConfig, d["points"]),
-                      dims=_build("dims", CurriculumConfig, d["dims"]))
+                      dims=_build("dims", CurriculumConfig, d["dims"]),
+                      matmul_precision=matmul_precision_of(d))
 
 
 # Fields that may change when a run is resumed: they do not change what is computed (the microbatch size

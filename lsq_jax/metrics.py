@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 
 def to_python(value: Any):
@@ -27,15 +28,18 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self._enabled:
             return
-        record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
-        with self._path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps({"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}) + "\n"
+        path = epath.Path(self._path)
+        if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
+            path.write_text((path.read_text() if path.exists() else "") + line)
+        else:
+            with path.open("a") as f:
+                f.write(line)
 
 
 def read_metrics(path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file (local or a URL such as gs://)."""
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:
@@ -61,7 +65,9 @@ class Progress:
         rate = done / max(now - self._last_time, 1e-9) if done > 0 else float("nan")
         self._last_step, self._last_time = step, now
         eta = (self._num_steps - 1 - step) / rate if rate > 0 else float("nan")
-        parts = [f"step {step}/{self._num_steps}", f"loss {float(metrics['loss']):.3e}",
+        loss = float(metrics["loss"])
+        parts = [f"step {step}/{self._num_steps}",
+                 f"loss {loss:.3e}" if math.isfinite(loss) else f"loss {loss} (non-finite: step skipped)",
                  f"lr {float(metrics['learning_rate']):.2e}",
                  f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s", f"ETA {format_duration(eta)}",
                  f"skipped {int(metrics['skipped_steps'])}"]

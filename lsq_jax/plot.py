@@ -12,6 +12,7 @@ import sys
 
 from etils import epath
 
+from lsq_jax.metrics import read_metrics
 from lsq_jax.plots import write_plots
 
 USAGE = "usage: python -m lsq_jax.plot <workdir>"
@@ -20,10 +21,6 @@ USAGE = "usage: python -m lsq_jax.plot <workdir>"
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def _read_jsonl(path: epath.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = json.loads(report_path.read_text())
         metrics_path = workdir / "metrics.jsonl"
-        records = _read_jsonl(metrics_path) if metrics_path.exists() else []
+        records = read_metrics(metrics_path) if metrics_path.exists() else []
     except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         return _fail(f"cannot read the report or metrics of {args[0]!r}: {' '.join(str(err).split())}")
     if not isinstance(report, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from lsq_jax import evaluate, grad_stats, optim, parallel, plots
-from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
+from lsq_jax.checkpointing import CheckpointError, Checkpointer, WorkdirLock, abstract_like, check_writable
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import Task, curriculum_value
 from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, config_differences,
@@ -91,8 +92,13 @@ def microbatches(exp: Experiment, n_points: int, n_devices: int, backend: str | 
     if (backend or jax.default_backend()) != "cpu":
         return 1
     per_example = exp.make_task().seq_len(n_points) * exp.model.n_embd
-    divisors = [n for n in range(1, local + 1) if local % n == 0]
-    return next((n for n in divisors if (local // n) * per_example <= MICROBATCH_ELEMENTS), local)
+    return next((n for n in divisors(local) if (local // n) * per_example <= MICROBATCH_ELEMENTS), local)
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order (trial division up to sqrt(n))."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 # Microbatches per iteration of the accumulating scan on CPU. Two independent microbatches in one loop
@@ -241,25 +247,93 @@ def evaluate_loss(params, exp: Experiment, sharding=None) -> dict[str, jax.Array
     return task.eval_metrics(model.apply({"params": params}, batch.inputs), batch.targets)
 
 
+def memory_estimate(exp: Experiment, n_devices: int, backend: str | None = None) -> dict[str, int]:
+    """A lower bound, in bytes per device, of what training `exp` holds at once, by part.
+
+    state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
+    activations: the input and output of every block for one microbatch (two on CPU, where the scan is
+    unrolled), kept for the backward pass; data: the per-device batch's inputs and per-example keys;
+    statistics: the matrix of mini-batch gradients; evaluation: one activation of the test batch.
+    """
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))))
+    itemsize = jnp.dtype(exp.task.dtype).itemsize
+    task = exp.make_task()
+    seq_len = task.seq_len(exp.task.n_points)
+    local = exp.train.batch_size // n_devices
+    backend = backend or jax.default_backend()
+    live = (local // microbatches(exp, exp.task.n_points, n_devices, backend)) * (
+        CPU_SCAN_UNROLL if backend == "cpu" else 1)
+    token = seq_len * exp.model.n_embd * itemsize
+    return {"state": 6 * n_params * itemsize,
+            "activations": 2 * (exp.model.n_layer + 1) * min(live, local) * token,
+            "data": local * (seq_len * exp.model.in_dims * itemsize + 8),
+            "statistics": exp.train.grad_stats_batches * n_params * itemsize,
+            "evaluation": exp.train.eval_batch_size // n_devices * token}
+
+
+def device_memory(device) -> int | None:
+    """Bytes one device can hold: the accelerator's limit, or the machine's physical memory on CPU."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend reports
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(jax.local_device_count(), 1)
+    return None
+
+
+_MEMORY_FIELDS = {"state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
+                  "data": "train.batch_size", "statistics": "train.grad_stats_batches / model.n_embd",
+                  "evaluation": "train.eval_batch_size"}
+
+
+def check_memory(exp: Experiment, mesh) -> None:
+    """Refuse, before anything is allocated or written, a run whose lower-bound estimate exceeds a device."""
+    parts = memory_estimate(exp, mesh.devices.size, mesh.devices.flat[0].platform)
+    limit = device_memory(mesh.devices.flat[0])
+    total = sum(parts.values())
+    if limit is None or total <= limit:
+        return
+    largest = max(parts, key=parts.get)
+    gib = 2.0**30
+    detail = ", ".join(f"{k} {v / gib:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    raise UsageError(f"the run needs at least {total / gib:.3g} GiB per device ({detail} GiB) but a "
+                     f"{mesh.devices.flat[0].platform} device has {limit / gib:.3g} GiB: reduce "
+                     f"{_MEMORY_FIELDS[largest]}")
+
+
 def place_state(state: TrainState, mesh) -> TrainState:
     return jax.device_put(state, parallel.replicated(mesh))
 
 
+def saved_experiment(saved: dict) -> Experiment:
+    """The experiment of a checkpoint's saved config; CheckpointError when it is not one."""
+    try:
+        return experiment_from_dict(saved)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"a checkpoint's saved config is unusable ({err})") from None
+
+
 def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_change: bool, log) -> TrainState:
-    """The newest good checkpoint of the workdir (refusing one of a different configuration), or a new state."""
-    sharding = parallel.replicated(mesh)
-    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), sharding)
-    steps = ckpt.steps()
-    if steps and not allow_config_change:
-        changed = [f for f in config_differences(ckpt.saved_config(steps[-1]), experiment_to_dict(exp))
-                   if f not in RESUMABLE_CHANGES]
-        if changed:
+    """The newest good checkpoint of the workdir (refusing one of a different configuration; moving one
+    that cannot be restored out of the way), or a new state."""
+    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), parallel.replicated(mesh))
+
+    def target(saved: dict):
+        saved = experiment_to_dict(saved_experiment(saved))  # fields added since it was saved: defaults
+        changed = [f for f in config_differences(saved, experiment_to_dict(exp)) if f not in RESUMABLE_CHANGES]
+        if changed and not allow_config_change:
             raise UsageError(f"the workdir holds a run with a different config (fields: {', '.join(changed)}); "
-                                 "use another --workdir, or --allow_config_change to resume anyway")
-    restored = ckpt.restore_latest(abstract, log=log)
+                             "use another --workdir, or --allow_config_change to resume anyway")
+        return abstract
+
+    restored = ckpt.restore_newest(target, log=log, set_aside=True)
     if restored is None:
         return place_state(jax.jit(lambda: init_state(exp))(), mesh)
-    step, state = restored
+    step, _, state = restored
     log(f"resumed from step {step}")
     return state
 
@@ -278,10 +352,33 @@ def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_chan
         microbatches(exp, exp.task.n_points, mesh.devices.size)  # an explicit size must divide the device share
     except ValueError as err:
         raise UsageError(str(err)) from None
+    check_memory(exp, mesh)
     is_main = jax.process_index() == 0
     config = experiment_to_dict(exp)
+    lock = WorkdirLock(workdir)
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        check_writable(workdir)
+        lock.acquire(log)
+    try:
+        result = _train_in_workdir(exp, workdir, mesh, config, log=log, allow_config_change=allow_config_change)
+        if result["preempted"]:
+            return result
+        state = result["state"]
+        result = {k: float(v) for k, v in jax.jit(
+            lambda p: evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh)))(state.params).items()}
+        MetricsWriter(workdir / "metrics.jsonl", is_main).write(exp.train.num_steps,
+                                                                {f"eval_{k}": v for k, v in result.items()})
+        if is_main:
+            log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in result.items()))
+        report = write_evaluation(exp, state.params, workdir, log=log)
+    finally:
+        lock.release()
+    return {"state": state, "eval": result, "report": report, "preempted": False}
+
+
+def _train_in_workdir(exp: Experiment, workdir, mesh, config, *, log, allow_config_change: bool) -> dict[str, Any]:
+    """Resume or start, train to num_steps or to a preemption; {'state', 'preempted'}."""
+    is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
     try:
         state = resume_or_init(exp, ckpt, mesh, allow_config_change=allow_config_change, log=log)
@@ -296,13 +393,7 @@ def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_chan
             return {"state": state, "preempted": True}
     finally:
         ckpt.close()
-    result = {k: float(v) for k, v in jax.jit(
-        lambda p: evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh)))(state.params).items()}
-    MetricsWriter(workdir / "metrics.jsonl", is_main).write(exp.train.num_steps, {f"eval_{k}": v for k, v in result.items()})
-    if is_main:
-        log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in result.items()))
-    report = write_evaluation(exp, state.params, workdir, log=log)
-    return {"state": state, "eval": result, "report": report, "preempted": False}
+    return {"state": state, "preempted": False}
 
 
 def write_evaluation(exp: Experiment, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
@@ -327,37 +418,33 @@ def write_evaluation(exp: Experiment, params, workdir, *, log=print, constructio
     return report
 
 
+def evaluate_checkpoint(workdir, step: int | None = None, *, log=print) -> dict[str, Any]:
+    """--mode=eval: restore a checkpoint of `workdir` (the newest good one, or `step`) and write its report."""
+    if jax.process_index() == 0:
+        check_writable(workdir / "eval")
+    exp, state = restore_for_eval(workdir, step, log=log)
+    jax.config.update("jax_default_matmul_precision", exp.matmul_precision)
+    log(f"evaluating step {int(state.step)} of {exp.name}")
+    return write_evaluation(exp, state.params, workdir, log=log)
+
+
 def restore_for_eval(workdir, step: int | None = None, *, log=print) -> tuple[Experiment, TrainState]:
     """(experiment, state) of a workdir's checkpoint: `step`, or the newest good one. The model is rebuilt
     from the config saved WITH the checkpoint, so it cannot silently differ from what was trained."""
     if not (workdir / "checkpoints").exists():
         raise CheckpointError(f"{workdir} holds no checkpoints (is it a training workdir?)")
+    sharding = parallel.replicated(parallel.make_mesh())
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise CheckpointError(f"{workdir} holds no checkpoints")
-        if step is not None and step not in steps:
-            raise CheckpointError(f"step {step} is not in {ckpt.directory}: available are {steps}")
-        candidates = [step] if step is not None else list(reversed(steps))
-        for s in candidates:
-            try:
-                exp = experiment_from_dict(ckpt.saved_config(s))
-            except (CheckpointError, TypeError, ValueError, KeyError) as err:
-                err = CheckpointError(f"checkpoint {s} has an unusable config ({err})")
-            else:
-                abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)),
-                                         parallel.replicated(parallel.make_mesh()))
-                try:
-                    return exp, ckpt.restore(s, abstract)
-                except CheckpointError as restore_err:
-                    err = restore_err
-            if step is not None:
-                raise err
-            log(f"warning: {err}; trying an earlier checkpoint")
-        raise CheckpointError(f"none of the checkpoints {steps} in {ckpt.directory} can be restored")
+        restored = ckpt.restore_newest(
+            lambda saved: abstract_like(jax.eval_shape(lambda: init_state(saved_experiment(saved))), sharding),
+            step=step, log=log)
     finally:
         ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir} holds no checkpoints")
+    _, saved, state = restored
+    return experiment_from_dict(saved), state
 
 
 def _train_loop(exp, state, mesh, ckpt, config, writer, log):
@@ -378,15 +465,20 @@ def _train_loop(exp, state, mesh, ckpt, config, writer, log):
             pending = (step, metrics)
         ckpt.save(step + 1, state, config, force=step + 1 == num_steps)
         if ckpt.preempted(step + 1):
-            ckpt.save(step + 1, state, config, force=True)
+            ckpt.save(step + 1, state, config, force=True)  # a no-op when step + 1 was just saved
             return state, True
     if pending is not None:
         _report(writer, progress, log, *pending)
     return state, False
 
 
+ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "skipped_steps")  # logged even when NaN
+
+
 def _report(writer, progress, log, step, metrics):
+    """Write and print a measurement; other NaN scalars mean "not measured at this step" and are dropped."""
     metrics = jax.device_get(metrics)
-    metrics = {k: v for k, v in metrics.items() if not (jnp.ndim(v) == 0 and math.isnan(float(v)))}
+    metrics = {k: v for k, v in metrics.items()
+               if k in ALWAYS_LOGGED or not (jnp.ndim(v) == 0 and math.isnan(float(v)))}
     writer.write(step, metrics)
     log(progress.line(step, metrics))

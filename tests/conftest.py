@@ -1,10 +1,20 @@
-"""Test setup: float64 on, and the reference implementation's golden numbers."""
+"""Test setup: float64 on, one XLA compilation cache for the session, the reference's golden numbers."""
+import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# Many tests build the same jitted step (in this process and in the subprocesses they start): compile it
+# once. The environment variables reach the subprocesses; a cached executable computes the same numbers.
+_CACHE_DIR = tempfile.mkdtemp(prefix="lsq_jax_tests_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "reference"
 

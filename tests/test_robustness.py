@@ -1,0 +1,360 @@
+"""What a user or a cluster does to a run, in-process through `lsq_jax.main.run`: relative and default
+workdirs, preemption during a save, damaged checkpoints, a non-finite loss, two runs in one workdir, broken
+config files, unusable workdirs, sizes that cannot fit in memory. Each ends in exit status 0 and a run
+that resumes and finishes, or exit status 2 with one line on stderr and the workdir untouched."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lsq_jax import checkpointing, main, train
+from lsq_jax.checkpointing import Checkpointer, WorkdirLock
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"
+SMALL = [CONFIG, "--config.train.log_every=10", "--config.train.checkpoint_every=20",
+         "--config.train.eval_batch_size=64"]
+
+
+@pytest.fixture
+def no_report(monkeypatch):
+    """Skip the evaluation report (its out-of-distribution grid compiles for minutes): the tests here are
+    about the run around it. Records the params it was asked to evaluate."""
+    calls = []
+    monkeypatch.setattr(train, "write_evaluation", lambda exp, params, workdir, **kw: calls.append(params) or {})
+    return calls
+
+
+def run(*args, steps=40):
+    """main.run in this process: (exit status, stdout lines, stderr text)."""
+    out = []
+    import io
+    from contextlib import redirect_stderr
+    err = io.StringIO()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with redirect_stderr(err):
+            status = main.run(["lsq_jax.main", *SMALL, f"--config.train.num_steps={steps}", *args], log=out.append)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return status, out, err.getvalue()
+
+
+def assert_bad_input(status, err, needle):
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def snapshot(directory: pathlib.Path) -> dict:
+    """Every file under `directory` with its bytes (to show that nothing was written)."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def params_of(workdir, step=None):
+    exp, state = train.restore_for_eval(checkpointing.resolve_workdir(str(workdir)), step, log=lambda _: None)
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)], int(state.step)
+
+
+# -- workdirs ----------------------------------------------------------------------------------------------
+
+def test_default_and_relative_workdirs_resolve_against_the_current_directory(tmp_path, monkeypatch, no_report):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(steps=20)
+    assert status == 0, err
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("baseconv-smoke-")
+    assert f"workdir: {runs[0]}" in out and (runs[0] / "checkpoints" / "20").is_dir()
+    status, out, err = run("--workdir=rel/x", steps=20)
+    assert status == 0, err
+    assert (tmp_path / "rel" / "x" / "checkpoints" / "20").is_dir()
+    assert not (tmp_path / "rel" / "x" / "lock").exists()  # released at the end
+
+
+def test_a_plain_file_or_an_unwritable_place_as_workdir_is_refused(tmp_path, no_report):
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    status, _, err = run(f"--workdir={plain}")
+    assert_bad_input(status, err, "not a directory")
+    assert plain.read_text() == "x"
+    status, _, err = run("--workdir=/proc/self/cannot")
+    assert_bad_input(status, err, "not writable")
+
+
+def test_eval_into_a_read_only_workdir_stops_before_evaluating(tmp_path, no_report, monkeypatch):
+    assert run(f"--workdir={tmp_path}", steps=20)[0] == 0
+    before = snapshot(tmp_path)
+    real_write = checkpointing.epath.Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.epath.Path, "write_text", read_only)
+    status, out, err = run("--mode=eval", f"--workdir={tmp_path}")
+    assert_bad_input(status, err, "not writable")
+    assert not no_report[1:] and not any("evaluating" in line for line in out)
+    assert snapshot(tmp_path) == before
+
+
+# -- preemption and damaged checkpoints ----------------------------------------------------------------------
+
+def test_sigterm_during_a_save_exits_0_and_the_run_resumes_to_the_end(tmp_path, no_report, monkeypatch):
+    real_save = Checkpointer.save
+
+    def save_then_signal(self, step, state, config, *, force=False):
+        saved = real_save(self, step, state, config, force=force)
+        if step == 20:  # the regular save of step 20 is in flight when the notice arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_signal)
+    status, out, err = run(f"--workdir={tmp_path}")
+    assert status == 0, err
+    assert any("preempted" in line for line in out)
+    assert Checkpointer(tmp_path, read_only=True).steps()[-1] == 20
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    status, out, err = run(f"--workdir={tmp_path}")
+    assert status == 0, err
+    assert "resumed from step 20" in out
+    assert params_of(tmp_path)[1] == 40
+
+
+def test_sigterm_outside_the_steps_exits_0(tmp_path, no_report, monkeypatch):
+    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    status, out, err = run(f"--workdir={tmp_path}", steps=20)
+    assert status == 0, err
+    assert any("run the same command to resume" in line for line in out)
+
+
+def _truncate(workdir, step):
+    for path in (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def test_an_unrestorable_newest_checkpoint_is_set_aside_and_training_goes_past_it(tmp_path, no_report):
+    assert run(f"--workdir={tmp_path}", steps=40)[0] == 0
+    reference, _ = params_of(tmp_path, 40)
+    _truncate(tmp_path, 40)
+    status, out, err = run(f"--workdir={tmp_path}", steps=60)
+    assert status == 0, err
+    assert any("checkpoint 40" in line and "unrestorable" in line for line in out)
+    assert "resumed from step 20" in out
+    assert Checkpointer(tmp_path, read_only=True).steps()[-2:] == [40, 60]
+    (kept,) = (tmp_path / "unrestorable").iterdir()
+    assert kept.name.startswith("40-")
+    again, _ = params_of(tmp_path, 40)  # trained again from 20: the same state, bit for bit
+    for a, b in zip(reference, again):
+        np.testing.assert_array_equal(a, b)
+    assert run(f"--workdir={tmp_path}", steps=60)[0] == 0  # and the workdir is not wedged
+
+
+def test_eval_falls_back_past_a_checkpoint_whose_config_is_garbage(tmp_path, no_report):
+    assert run(f"--workdir={tmp_path}", steps=40)[0] == 0
+    (tmp_path / "checkpoints" / "40" / "config" / "metadata").write_text("{not json")
+    status, out, err = run("--mode=eval", f"--workdir={tmp_path}")
+    assert status == 0, err
+    assert any("checkpoint 40" in line and "earlier" in line for line in out)
+    assert "evaluating step 20 of baseconv-smoke" in out
+    status, _, err = run("--mode=eval", "--step=40", f"--workdir={tmp_path}")
+    assert_bad_input(status, err, "40")
+
+
+def test_non_finite_loss_is_logged_skipped_and_the_run_ends_cleanly(tmp_path, no_report):
+    status, out, err = run(f"--workdir={tmp_path}", "--config.optim.lr=1e30", steps=30)
+    assert status == 0, err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if "loss" in r and not np.isfinite(r["loss"])]
+    assert skipped and all(r["skipped_steps"] >= 1 for r in skipped)
+    assert any("non-finite" in line for line in out)
+    assert all(np.all(np.isfinite(p)) for p in params_of(tmp_path)[0])
+
+
+# -- two runs ----------------------------------------------------------------------------------------------
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path, no_report):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                   "time": time.time()}))
+        status, _, err = run(f"--workdir={tmp_path}")
+        assert_bad_input(status, err, "in use by another run")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    status, out, err = run(f"--workdir={tmp_path}", steps=20)  # its pid is dead now: a stale lock
+    assert status == 0, err
+    assert any("stale lock" in line for line in out) and not (tmp_path / "lock").exists()
+
+
+def test_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
+    lock = WorkdirLock(tmp_path, stale_s=60)
+    assert not lock.is_stale({"pid": 1, "host": "elsewhere", "time": time.time() - 10})
+    assert lock.is_stale({"pid": 1, "host": "elsewhere", "time": time.time() - 120})
+    assert lock.is_stale({})  # unreadable
+    beating = WorkdirLock(tmp_path, heartbeat_s=0.05)
+    beating.acquire()
+    first = beating.holder()["time"]
+    time.sleep(0.3)
+    assert beating.holder()["time"] > first and beating.holder()["pid"] == os.getpid()
+    beating.release()
+    assert beating.holder() is None
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, needle", [
+    ("def get_config(:\n    pass\n", "line 1"),
+    ("def get_config(arg=None):\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("x = 1\n", "has no get_config() function"),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, source, needle, no_report):
+    path = tmp_path / "config.py"
+    path.write_text(source)
+    previous = signal.getsignal(signal.SIGTERM)
+    import io
+    from contextlib import redirect_stderr
+    err = io.StringIO()
+    with redirect_stderr(err):
+        status = main.run(["lsq_jax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}"], log=lambda _: None)
+    signal.signal(signal.SIGTERM, previous)
+    assert_bad_input(status, err.getvalue(), needle)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.train.batch_size=1000000000000", "train.batch_size"),
+    ("--config.model.n_embd=100000", "model.n_embd"),
+    ("--config.model.n_embd=1000000000", "model.n_embd"),
+])
+def test_sizes_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, override, needle, no_report):
+    started = time.perf_counter()
+    status, _, err = run(f"--workdir={tmp_path / 'w'}", override)
+    assert_bad_input(status, err, needle)
+    assert "GiB" in err and time.perf_counter() - started < 60
+    assert not (tmp_path / "w").exists()
+
+
+def test_memory_estimate_counts_the_parameters_and_the_batch():
+    exp = main_experiment()
+    n_params = sum(x.size for x in jax.tree.leaves(train.init_params(exp.model, jax.random.key(0))))
+    parts = train.memory_estimate(exp, 1, "gpu")
+    assert parts["state"] == 6 * n_params * 8
+    assert parts["data"] == exp.train.batch_size * (21 * 6 * 8 + 8)  # T = 21 tokens of width D + 1 = 6
+    assert parts["activations"] == 2 * 4 * exp.train.batch_size * 21 * 64 * 8  # one microbatch on GPU
+
+
+def main_experiment():
+    sys.path.insert(0, str(REPO / "configs"))
+    import baseconv
+
+    from lsq_jax.experiment import experiment_from_config
+    return experiment_from_config(baseconv.get_config("smoke"))
+
+
+def test_divisors_are_found_without_enumerating_every_integer():
+    assert train.divisors(12) == [1, 2, 3, 4, 6, 12]
+    assert train.divisors(49) == [1, 7, 49]
+    n = 2**40
+    assert train.divisors(n) == [2**k for k in range(41)]
+
+
+def test_matmul_precision_is_highest_and_saved(tmp_path, no_report):
+    assert run(f"--workdir={tmp_path}", "--config.dtype=float32", steps=10)[0] == 0
+    assert json.loads((tmp_path / "config.json").read_text())["matmul_precision"] == "highest"
+    assert jax.config.jax_default_matmul_precision == "highest"
+    status, _, err = run(f"--workdir={tmp_path / 'w'}", "--config.matmul_precision=bf16")
+    assert_bad_input(status, err, "matmul_precision")
+
+
+FIRST_COMPUTATION = """
+import sys
+import jax
+from jax._src import xla_bridge
+from lsq_jax import main
+
+def initialize(**kwargs):
+    print("backends initialized before distributed start:", xla_bridge.backends_are_initialized())
+    print("x64 before distributed start:", jax.config.x64_enabled)
+
+jax.distributed.initialize = initialize
+sys.exit(main.run(sys.argv))
+"""
+
+
+def test_first_jax_computation_comes_after_distributed_start_and_float64(tmp_path):
+    """The read primitive draws its coefficients with jax.random when the config is converted: that must
+    wait for jax.distributed.initialize and for float64."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_COMPUTATION, f"--config={REPO / 'configs' / 'primitives.py'}:read,smoke",
+         "--distributed=explicit", "--coordinator_address=127.0.0.1:1", "--num_processes=1", "--process_id=0",
+         "--config.train.batch_size=1000000000000", f"--workdir={tmp_path / 'w'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "backends initialized before distributed start: False" in proc.stdout, proc.stdout + proc.stderr
+    assert "x64 before distributed start: True" in proc.stdout
+    assert proc.returncode == 2 and "train.batch_size" in proc.stderr  # converted (and refused) afterwards
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """gs://bucket/... served from tmp_path/bucket through etils' fsspec backend: the code sees a non-local
+    path, so any builtin open() or os call on a workdir path fails, and appending is refused."""
+    import fsspec
+    from etils.epath import backend as epath_backend
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = str(tmp_path)
+
+    def to_local(path: str) -> str:
+        return root + "/" + path[len("gs://"):] if path.startswith("gs://") else path
+
+    class BucketFileSystem(LocalFileSystem):
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(to_local(str(path)))
+
+        def open(self, path, mode="rb", **kwargs):
+            if "a" in mode:
+                raise NotImplementedError("object stores cannot append")
+            return super().open(path, mode, **kwargs)
+
+    registry = sys.modules["fsspec.registry"]._registry
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(registry, protocol, BucketFileSystem)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    # Orbax itself writes arrays with TensorStore's own GCS driver, which no fake can serve: it gets the
+    # local directory (its gs:// support is Orbax's to test), everything else of the workdir goes through
+    # the bucket.
+    manager = checkpointing.ocp.CheckpointManager
+    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager",
+                        lambda directory, **kw: manager(to_local(str(directory)), **kw))
+    yield tmp_path / "bucket"
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
+    status, out, err = run("--workdir=gs://bucket/w", "--config.train.eval_problems=8",
+                           "--config.train.eval_iters=10", steps=20)
+    assert status == 0, err
+    assert "workdir: gs://bucket/w" in out
+    local = bucket / "w"
+    records = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 19, 20]
+    report = json.loads((local / "eval" / "report.json").read_text())
+    assert report["config"]["name"] == "baseconv-smoke" and (local / "eval" / "training_curve.png").exists()
+    assert not (local / "lock").exists()
+    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: {})
+    status, out, err = run("--workdir=gs://bucket/w", steps=30)
+    assert status == 0, err
+    assert "resumed from step 20" in out and params_of(local)[1] == 30
