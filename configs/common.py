@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_pos = True  # False: no positional embedding
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.optimizer = "adam"  # adam | adamw | sgd
+    c.optim.optimizer = "adam"  # adam | adamw | sgd | lm (Levenberg-Marquardt on train.batch_size problems)
     c.optim.lr = 1e-3  # initial learning rate
     c.optim.schedule = "step"  # step (step-threshold) | adaptive
     c.optim.step_rate = 10_000  # applied steps between learning-rate changes
@@ -72,6 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0  # adamw only
     c.optim.momentum = 0.9  # sgd only
     c.optim.l1 = 0.0  # L1 penalty lambda * sum |p| added to the loss
+    c.optim.lm_after = 0  # lm: iterations of the Adam recipe above before LM takes over (0: LM throughout)
+    c.optim.lm_refresh_every = 0  # lm: a new batch of problems every this many LM iterations (0: fixed)
+    c.optim.lm_damping = 1e-3  # lm: initial damping, relative to Marquardt's diagonal scaling
+    c.optim.lm_solver = "cholesky"  # lm: cholesky (dense P x P normal equations) | cg (matrix-free)
+    c.optim.lm_cg_iters = 100  # lm: conjugate-gradient iterations per step with lm_solver=cg
+    c.optim.lm_geodesic = False  # lm: geodesic acceleration
+    c.optim.lm_tries = 10  # lm: damped solves per iteration (a rejected step is re-solved, reusing J^T J)
+    c.optim.lm_chunk = 0  # lm: problems per Jacobian chunk (0: auto)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 1024  # global batch, split over every device of every process
@@ -93,11 +101,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def apply_variant(c: ml_collections.ConfigDict, variant: str | None, *, cpu: dict, smoke: dict):
-    """Size the config for a variant: '' (published), 'cpu' (<= 10 min on 2 cores) or 'smoke' (<= 60 s)."""
-    sizes = {None: {}, "": {}, "cpu": cpu, "smoke": smoke}
+def apply_variant(c: ml_collections.ConfigDict, variant: str | None, *, cpu: dict, smoke: dict, **more: dict):
+    """Size the config for a variant: '' (published), 'cpu' (<= 10 min on 2 cores), 'smoke' (<= 60 s), or
+    one of `more` (e.g. 'lm')."""
+    sizes = {None: {}, "": {}, "cpu": cpu, "smoke": smoke, **more}
     if variant not in sizes:
-        raise ValueError(f"config variant {variant!r} is not allowed: must be one of cpu, smoke (or none)")
+        names = ", ".join(["cpu", "smoke", *more])
+        raise ValueError(f"config variant {variant!r} is not allowed: must be one of {names} (or none)")
     c.update_from_flattened_dict(sizes[variant])
     if variant:
         c.name = f"{c.name}-{variant}"

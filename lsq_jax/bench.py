@@ -2,7 +2,7 @@
 
     python -m lsq_jax.bench                                   # all three, explicit-gradient BaseConv config
     python -m lsq_jax.bench --bench=throughput --config=configs/multistep_gd.py
-    python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:cpu
+    python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:lm
 
 Every figure is measured, never assumed: steps/s is the median (with min and max) of several timed
 windows after warm-up, compile time is reported apart, the step's FLOPs come from XLA's cost analysis of
@@ -34,16 +34,20 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the th
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
 _BUDGET_S = flags.DEFINE_float("budget_s", 120.0, "Wall-clock budget of the time-to-precision run.")
-_PRECISION_EVERY = flags.DEFINE_integer("precision_every", 0,
-                                        "Steps between test-MSE measurements (0: the config's log_every).")
-_PRECISION_BATCH = flags.DEFINE_integer("precision_batch", 0,
-                                        "Batch size of the time-to-precision run (0: the config's own).")
+_OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "lm", "hybrid"],
+                                "Methods the time-to-precision benchmark compares (see PRECISION_METHODS).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmark.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CHILD = flags.DEFINE_integer("scaling_child", 0,
                               "Internal: one scaling measurement on this many devices, in a subprocess.")
 
 PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
+HYBRID_ADAM_STEPS = 500
+# The time-to-precision methods, as overrides of the benchmarked config: its Adam recipe, Levenberg-Marquardt
+# from the start, and the recipe for HYBRID_ADAM_STEPS iterations followed by LM.
+PRECISION_METHODS = {"adam": {"optim.optimizer": "adam"}, "lm": {"optim.optimizer": "lm"},
+                     "hybrid": {"optim.optimizer": "lm", "optim.lm_after": HYBRID_ADAM_STEPS}}
 
 
 def _experiment(config, **overrides):
@@ -166,41 +170,118 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
             "host_dispatch_fraction": dispatch * median}
 
 
-def time_to_precision(config, budget_s: float, batch_size: int = 0, every: int = 0) -> dict:
-    """Train for a wall-clock budget; the time and step at which the test MSE first falls below 10^-k.
+def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | None = None,
+                      **overrides) -> dict:
+    """Train for a wall-clock budget; the test MSE against training seconds, and the time and step at
+    which it first falls below 10^-k.
 
-    The test MSE is measured every `every` steps (0: the config's log_every) on a fixed batch of fresh
-    problems (not counted in the training time), so recipes are compared at equal training wall-clock.
-    `batch_size` 0 keeps the config's own (its learning rate is tuned for it: the published lr 1e-2
-    stalls near MSE 0.3 at 128).
+    Steps run in chunks that grow until a chunk takes at least a second (an LM iteration takes seconds, an
+    Adam step milliseconds); after each chunk the test MSE is measured on a fixed batch of fresh problems,
+    outside the training time, so methods are compared at equal training wall-clock. `batch_size` 0 keeps
+    the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
     """
     import jax
+    import jax.numpy as jnp
 
     from lsq_jax import parallel, train
 
-    exp = _experiment(config, **({"train.batch_size": batch_size} if batch_size else {}))
+    overrides.setdefault("train.num_steps", 10**9)  # the budget ends the run, not the config's step count
+    if batch_size:
+        overrides["train.batch_size"] = batch_size
+    if seed is not None:
+        overrides["seed"] = seed
+    exp = _experiment(config, **overrides)
     mesh = parallel.make_mesh()
+    try:
+        train.check_memory(exp, mesh)
+    except train.UsageError as err:
+        return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
     state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = {}
+
+    def advance(state, step):
+        key = (exp.task.n_points, None, train.in_lm_phase(exp, step))
+        if key not in fns:
+            fns[key] = train.make_step_fns(exp, mesh, *key)
+            copy = jax.tree.map(jnp.copy, state)  # the step donates its input
+            jax.block_until_ready(train.advance(fns[key], copy, step))  # compiled outside the budget
+        return train.advance(fns[key], state, step)[0]
+
     evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
-    state, _ = train.advance(fns, state, 0)  # compile outside the budget
-    jax.block_until_ready(evaluate(state.params))
-    crossings, curve, trained_s, steps = {}, [], 0.0, 1
-    chunk = every or exp.train.log_every
+    curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
+    crossings, trained_s, steps, chunk = {}, 0.0, 0, 1
     while trained_s < budget_s and steps < exp.train.num_steps:
-        t0 = time.perf_counter()
-        for i in range(steps, steps + chunk):
-            state, _ = train.advance(fns, state, i)
-        jax.block_until_ready(state)
-        trained_s += time.perf_counter() - t0
-        steps += chunk
+        for i in range(steps, min(steps + chunk, exp.train.num_steps)):
+            if i > steps and train.in_lm_phase(exp, i) != train.in_lm_phase(exp, i - 1):
+                break  # a hybrid's switch to LM compiles a new step: measure before it
+            t0 = time.perf_counter()
+            state = advance(state, i)
+            jax.block_until_ready(state)
+            trained_s += time.perf_counter() - t0
+            steps = i + 1
+        chunk = chunk * 2 if trained_s - curve[-1]["seconds"] < 1.0 else chunk
         mse = float(evaluate(state.params))
         curve.append({"step": steps, "seconds": trained_s, "test_mse": mse})
         for level in PRECISION_LEVELS:
             if mse < level and f"{level:.0e}" not in crossings:
                 crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": steps}
-    return {"config": exp.name, "batch_size": exp.train.batch_size, "budget_s": budget_s, "steps": steps,
-            "final_test_mse": curve[-1]["test_mse"] if curve else None, "crossings": crossings, "curve": curve}
+    return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed,
+            "batch_size": exp.train.batch_size, "budget_s": budget_s, "steps": steps,
+            "final_test_mse": curve[-1]["test_mse"], "crossings": crossings, "curve": curve}
+
+
+def mse_at(curve: list[dict], seconds: float) -> float | None:
+    """The test MSE of the last measurement at or before `seconds` of training (None past the run)."""
+    if curve[-1]["seconds"] < seconds * 0.98:
+        return None
+    return [p for p in curve if p["seconds"] <= seconds * 1.02][-1]["test_mse"]
+
+
+def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds: list[int],
+                       marks: tuple[float, ...] = (60.0, 300.0, 600.0)) -> dict:
+    """time_to_precision of each method (config overrides) and seed; per method the median and range over
+    seeds of the test MSE at each mark of training seconds within the budget."""
+    runs = {name: [time_to_precision(config, budget_s, seed=seed, **dict(overrides)) for seed in seeds]
+            for name, overrides in methods.items()}
+    skipped = {name: r[0]["skipped"] for name, r in runs.items() if "skipped" in r[0]}
+    runs = {name: r for name, r in runs.items() if name not in skipped}
+    rows = []
+    for name, method_runs in runs.items():
+        row = {"method": name, "seeds": len(method_runs)}
+        for mark in (m for m in marks if m <= budget_s):
+            values = sorted(v for v in (mse_at(r["curve"], mark) for r in method_runs) if v is not None)
+            if values:
+                row[f"{mark:.0f}s"] = statistics.median(values)
+                row[f"{mark:.0f}s_range"] = f"{values[0]:.1e}..{values[-1]:.1e}"
+        rows.append(row)
+    return {"budget_s": budget_s, "marks": [m for m in marks if m <= budget_s], "rows": rows, "runs": runs,
+            "skipped": skipped}
+
+
+def plot_comparison(result: dict, path: str) -> str | None:
+    """Test MSE against training seconds, one line per method and seed (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not result["runs"]:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, runs) in enumerate(result["runs"].items()):
+        for j, run in enumerate(runs):
+            ax.semilogy([p["seconds"] for p in run["curve"]], [p["test_mse"] for p in run["curve"]],
+                        color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel("test MSE")
+    ax.set_title(f"{runs[0]['config']}: {len(runs)} seeds per method")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def config_argv(argv: list[str]) -> list[str]:
@@ -287,13 +368,25 @@ def main(argv):
         print(f"throughput ({results['throughput'][0]['config']}, batch {results['throughput'][0]['batch_size']})")
         print(_table(results["throughput"], THROUGHPUT_COLUMNS) + "\n", flush=True)
     if "precision" in _BENCH.value:
-        r = results["precision"] = time_to_precision(config, _BUDGET_S.value, _PRECISION_BATCH.value,
-                                                           _PRECISION_EVERY.value)
-        print(f"time to precision ({r['config']}, batch {r['batch_size']}, budget {r['budget_s']:.0f} s): "
-              f"{r['steps']} steps, final test MSE {r['final_test_mse']:.3e}")
-        print(_table([{"level": k, **v} for k, v in r["crossings"].items()],
-                     [("MSE below", "level", ""), ("seconds", "seconds", ".1f"), ("step", "step", "d")]) + "\n",
-              flush=True)
+        methods = {name: PRECISION_METHODS[name] for name in _OPTIMIZERS.value}
+        r = results["precision"] = compare_optimizers(config, _BUDGET_S.value, methods,
+                                                      [int(s) for s in _SEEDS.value])
+        for name, reason in r["skipped"].items():
+            print(f"time to precision: {name} skipped: {reason}")
+        first = next(iter(r["runs"].values()), [{"config": "-", "batch_size": "-"}])[0]
+        print(f"time to precision ({first['config']}, batch {first['batch_size']}, {r['budget_s']:.0f} s of "
+              f"training per run; test MSE, median and range over seeds {','.join(_SEEDS.value)})")
+        columns = [("method", "method", "")]
+        for mark in r["marks"]:
+            columns += [(f"at {mark:.0f} s", f"{mark:.0f}s", ".2e"), ("range", f"{mark:.0f}s_range", "")]
+        print(_table(r["rows"], columns), flush=True)
+        for name, runs in r["runs"].items():
+            print(f"  {name}: " + "; ".join(
+                f"seed {x['seed']}: {x['steps']} steps, final {x['final_test_mse']:.2e}, "
+                + (f"1e-12 at {x['crossings']['1e-12']['seconds']:.0f} s" if "1e-12" in x["crossings"]
+                   else "1e-12 not reached") for x in runs))
+        plot = plot_comparison(r, os.path.splitext(_OUT.value)[0] + "_precision.png")
+        print(f"wrote {plot}\n" if plot else "", flush=True)
     if "scaling" in _BENCH.value:
         results["scaling"] = scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _WINDOWS.value,
                                      _WINDOW_S.value)

@@ -121,7 +121,7 @@ class WorkdirLock:
         return time.time() - float(record.get("time", 0)) > self._stale_s
 
     def _create(self) -> bool:
-        if self.path.parts[0] == "/" and "://" not in str(self.path):
+        if "://" not in str(self.path):
             try:
                 fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -159,9 +159,18 @@ class WorkdirLock:
     def _beat(self) -> None:
         while not self._stop.wait(self._heartbeat_s):
             try:
-                self.path.write_text(self._record())
+                self._rewrite()
             except OSError:
                 pass
+
+    def _rewrite(self) -> None:
+        """Refresh the time; locally by rename, so a reader never sees a half-written record."""
+        if "://" in str(self.path):
+            self.path.write_text(self._record())  # an object store replaces the object whole
+            return
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
+        tmp.write_text(self._record())
+        os.replace(os.fspath(tmp), os.fspath(self.path))
 
     def release(self) -> None:
         self._stop.set()

@@ -45,6 +45,7 @@ from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.data.tasks import explicit_gradient_inputs, least_squares_gradient, multistep_gd_inputs
 from lsq_jax.models import construct
 from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.models.gd_weights import explicit_gradient_params
 
 __all__ = [
     "ITERATED_TASKS",
@@ -933,7 +934,8 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 2
     cache: dict = {}
     constructions = _construction_solvers(cfg.n_dims, eta, cache)
     sample = task.sample(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems)).raw
-    solvers = [learned, *constructions(cfg.n_points), *_classical_solvers(eta)]
+    solvers = [learned, *_exact_weights_solver(exp, apply_fn, eta), *constructions(cfg.n_points),
+               *_classical_solvers(eta)]
     report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta, n_report_points=n_report_points)
     if ood:
         n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
@@ -944,6 +946,19 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 2
         report["ood"] = ood_report(lambda n: [learned, constructions(n)[0]], draw, cells,
                                    min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
     return report
+
+
+def _exact_weights_solver(exp, apply_fn: Callable, eta: Any) -> list[Solver]:
+    """[the trained architecture with its exact explicit-gradient weights (lsq_jax.models.gd_weights)]
+    when the experiment's model admits them (explicit_gradient task, BaseConv of width >= D(D+5)/2 ...);
+    [] otherwise. It shows what the learned model's own form reaches."""
+    if exp.task.name != "explicit_gradient":
+        return []
+    try:
+        exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
+    except ValueError:
+        return []
+    return [learned_gradient_solver(apply_fn, exact, eta, name="exact_weights")]
 
 
 def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int = 256,

@@ -16,23 +16,33 @@ from ml_collections import config_flags
 
 MODES = ("train", "eval", "construct")
 
+# The command's own flags, apart from absl's global FLAGS: other entry points (the benchmark) define a
+# --config flag too, and both may be imported in one process.
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/baseconv.py:cpu",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>-<timestamp>).")
+                                          lock_config=True, flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>-<timestamp>).",
+                               flag_values=FLAGS)
 _MODE = flags.DEFINE_enum(
     "mode", "train", MODES,
     "train: train (resuming from --workdir), then evaluate; eval: evaluate the checkpoint of --workdir "
     "(its saved config defines the model; --config is not needed); construct: the hand-built exact-GD "
-    "models (BaseConv, linear attention) through the same evaluation, for the task sizes of --config.")
-_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: the newest good one).")
+    "models (BaseConv, linear attention) through the same evaluation, for the task sizes of --config.",
+    flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: the newest good one).",
+                             flag_values=FLAGS)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ("off", "auto", "explicit"),
-    "Multi-process JAX: off; auto (cloud TPU pods, SLURM); explicit (needs the three flags below).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed=explicit).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed=explicit).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed=explicit).")
+    "Multi-process JAX: off; auto (cloud TPU pods, SLURM); explicit (needs the three flags below).",
+    flag_values=FLAGS)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed=explicit).",
+                                   flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed=explicit).",
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed=explicit).",
+                                   flag_values=FLAGS)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume a workdir whose saved config differs from --config.")
+    "allow_config_change", False, "Resume a workdir whose saved config differs from --config.", flag_values=FLAGS)
 
 
 class BadInput(Exception):
@@ -93,12 +103,12 @@ def parse_flags(argv: list[str]) -> None:
     spec = _config_spec(argv)
     if spec is not None:
         check_config_file(*spec)
-    flags.FLAGS.unparse_flags()  # a second parse in one process (tests): forget the last one's overrides
-    for name in [name for name in flags.FLAGS if name.startswith("config.")]:
-        delattr(flags.FLAGS, name)
+    FLAGS.unparse_flags()  # a second parse in one process (tests): forget the last one's overrides
+    for name in [name for name in FLAGS if name.startswith("config.")]:
+        delattr(FLAGS, name)
     saved_argv, sys.argv = sys.argv, list(argv)  # ml_collections reads the overrides from sys.argv
     try:
-        rest = flags.FLAGS(argv)
+        rest = FLAGS(argv)
     except (AttributeError, KeyError) as err:
         raise BadInput(_unknown_field(argv, str(err.args[0]).strip("'\"") if err.args else "")) from None
     except (flags.Error, OSError, TypeError, ValueError) as err:
@@ -164,6 +174,9 @@ def run(argv: list[str], log=print) -> int:
     from lsq_jax.checkpointing import CheckpointError, Preempted, WorkdirError
     from lsq_jax.experiment import UsageError
 
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
+        return 0
     try:
         parse_flags(argv)
         execute(log)

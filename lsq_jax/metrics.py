@@ -68,7 +68,8 @@ class Progress:
         loss = float(metrics["loss"])
         parts = [f"step {step}/{self._num_steps}",
                  f"loss {loss:.3e}" if math.isfinite(loss) else f"loss {loss} (non-finite: step skipped)",
-                 f"lr {float(metrics['learning_rate']):.2e}",
+                 (f"lr {float(metrics['learning_rate']):.2e}" if "learning_rate" in metrics
+                  else f"damping {float(metrics['damping']):.2e}"),
                  f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s", f"ETA {format_duration(eta)}",
                  f"skipped {int(metrics['skipped_steps'])}"]
         return " | ".join(parts)

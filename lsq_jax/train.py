@@ -7,6 +7,7 @@ sharded along it, so each device draws and differentiates only its share; XLA su
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -26,6 +27,7 @@ from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, confi
                                 experiment_from_dict, experiment_to_dict)
 from lsq_jax.metrics import MetricsWriter, Progress, read_metrics
 from lsq_jax.models.backbone import SequenceModel, init_params
+from lsq_jax.optim import lm
 
 class TrainState(NamedTuple):
     """step: training iterations done (skipped ones included); params; opt_state (EMA, LR controller,
@@ -39,12 +41,28 @@ class TrainState(NamedTuple):
 def run_keys(seed: int) -> dict[str, jax.Array]:
     """Independent streams of the one run key: parameters, training data, gradient statistics, evaluation."""
     root = jax.random.key(seed)
-    return {name: jax.random.fold_in(root, i) for i, name in enumerate(("params", "data", "stats", "eval"))}
+    names = ("params", "data", "stats", "eval", "lm")
+    return {name: jax.random.fold_in(root, i) for i, name in enumerate(names)}
+
+
+def count_params(exp: Experiment) -> int:
+    """P, the model's parameter count (from shapes alone: nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def uses_lm(exp: Experiment) -> bool:
+    return exp.optim.optimizer == "lm"
 
 
 def init_state(exp: Experiment) -> TrainState:
+    """Parameters, step 0 and the optimizer state: the recipe's, or with optimizer 'lm' {'adam': the
+    recipe's (its phase of a hybrid), 'lm': lm.LMState}."""
     params = init_params(exp.model, run_keys(exp.seed)["params"])
     opt_state = optim.make_optimizer(exp.optim).init(params)
+    if uses_lm(exp):
+        n_params = ravel_pytree(params)[0].size
+        opt_state = {"adam": opt_state, "lm": lm.init_lm_state(n_params, exp.model.jnp_dtype, exp.optim.lm_damping)}
     return TrainState(step=jnp.zeros((), jnp.int64 if jax.config.x64_enabled else jnp.int32),
                       params=params, opt_state=opt_state)
 
@@ -175,6 +193,11 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
     `gradient_statistics` measured on this iteration's state, or NaN / None on iterations without a
     measurement (see `advance`).
     """
+    if uses_lm(exp):  # the Adam phase of a hybrid: the recipe on its own part of the state
+        inner, metrics = train_step(state._replace(opt_state=state.opt_state["adam"]), grad_metric,
+                                    exp=_as_adam(exp), n_points=n_points, n_dims=n_dims, sharding=sharding,
+                                    n_microbatches=n_microbatches)
+        return inner._replace(opt_state={**state.opt_state, "adam": inner.opt_state}), metrics
     tx = optim.make_optimizer(exp.optim)
     (loss, per_position), grads = batch_gradient(state.params, run_keys(exp.seed)["data"], state.step, exp=exp,
                                                  n_points=n_points, n_dims=n_dims, sharding=sharding,
@@ -186,6 +209,69 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
                **optim.optimizer_metrics(opt_state)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _as_adam(exp: Experiment) -> Experiment:
+    return dataclasses.replace(exp, optim=dataclasses.replace(exp.optim, optimizer="adam"))
+
+
+LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a chunk's Jacobian holds at most this many entries (32 MiB float64)
+
+
+def lm_chunks(exp: Experiment, n_params: int, n_devices: int) -> int:
+    """How many strided chunks the LM batch's Jacobian is built in: optim.lm_chunk problems each, or
+    (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device."""
+    n = exp.train.batch_size
+    per_problem = lm_outputs(exp) * n_params
+    candidates = [c for c in divisors(n) if (n // c) % n_devices == 0]
+    if exp.optim.lm_chunk:
+        if n % exp.optim.lm_chunk or (n // exp.optim.lm_chunk) not in candidates:
+            raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide train.batch_size "
+                             f"{n} into chunks that split over {n_devices} devices")
+        return n // exp.optim.lm_chunk
+    return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
+
+
+def lm_outputs(exp: Experiment) -> int:
+    """K, the residuals of one problem (the entries of its target)."""
+    task = exp.make_task()
+    keys = example_keys(jax.random.key(0), 0, 0, 1)
+    return math.prod(jax.eval_shape(lambda k: task.sample(k, n_points=exp.task.n_points).targets, keys).shape)
+
+
+def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: int, n_dims: int | None):
+    """(problems, K) model output minus target on the problems drawn from `keys` (their mean square is the
+    task loss)."""
+    batch = task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
+    pred = predict(params, model, task, batch.inputs, n_points)
+    return (task.read(pred) - batch.targets).reshape(keys.shape[0], -1)
+
+
+def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
+            sharding=None, n_chunks: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Levenberg-Marquardt iteration (lsq_jax.optim.lm) on the residuals of train.batch_size problems.
+
+    The problems are drawn from the run's 'lm' key and batch index (iteration - lm_after) // lm_refresh_every
+    (0 throughout when lm_refresh_every is 0), sharded over the devices like the step's batch; J^T J and
+    J^T r are sums over problems that XLA all-reduces. A rejected step leaves the parameters unchanged
+    and counts as skipped.
+    """
+    del grad_metric
+    o = exp.optim
+    index = (state.step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
+    keys = _placed(example_keys(run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size), sharding)
+    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=exp.make_task(),
+                                  n_points=n_points, n_dims=n_dims)
+    if o.lm_solver == "cg":
+        params, lm_state, m = lm.lm_update_cg(residuals, state.params, keys, state.opt_state["lm"], n_chunks,
+                                              maxiter=o.lm_cg_iters)
+    else:
+        params, lm_state, m = lm.lm_update(residuals, state.params, keys, state.opt_state["lm"], n_chunks,
+                                           geodesic=o.lm_geodesic, max_tries=o.lm_tries)
+    metrics = {"loss": m["loss"], "trial_loss": m["trial_loss"], "damping": m["damping"],
+               "gain_ratio": m["gain_ratio"], "step_norm": m["step_norm"],
+               "skipped_steps": lm_state.rejected, "lm_accepted": lm_state.accepted}
+    return TrainState(step=state.step + 1, params=params, opt_state={**state.opt_state, "lm": lm_state}), metrics
 
 
 def gradient_statistics(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
@@ -216,14 +302,27 @@ class StepFns(NamedTuple):
     log_every: int
 
 
-def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None) -> StepFns:
-    sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=parallel.batch_sharded(mesh),
-                 n_microbatches=microbatches(exp, n_points, mesh.devices.size))
-    stats = jax.jit(functools.partial(gradient_statistics, **sizes)) if exp.train.grad_stats_batches else None
+def in_lm_phase(exp: Experiment, step: int) -> bool:
+    """Whether iteration `step` is a Levenberg-Marquardt one (optimizer 'lm', after its lm_after Adam steps)."""
+    return uses_lm(exp) and step >= exp.optim.lm_after
+
+
+def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_phase: bool = False) -> StepFns:
+    """The jitted step of one curriculum size: the recipe's (with its gradient statistics), or LM's."""
+    sharding = parallel.batch_sharded(mesh)
     # made by a computation, not device_put: a multi-process device_put checks the value is the same on
     # every process, and NaN != NaN
     no_metric = jax.jit(lambda: jnp.full((), jnp.nan, jnp.dtype(exp.task.dtype)),
                         out_shardings=parallel.replicated(mesh))()
+    if lm_phase:
+        n_params = count_params(exp)
+        step = functools.partial(lm_step, exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
+                                 n_chunks=lm_chunks(exp, n_params, mesh.devices.size))
+        return StepFns(train=jax.jit(step, donate_argnums=0), stats=None, no_metric=no_metric,
+                       log_every=exp.train.log_every)
+    sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
+                 n_microbatches=microbatches(exp, n_points, mesh.devices.size))
+    stats = jax.jit(functools.partial(gradient_statistics, **sizes)) if exp.train.grad_stats_batches else None
     return StepFns(train=jax.jit(functools.partial(train_step, **sizes), donate_argnums=0), stats=stats,
                    no_metric=no_metric, log_every=exp.train.log_every)
 
@@ -253,10 +352,10 @@ def memory_estimate(exp: Experiment, n_devices: int, backend: str | None = None)
     state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
     activations: the input and output of every block for one microbatch (two on CPU, where the scan is
     unrolled), kept for the backward pass; data: the per-device batch's inputs and per-example keys;
-    statistics: the matrix of mini-batch gradients; evaluation: one activation of the test batch.
+    statistics: the matrix of mini-batch gradients; evaluation: one activation of the test batch;
+    lm_normal_equations: Levenberg-Marquardt's P x P J^T J and the chunk term being added to it.
     """
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(
-        jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))))
+    n_params = count_params(exp)
     itemsize = jnp.dtype(exp.task.dtype).itemsize
     task = exp.make_task()
     seq_len = task.seq_len(exp.task.n_points)
@@ -265,7 +364,8 @@ def memory_estimate(exp: Experiment, n_devices: int, backend: str | None = None)
     live = (local // microbatches(exp, exp.task.n_points, n_devices, backend)) * (
         CPU_SCAN_UNROLL if backend == "cpu" else 1)
     token = seq_len * exp.model.n_embd * itemsize
-    return {"state": 6 * n_params * itemsize,
+    lm_system = 2 * n_params**2 * itemsize if uses_lm(exp) and exp.optim.lm_solver == "cholesky" else 0
+    return {"state": 6 * n_params * itemsize, "lm_normal_equations": lm_system,
             "activations": 2 * (exp.model.n_layer + 1) * min(live, local) * token,
             "data": local * (seq_len * exp.model.in_dims * itemsize + 8),
             "statistics": exp.train.grad_stats_batches * n_params * itemsize,
@@ -285,7 +385,8 @@ def device_memory(device) -> int | None:
     return None
 
 
-_MEMORY_FIELDS = {"state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
+_MEMORY_FIELDS = {"lm_normal_equations": "model.n_embd, or use optim.lm_solver=cg (matrix-free)",
+                  "state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
                   "data": "train.batch_size", "statistics": "train.grad_stats_batches / model.n_embd",
                   "evaluation": "train.eval_batch_size"}
 
@@ -350,6 +451,8 @@ def train_and_evaluate(exp: Experiment, workdir, *, log=print, allow_config_chan
         parallel.check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         parallel.check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
         microbatches(exp, exp.task.n_points, mesh.devices.size)  # an explicit size must divide the device share
+        if uses_lm(exp):
+            lm_chunks(exp, count_params(exp), mesh.devices.size)
     except ValueError as err:
         raise UsageError(str(err)) from None
     check_memory(exp, mesh)
@@ -420,9 +523,9 @@ def write_evaluation(exp: Experiment, params, workdir, *, log=print, constructio
 
 def evaluate_checkpoint(workdir, step: int | None = None, *, log=print) -> dict[str, Any]:
     """--mode=eval: restore a checkpoint of `workdir` (the newest good one, or `step`) and write its report."""
-    if jax.process_index() == 0:
-        check_writable(workdir / "eval")
     exp, state = restore_for_eval(workdir, step, log=log)
+    if jax.process_index() == 0:
+        check_writable(workdir / "eval")  # before the evaluation's minutes, not after
     jax.config.update("jax_default_matmul_precision", exp.matmul_precision)
     log(f"evaluating step {int(state.step)} of {exp.name}")
     return write_evaluation(exp, state.params, workdir, log=log)
@@ -454,10 +557,10 @@ def _train_loop(exp, state, mesh, ckpt, config, writer, log):
     fns: dict[tuple, StepFns] = {}
     pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
     for step in range(start, num_steps):
-        sizes = sizes_at(exp, step)
-        if sizes not in fns:
-            fns[sizes] = make_step_fns(exp, mesh, *sizes)
-        state, metrics = advance(fns[sizes], state, step)
+        key = (*sizes_at(exp, step), in_lm_phase(exp, step))
+        if key not in fns:
+            fns[key] = make_step_fns(exp, mesh, *key)
+        state, metrics = advance(fns[key], state, step)
         if pending is not None:
             _report(writer, progress, log, *pending)
             pending = None
@@ -472,7 +575,7 @@ def _train_loop(exp, state, mesh, ckpt, config, writer, log):
     return state, False
 
 
-ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "skipped_steps")  # logged even when NaN
+ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
 
 def _report(writer, progress, log, step, metrics):

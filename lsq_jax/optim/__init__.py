@@ -68,7 +68,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("constant", "step", "adaptive")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
+LM_SOLVERS = ("cholesky", "cg")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,6 +498,17 @@ class OptimConfig:
             to the gradient after the EMA filter); must be 0 for plain Adam.
         momentum: SGD momentum in [0, 1] (0 = plain SGD).
         l1: L1 regularisation weight >= 0, used by the loss (lambda * sum |p|), only carried here.
+        lm_after: with optimizer ``"lm"``: iterations of the Adam recipe (the fields above) before
+            Levenberg-Marquardt takes over (0: LM from the start).
+        lm_refresh_every: LM fits the residuals of one batch of train.batch_size problems; a new batch
+            every this many LM iterations (0: the same batch throughout).
+        lm_damping: LM's initial damping lambda, relative to Marquardt's diagonal scaling, > 0.
+        lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
+        lm_cg_iters: conjugate-gradient iterations per LM step with ``"cg"``.
+        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
+        lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
+            damping, reusing J^T J (Cholesky path).
+        lm_chunk: problems per Jacobian chunk (0: auto, about 2^20 Jacobian entries per chunk).
     """
 
     optimizer: str = "adam"
@@ -519,6 +531,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     l1: float = 0.0
+    lm_after: int = 0
+    lm_refresh_every: int = 0
+    lm_damping: float = 1e-3
+    lm_solver: str = "cholesky"
+    lm_cg_iters: int = 100
+    lm_geodesic: bool = False
+    lm_tries: int = 10
+    lm_chunk: int = 0
 
     def __post_init__(self):
         owner = "OptimConfig."
@@ -546,12 +566,20 @@ class OptimConfig:
                      "0 with optimizer='adam' (use 'adamw' for weight decay)")
         _check_real(owner, "momentum", self.momentum, 0.0, 1.0)
         _check_real(owner, "l1", self.l1, 0.0)
+        _check_int(owner, "lm_after", self.lm_after, 0)
+        _check_int(owner, "lm_refresh_every", self.lm_refresh_every, 0)
+        _check_real(owner, "lm_damping", self.lm_damping, 0.0, lo_open=True)
+        _check_choice(owner, "lm_solver", self.lm_solver, LM_SOLVERS)
+        _check_int(owner, "lm_cg_iters", self.lm_cg_iters, 1)
+        _require(owner, "lm_geodesic", self.lm_geodesic, isinstance(self.lm_geodesic, bool), "True or False")
+        _check_int(owner, "lm_tries", self.lm_tries, 1)
+        _check_int(owner, "lm_chunk", self.lm_chunk, 0)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     """Builds the recipe: guard(clip -> skip -> [EMA] -> base direction -> scale by -lr) (SPEC §5).
 
-    Base direction: ``"adam"``: ``optax.scale_by_adam(b1, b2, eps)`` (torch Adam with eps added to
+    Base direction: ``"adam"`` (and ``"lm"``, whose Adam phase this is): ``optax.scale_by_adam(b1, b2, eps)`` (torch Adam with eps added to
     sqrt(v_hat), bias-corrected); ``"adamw"``: the same followed by ``+ weight_decay * p`` so the applied
     update is -lr (adam + wd p), which equals torch AdamW's p (1 - lr wd) - lr adam; ``"sgd"``:
     ``+ weight_decay * p`` (if nonzero), then ``optax.trace(momentum)`` (torch SGD, dampening 0).
@@ -570,7 +598,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     transforms = []
     if cfg.ema_lambda > 0:
         transforms.append(ema_filter(cfg.ema_alpha, cfg.ema_lambda))
-    if cfg.optimizer in ("adam", "adamw"):
+    if cfg.optimizer in ("adam", "adamw", "lm"):  # lm: the Adam phase of a hybrid (lm_after > 0)
         transforms.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0))
         if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
             transforms.append(optax.add_decayed_weights(cfg.weight_decay))

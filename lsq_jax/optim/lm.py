@@ -1,0 +1,354 @@
+"""Levenberg-Marquardt (LM) on a model's flattened parameters: the math, as pure jittable functions.
+
+Conventions (theta = ``ravel_pytree(params)[0]``, P entries; a batch of N problems with K residuals each,
+M = N K residuals; J = dr/dtheta is M x P and is never held whole)::
+
+    loss(theta) = (1/M) sum_i r_i^2
+    JtJ = J^T J / M,   Jtr = J^T r / M            (grad loss = 2 Jtr, Gauss-Newton Hessian = 2 JtJ)
+    m(delta) = (1/M) ||r + J delta||^2 = loss + 2 Jtr.delta + delta^T JtJ delta     (linear model)
+    step:  (JtJ + lam D) delta = -Jtr
+    pred  = loss - m(delta) = -2 Jtr.delta - delta^T JtJ delta   (= delta^T JtJ delta + 2 lam delta^T D delta
+            for an exact solve), and the gain ratio rho = (loss - loss(theta + step)) / pred.
+
+Chunks: ``n_chunks`` = C must divide N, and chunk c holds the STRIDED problems c, c + C, c + 2C, ... The
+reshape (N, ...) -> (N/C, C, ...) keeps the (possibly sharded) batch axis major, so when the batch is
+sharded over devices with a ``NamedSharding`` every chunk is spread evenly over all devices and every
+``lax.scan`` iteration keeps them all busy (contiguous chunks would each sit on one device). Sums over a
+chunk's rows are ordinary contractions, so plain ``jax.jit`` lets XLA insert the all-reduce (checked with 2
+emulated CPU devices: same result as 1 device; XLA all-reduces each chunk's P x P term inside the loop, so
+on many devices few, large chunks are cheaper than many small ones).
+
+References: Moré, "The Levenberg-Marquardt algorithm: implementation and theory" (1978) for the scaling D;
+Madsen, Nielsen & Tingleff, "Methods for non-linear least squares problems" (2004) §3.2 (Nielsen's damping
+update); Transtrum & Sethna, "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares
+minimization" (arXiv:1201.5885) and their geodesicLM code for the geodesic acceleration.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jax.scipy.linalg import cho_factor, cho_solve
+
+ResidualFn = Callable[[Any, Any], jax.Array]  # (params, batch_chunk) -> residuals (n, K)
+
+
+class LMState(NamedTuple):
+    """LM state; every leaf is an array, so it jits and checkpoints.
+
+    Attributes:
+        damping: lam, the damping the next step uses (float scalar).
+        nu: Nielsen's growth factor for consecutive rejections (float scalar, 2 after an accepted step).
+        scaling: D, the (P,) diagonal scaling: Moré's running maximum of diag(JtJ), floored.
+        iteration, accepted, rejected: int32 counts of steps tried, accepted and rejected.
+    """
+
+    damping: jax.Array
+    nu: jax.Array
+    scaling: jax.Array
+    iteration: jax.Array
+    accepted: jax.Array
+    rejected: jax.Array
+
+
+def init_lm_state(num_params: int, dtype: Any = None, damping0: float = 1e-3) -> LMState:
+    """Initial state: lam = damping0, nu = 2, D = 0 (the first step's diag(JtJ) takes over), counts 0."""
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    count = lambda: jnp.zeros([], jnp.int32)  # three distinct arrays: a step that donates its state needs that
+    return LMState(jnp.asarray(damping0, dtype), jnp.asarray(2.0, dtype), jnp.zeros([num_params], dtype),
+                   count(), count(), count())
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked sums over the batch.
+
+
+def _chunks(batch, n_chunks):
+    def split(x):
+        if x.shape[0] % n_chunks:
+            raise ValueError(f"n_chunks={n_chunks} must divide the batch's leading axis {x.shape[0]}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n_chunks, n_chunks, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _chunk_sum(fn, batch, n_chunks):
+    """sum_c fn(chunk_c) over the strided chunks, accumulated in a ``lax.scan`` carry."""
+    chunks = _chunks(batch, n_chunks)
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), init, chunks)[0]
+
+
+def _flat(residual_fn, params, batch):
+    """theta, unravel, f(theta, chunk) -> flat residuals, and M (the batch's residual count)."""
+    theta, unravel = ravel_pytree(params)
+    f = lambda t, b: residual_fn(unravel(t), b).reshape(-1)
+    return theta, unravel, f, jax.eval_shape(f, theta, batch).shape[0]
+
+
+def _chunk_jacobian(f, theta, chunk, per_problem):
+    """(r, Jt) of one chunk: residuals (m,) and the TRANSPOSED Jacobian (P, m), by reverse mode.
+
+    Reverse mode because P (up to ~50k) >> a chunk's residual count: a row of J costs one VJP whatever P,
+    while forward mode needs P JVPs. With ``per_problem`` the residuals of problem i depend on problem i
+    only, so its K x P block takes K VJPs through ONE problem instead of n K VJPs through the whole chunk.
+    J is built as (P, m) because XLA's CPU matmul runs Jt @ Jt.T (both operands contracted along their
+    minor axis) about twice as fast as J.T @ J.
+    """
+
+    def jac(b):
+        r, vjp = jax.vjp(lambda t: f(t, b), theta)
+        return r, jax.vmap(vjp, out_axes=1)(jnp.eye(r.size, dtype=r.dtype))[0]
+
+    if not per_problem:
+        return jac(chunk)
+    r, Jt = jax.vmap(lambda b: jac(jax.tree.map(lambda x: x[None], b)), out_axes=(0, 1))(chunk)
+    return r.reshape(-1), Jt.reshape(Jt.shape[0], -1)
+
+
+def _loss(f, theta, batch, n_chunks, m):
+    return _chunk_sum(lambda c: jnp.sum(f(theta, c) ** 2), batch, n_chunks) / m
+
+
+def _rvv(g, theta, v):
+    """d^2/dt^2 g(theta + t v) at t = 0 (= v^T H v per residual), exactly, by nested forward mode."""
+    return jax.jvp(lambda t: jax.jvp(g, (t,), (v,))[1], (theta,), (v,))[1]
+
+
+def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, *, per_problem: bool = True):
+    """JtJ = J^T J / M, Jtr = J^T r / M and loss = r.r / M, accumulated chunk by chunk.
+
+    Args:
+        residual_fn: ``(params, batch_chunk) -> (n, K)`` residuals of a chunk of n problems.
+        params: the parameter pytree (flattened with ``ravel_pytree``; P entries).
+        batch: pytree of arrays with leading axis N (divisible by ``n_chunks``).
+        n_chunks: number of strided chunks; each holds a (N K / n_chunks) x P Jacobian at a time.
+        per_problem: True when problem i's residuals depend on batch row i only (any model without
+            cross-example ops such as batch norm): ``residual_fn`` is then called under ``vmap`` on one
+            problem at a time (leaves with a leading axis of 1). False differentiates each chunk as a whole.
+
+    Returns:
+        (JtJ (P, P), Jtr (P,), loss scalar), in the params' dtype.
+    """
+    theta, _, f, m = _flat(residual_fn, params, batch)
+
+    def terms(chunk):
+        r, Jt = _chunk_jacobian(f, theta, chunk, per_problem)
+        return Jt @ Jt.T, Jt @ r, r @ r
+
+    JtJ, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
+    return JtJ / m, Jtr / m, ss / m
+
+
+def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int = 1) -> jax.Array:
+    """loss = (1/M) sum r^2 over the batch, chunked."""
+    theta, _, f, m = _flat(residual_fn, params, batch)
+    return _loss(f, theta, batch, n_chunks, m)
+
+
+# --------------------------------------------------------------------------------------------------
+# The damped step, its scaling and the damping update.
+
+
+def update_scaling(scaling: jax.Array, JtJ: jax.Array, rel_floor: float = 1e-10) -> jax.Array:
+    """Marquardt's D with Moré's rule: D <- max(D, diag(JtJ), rel_floor * mean(D), tiny).
+
+    The running maximum keeps the scaling from shrinking as the fit improves; the floor keeps a zero
+    column (a parameter the loss does not see) solvable, where it simply gets a zero step.
+    """
+    d = jnp.maximum(scaling, jnp.diagonal(JtJ))
+    return jnp.maximum(d, jnp.maximum(rel_floor * jnp.mean(d), jnp.finfo(d.dtype).tiny))
+
+
+def _solve(JtJ, Jtr, damping, scaling):
+    factor = cho_factor(JtJ.at[jnp.diag_indices(JtJ.shape[0])].add(damping * scaling), lower=True)
+    delta = -cho_solve(factor, Jtr)
+    pred = -2.0 * (Jtr @ delta) - delta @ (JtJ @ delta)
+    return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred), factor
+
+
+def damped_solve(JtJ: jax.Array, Jtr: jax.Array, damping, scaling: jax.Array):
+    """Solves (JtJ + lam diag(D)) delta = -Jtr by Cholesky.
+
+    Returns:
+        (delta, pred, ok): the step, the linear model's predicted loss reduction
+        pred = -2 Jtr.delta - delta^T JtJ delta, and False when the factorisation failed (a non-finite
+        step: JAX's Cholesky returns NaN for a matrix that is not positive definite).
+    """
+    return _solve(JtJ, Jtr, damping, scaling)[:3]
+
+
+def nielsen_update(damping, nu, gain_ratio, accepted, damping_min: float = 1e-15, damping_max: float = 1e15):
+    """Nielsen's rule (Madsen, Nielsen & Tingleff 2004, eq. 3.16).
+
+    accepted: lam <- lam max(1/3, 1 - (2 rho - 1)^3), nu <- 2;  rejected: lam <- lam nu, nu <- 2 nu.
+    lam is then clamped into [damping_min, damping_max].
+    """
+    factor = jnp.where(accepted, jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain_ratio - 1.0) ** 3), nu)
+    return jnp.clip(damping * factor, damping_min, damping_max), jnp.where(accepted, 2.0, 2.0 * nu)
+
+
+def _finish(state, theta, unravel, step, loss, trial, pred, ok, scaling, damping_min, damping_max):
+    """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics."""
+    rho = (loss - trial) / pred
+    accepted = ok & jnp.isfinite(trial) & (pred > 0) & (rho > 0)
+    damping, nu = nielsen_update(state.damping, state.nu, rho, accepted, damping_min, damping_max)
+    new_state = LMState(damping, nu.astype(state.nu.dtype), scaling, state.iteration + 1,
+                        state.accepted + accepted, state.rejected + (~accepted))
+    metrics = dict(loss=loss, trial_loss=trial, gain_ratio=rho, predicted_reduction=pred,
+                   damping=state.damping, accepted=accepted, step_norm=jnp.linalg.norm(step))
+    return unravel(jnp.where(accepted, theta + step, theta)), new_state, metrics
+
+
+def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
+              geodesic: bool = False, alpha: float = 0.75, per_problem: bool = True, max_tries: int = 1,
+              damping_min: float = 1e-15, damping_max: float = 1e15, rel_floor: float = 1e-10):
+    """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
+
+    D <- update_scaling(D, JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at theta + step on
+    the SAME batch; accept iff the solve was finite, the trial loss is finite and rho > 0; update lam, nu
+    by :func:`nielsen_update`. Rejection leaves params unchanged (selected with ``jnp.where``). With
+    ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing JtJ and Jtr (the
+    Jacobian, the expensive part, does not change until a step is accepted), up to max_tries solves.
+
+    Geodesic acceleration (Transtrum & Sethna): with r'' = d^2/dt^2 r(theta + t delta) at t = 0 (exact, by
+    nested ``jax.jvp``, chunked) the residual along the step is r + J delta + r''/2 + O(delta^3), so the
+    second-order correction solves (JtJ + lam D) a = -J^T r'' / (2M) and the step is delta + a (their
+    a_TS = 2a, step v + a_TS/2). It is kept only when 2 ||a||_D / ||delta||_D <= alpha (||x||_D^2 = x.Dx,
+    as in geodesicLM); otherwise the whole step is rejected and lam raised, as in geodesicLM. The gain
+    ratio uses the prediction of delta alone, also as in geodesicLM.
+
+    Args:
+        residual_fn, params, batch, n_chunks, per_problem: as in :func:`normal_equations`.
+        state: the :class:`LMState`.
+        geodesic: add the geodesic acceleration.
+        alpha: the acceleration-to-velocity bound (0.75).
+        max_tries: damped solves per iteration (each rejection raises lam and solves again).
+        damping_min, damping_max: clamp of lam after the update.
+        rel_floor: floor of D relative to its mean (:func:`update_scaling`).
+
+    Returns:
+        (new_params, new_state, metrics) with metrics loss, trial_loss, gain_ratio, predicted_reduction,
+        damping (the lam of the last solve), accepted, step_norm (Euclidean, of the last proposed step),
+        tries and, with geodesic, accel_ratio. The state counts every solve: iteration += tries, rejected +=
+        the rejected solves.
+    """
+    theta, unravel, f, m = _flat(residual_fn, params, batch)
+    JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem)
+    scaling = update_scaling(state.scaling, JtJ, rel_floor)
+
+    def attempt(damping):
+        delta, pred, ok, factor = _solve(JtJ, Jtr, damping, scaling)
+        step, accel_ratio = delta, jnp.zeros_like(loss)
+        if geodesic:
+            def rhs(chunk):
+                g = lambda t: f(t, chunk)
+                return jax.vjp(g, theta)[1](_rvv(g, theta, delta))[0]
+
+            accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks) / m)
+            d_norm = lambda x: jnp.sqrt(x @ (scaling * x))
+            accel_ratio = 2.0 * d_norm(accel) / d_norm(delta)
+            ok = ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
+            step = delta + accel
+        return step, _loss(f, theta + step, batch, n_chunks, m), pred, ok, accel_ratio
+
+    def body(carry):
+        s, _, _ = carry
+        step, trial, pred, ok, accel_ratio = attempt(s.damping)
+        new_params, new_s, metrics = _finish(s, theta, unravel, step, loss, trial, pred, ok, scaling,
+                                             damping_min, damping_max)
+        return new_s, ravel_pytree(new_params)[0], {**metrics, "accel_ratio": accel_ratio}
+
+    def more(carry):
+        s, _, metrics = carry
+        return (s.iteration - state.iteration < max_tries) & ~metrics["accepted"]
+
+    empty = jax.eval_shape(body, (state, theta, None))[2]
+    init = (state, theta, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty))
+    new_state, new_theta, metrics = jax.lax.while_loop(more, body, init)
+    metrics["tries"] = new_state.iteration - state.iteration
+    if not geodesic:
+        del metrics["accel_ratio"]
+    return unravel(new_theta), new_state, metrics
+
+
+def second_directional_derivative(residual_fn: ResidualFn, params, batch, direction: jax.Array):
+    """r''(v) = d^2/dt^2 residual_fn(theta + t v, batch) at t = 0 (shape of the residuals), exact."""
+    theta, unravel = ravel_pytree(params)
+    return _rvv(lambda t: residual_fn(unravel(t), batch), theta, direction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Matrix-free Gauss-Newton-CG, for when JtJ does not fit in memory.
+
+
+def _jtj_matvec(f, theta, batch, v, n_chunks):
+    def term(chunk):
+        # One linearisation serves both products: J v forward, then its transpose J^T (J v).
+        _, jvp = jax.linearize(lambda t: f(t, chunk), theta)
+        return jax.linear_transpose(jvp, theta)(jvp(v))[0]
+
+    return _chunk_sum(term, batch, n_chunks)
+
+
+def gn_matvec(residual_fn: ResidualFn, params, batch, v: jax.Array, n_chunks: int = 1) -> jax.Array:
+    """JtJ v = J^T (J v) / M, chunk by chunk, without forming J."""
+    theta, _, f, m = _flat(residual_fn, params, batch)
+    return _jtj_matvec(f, theta, batch, v, n_chunks) / m
+
+
+def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
+                    *, tol: float = 1e-10, maxiter: int = 100):
+    """Solves (JtJ + lam diag(D)) delta = -Jtr by conjugate gradients (``jax.scipy.sparse.linalg.cg``).
+
+    ``matvec(v)`` = JtJ v. CG starts from 0 and stops when the residual norm is <= tol ||Jtr|| or after
+    ``maxiter`` iterations; every CG iterate is a descent direction of the damped model, so a truncated
+    solve is still usable. pred is computed with one more matvec, so it is exact for an inexact solve.
+
+    Returns:
+        (delta, pred, ok) as in :func:`damped_solve`; ok is False for a non-finite step.
+    """
+    delta = -jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, Jtr,
+                                        tol=tol, maxiter=maxiter)[0]
+    pred = -2.0 * (Jtr @ delta) - delta @ matvec(delta)
+    return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
+
+
+def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
+                 tol: float = 1e-10, maxiter: int = 100, n_probes: int = 4,
+                 damping_min: float = 1e-15, damping_max: float = 1e15):
+    """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_update`.
+
+    D = s I, with s the running maximum (Moré) of an estimate of mean(diag(JtJ)) = tr(JtJ) / P by
+    Hutchinson's estimator tr(JtJ) ~ (1/S) sum_k ||J z_k||^2 / M over S = ``n_probes`` Rademacher
+    vectors z_k (keyed by the iteration count, so a run is reproducible). It costs S JVPs sharing the
+    linearisation that gives Jtr, and makes lam comparable to the Cholesky path's lam; a per-parameter
+    diagonal would need the whole Jacobian or many more probes.
+
+    Args:
+        tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
+        n_probes: S, the Hutchinson probes per iteration.
+        Others: as in :func:`lm_update`.
+
+    Returns:
+        (new_params, new_state, metrics) as in :func:`lm_update`.
+    """
+    theta, unravel, f, m = _flat(residual_fn, params, batch)
+    probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
+                                   (n_probes, theta.size), theta.dtype)
+
+    def terms(chunk):
+        r, jvp = jax.linearize(lambda t: f(t, chunk), theta)
+        return jax.linear_transpose(jvp, theta)(r)[0], r @ r, jnp.sum(jax.vmap(jvp)(probes) ** 2)
+
+    Jtr, ss, probed = _chunk_sum(terms, batch, n_chunks)
+    Jtr, loss = Jtr / m, ss / m
+    mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
+    scaling = jnp.maximum(state.scaling, mean_diag)
+    matvec = lambda v: _jtj_matvec(f, theta, batch, v, n_chunks) / m
+    delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, scaling, tol=tol, maxiter=maxiter)
+    trial = _loss(f, theta + delta, batch, n_chunks, m)
+    return _finish(state, theta, unravel, delta, loss, trial, pred, ok, scaling, damping_min, damping_max)

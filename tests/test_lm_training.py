@@ -1,0 +1,139 @@
+"""Levenberg-Marquardt as a trainer of the system: its step against numpy, convergence from the exact
+explicit-gradient weights plus noise, the hybrid's phases, and bit-identical resume through the CLI."""
+import io
+import pathlib
+import signal
+import sys
+from contextlib import redirect_stderr
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from lsq_jax import checkpointing, main, parallel, train
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.experiment import experiment_from_config
+from lsq_jax.models.gd_weights import explicit_gradient_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import baseconv  # noqa: E402
+
+EPS = np.finfo(np.float64).eps
+TINY = {"model.n_embd": 12, "model.n_layer": 2, "train.batch_size": 300, "train.eval_batch_size": 64}
+
+
+def tiny_experiment(**overrides):
+    c = baseconv.get_config("lm")
+    c.update_from_flattened_dict({**TINY, **overrides})
+    return experiment_from_config(c)
+
+
+def lm_batch(exp, step=0):
+    """The residuals, targets' mean square and the keys of the problems LM fits at iteration `step`."""
+    index = (step - exp.optim.lm_after) // exp.optim.lm_refresh_every if exp.optim.lm_refresh_every else 0
+    return example_keys(train.run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size)
+
+
+def residuals(exp, params, keys):
+    from lsq_jax.models.backbone import SequenceModel
+    return train.lm_residuals(params, keys, model=SequenceModel(exp.model), task=exp.make_task(),
+                              n_points=exp.task.n_points, n_dims=None)
+
+
+def run_lm(exp, params, n):
+    mesh = parallel.make_mesh()
+    state = train.place_state(train.init_state(exp)._replace(params=params), mesh)
+    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
+    history = []
+    for i in range(n):
+        state, metrics = train.advance(fns, state, i)
+        history.append(float(metrics["loss"]))
+    return state, history
+
+
+def test_lm_residuals_mean_square_is_the_task_loss():
+    exp = tiny_experiment()
+    params = train.init_state(exp).params
+    keys = lm_batch(exp)
+    loss, _ = train.example_loss(params, keys, model=train.SequenceModel(exp.model), task=exp.make_task(),
+                                 n_points=exp.task.n_points, n_dims=None)
+    r = residuals(exp, params, keys)
+    assert r.shape == (300, 3)
+    np.testing.assert_allclose(float(jnp.mean(r ** 2)), float(loss), rtol=1e-14)
+
+
+def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
+    exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1})
+    params = train.init_state(exp).params
+    keys = lm_batch(exp)
+    theta, unravel = ravel_pytree(params)
+    J = np.asarray(jax.jacfwd(lambda t: residuals(exp, unravel(t), keys).reshape(-1))(theta))
+    r = np.asarray(residuals(exp, params, keys)).reshape(-1)
+    m = r.size
+    jtj, jtr = J.T @ J / m, J.T @ r / m
+    d = np.diag(jtj).copy()
+    d = np.maximum(d, max(1e-10 * d.mean(), np.finfo(float).tiny))
+    delta = np.linalg.solve(jtj + 1e-2 * np.diag(d), -jtr)
+    trial = np.mean(np.asarray(residuals(exp, unravel(theta + delta), keys)) ** 2)
+    state, history = run_lm(exp, params, 1)
+    lm_state = state.opt_state["lm"]
+    assert history[0] == pytest.approx(r @ r / m, rel=1e-13)
+    if trial < r @ r / m:  # accepted: the new parameters are theta + delta
+        np.testing.assert_allclose(ravel_pytree(state.params)[0], theta + delta, rtol=1e-8, atol=1e-10)
+        assert int(lm_state.accepted) == 1
+    else:
+        np.testing.assert_array_equal(ravel_pytree(state.params)[0], theta)
+        assert int(lm_state.rejected) == 1
+
+
+def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
+    """The explicit-gradient task's exact solution in the trained form, perturbed by N(0, 1e-3^2): 30 LM
+    iterations (about 25 to the tolerance, measured) bring the test MSE to eps * mean(target^2), a relative RMS error of sqrt(eps). The batch has
+    N K = 4.1 P residuals, so that fitting it fits the task."""
+    exp = tiny_experiment(**{"train.batch_size": 2000})
+    assert 2000 * 3 > 4 * train.count_params(exp)
+    exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
+    theta, unravel = ravel_pytree(exact)
+    noisy = unravel(theta + 1e-3 * jax.random.normal(jax.random.key(1), theta.shape))
+    keys = example_keys(jax.random.key(7), 0, 0, 2048)
+    test_mse = lambda p: float(jnp.mean(residuals(exp, p, keys) ** 2))
+    targets = exp.make_task().sample(keys, n_points=exp.task.n_points).targets
+    tol = EPS * float(jnp.mean(targets ** 2))
+    assert test_mse(exact) <= 100 * EPS * tol  # the construction itself is exact to rounding
+    assert test_mse(noisy) > 1e6 * tol
+    state, history = run_lm(exp, noisy, 30)
+    assert test_mse(state.params) <= tol, history
+
+
+def _run(argv):
+    err = io.StringIO()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with redirect_stderr(err):
+            return main.run(["lsq_jax.main", *argv], log=lambda _: None), err.getvalue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("lm_after", [0, 3])
+def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
+    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: {})
+    args = [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", *(f"--config.{k}={v}" for k, v in TINY.items()),
+            f"--config.optim.lm_after={lm_after}", "--config.train.checkpoint_every=4",
+            "--config.train.log_every=2", "--config.optim.lm_refresh_every=3"]
+    assert _run([*args, "--config.train.num_steps=8", f"--workdir={tmp_path / 'full'}"])[0] == 0
+    assert _run([*args, "--config.train.num_steps=4", f"--workdir={tmp_path / 'part'}"])[0] == 0
+    status, err = _run([*args, "--config.train.num_steps=8", f"--workdir={tmp_path / 'part'}"])
+    assert status == 0, err
+    a = train.restore_for_eval(checkpointing.resolve_workdir(str(tmp_path / "full")), log=lambda _: None)[1]
+    b = train.restore_for_eval(checkpointing.resolve_workdir(str(tmp_path / "part")), log=lambda _: None)[1]
+    assert int(a.step) == int(b.step) == 8
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    lm_state = a.opt_state["lm"]
+    assert int(lm_state.accepted) >= 1 and int(lm_state.iteration) >= 8 - lm_after
+    adam_applied = int(train.optim.applied_steps(a.opt_state["adam"]))
+    assert adam_applied == lm_after  # the recipe ran exactly the hybrid's first steps
