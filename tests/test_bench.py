@@ -58,16 +58,16 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 
 
 def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
-    """Adam, LM and the hybrid on a tiny LM config, 2 seeds: every run is on its seed and method, the
+    """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method, the
     table's median and range are those of the runs' curves at each mark, and the plot is written."""
     import baseconv
 
     from lsq_jax import bench
 
     config = baseconv.get_config("lm")
-    config.update_from_flattened_dict({"model.n_embd": 8, "train.batch_size": 200, "train.eval_batch_size": 64})
-    methods = {"adam": {"optim.optimizer": "adam"}, "lm": {"optim.optimizer": "lm"},
-               "hybrid": {"optim.optimizer": "lm", "optim.lm_after": 3}}
+    config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
+                                       "train.eval_batch_size": 64})
+    methods = {"adam": {"optim.optimizer": "adam"}, "hybrid": {"optim.optimizer": "lm", "optim.lm_after": 3}}
     r = bench.compare_optimizers(config, 2.0, methods, [0, 1], marks=(1.0, 2.0, 60.0))
     assert r["marks"] == [1.0, 2.0]
     for row in r["rows"]:
