@@ -175,9 +175,9 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     """Train for a wall-clock budget; the test MSE against training seconds, and the time and step at
     which it first falls below 10^-k.
 
-    Steps run in chunks that grow until a chunk takes at least a second (an LM iteration takes seconds, an
-    Adam step milliseconds); after each chunk the test MSE is measured on a fixed batch of fresh problems,
-    outside the training time, so methods are compared at equal training wall-clock. `batch_size` 0 keeps
+    After every second of training (one step when a step takes longer: an LM iteration takes seconds, an
+    Adam step milliseconds) the test MSE is measured on a fixed batch of fresh problems, outside the
+    training time, so methods are compared at equal training wall-clock. `batch_size` 0 keeps
     the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
     """
     import jax
@@ -199,27 +199,26 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     state = train.place_state(train.init_state(exp), mesh)
     fns = {}
 
-    def advance(state, step):
+    def step_fns(state, step):
+        """The step of iteration `step`, compiled (and run once on a copy) before its time is counted."""
         key = (exp.task.n_points, None, train.in_lm_phase(exp, step))
         if key not in fns:
             fns[key] = train.make_step_fns(exp, mesh, *key)
             copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-            jax.block_until_ready(train.advance(fns[key], copy, step))  # compiled outside the budget
-        return train.advance(fns[key], state, step)[0]
+            jax.block_until_ready(train.advance(fns[key], copy, step))
+        return fns[key]
 
     evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
     curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
-    crossings, trained_s, steps, chunk = {}, 0.0, 0, 1
+    crossings, trained_s, steps = {}, 0.0, 0
     while trained_s < budget_s and steps < exp.train.num_steps:
-        for i in range(steps, min(steps + chunk, exp.train.num_steps)):
-            if i > steps and train.in_lm_phase(exp, i) != train.in_lm_phase(exp, i - 1):
-                break  # a hybrid's switch to LM compiles a new step: measure before it
+        while trained_s - curve[-1]["seconds"] < 1.0 and trained_s < budget_s and steps < exp.train.num_steps:
+            fn = step_fns(state, steps)
             t0 = time.perf_counter()
-            state = advance(state, i)
+            state = train.advance(fn, state, steps)[0]
             jax.block_until_ready(state)
             trained_s += time.perf_counter() - t0
-            steps = i + 1
-        chunk = chunk * 2 if trained_s - curve[-1]["seconds"] < 1.0 else chunk
+            steps += 1
         mse = float(evaluate(state.params))
         curve.append({"step": steps, "seconds": trained_s, "test_mse": mse})
         for level in PRECISION_LEVELS:
@@ -240,7 +239,8 @@ def mse_at(curve: list[dict], seconds: float) -> float | None:
 def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds: list[int],
                        marks: tuple[float, ...] = (60.0, 300.0, 600.0)) -> dict:
     """time_to_precision of each method (config overrides) and seed; per method the median and range over
-    seeds of the test MSE at each mark of training seconds within the budget."""
+    seeds of the test MSE at each mark of training seconds within the budget, and at the budget."""
+    marks = tuple(sorted({m for m in marks if m <= budget_s} | {budget_s}))  # and the budget's end
     runs = {name: [time_to_precision(config, budget_s, seed=seed, **dict(overrides)) for seed in seeds]
             for name, overrides in methods.items()}
     skipped = {name: r[0]["skipped"] for name, r in runs.items() if "skipped" in r[0]}
@@ -248,13 +248,13 @@ def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds:
     rows = []
     for name, method_runs in runs.items():
         row = {"method": name, "seeds": len(method_runs)}
-        for mark in (m for m in marks if m <= budget_s):
+        for mark in marks:
             values = sorted(v for v in (mse_at(r["curve"], mark) for r in method_runs) if v is not None)
             if values:
                 row[f"{mark:.0f}s"] = statistics.median(values)
                 row[f"{mark:.0f}s_range"] = f"{values[0]:.1e}..{values[-1]:.1e}"
         rows.append(row)
-    return {"budget_s": budget_s, "marks": [m for m in marks if m <= budget_s], "rows": rows, "runs": runs,
+    return {"budget_s": budget_s, "marks": list(marks), "rows": rows, "runs": runs,
             "skipped": skipped}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 
 from absl import flags
@@ -177,6 +178,7 @@ def run(argv: list[str], log=print) -> int:
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
         return 0
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         parse_flags(argv)
         execute(log)
@@ -186,6 +188,8 @@ def run(argv: list[str], log=print) -> int:
     except Preempted:
         log("preempted (SIGTERM) outside the training steps; run the same command to resume")
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 
