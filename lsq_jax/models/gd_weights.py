@@ -1,4 +1,4 @@
-"""Exact weights for the explicit-gradient task in the TRAINED model's own form (SPEC §2-3).
+"""Exact weights for the explicit-gradient task in the TRAINED model's own form.
 
 The published explicit-gradient model (configs/baseconv.py) is a `SequenceModel` with a trainable read-in,
 positional table and read-out around residual BaseConv blocks. Its input is token 0 = [x0, 0] and tokens
