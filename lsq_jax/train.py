@@ -61,8 +61,8 @@ def init_state(exp: Experiment) -> TrainState:
     params = init_params(exp.model, run_keys(exp.seed)["params"])
     opt_state = optim.make_optimizer(exp.optim).init(params)
     if uses_lm(exp):
-        n_params = ravel_pytree(params)[0].size
-        opt_state = {"adam": opt_state, "lm": lm.init_lm_state(n_params, exp.model.jnp_dtype, exp.optim.lm_damping)}
+        opt_state = {"adam": opt_state,
+                     "lm": lm.init_lm_state(count_params(exp), exp.model.jnp_dtype, exp.optim.lm_damping)}
     return TrainState(step=jnp.zeros((), jnp.int64 if jax.config.x64_enabled else jnp.int32),
                       params=params, opt_state=opt_state)
 

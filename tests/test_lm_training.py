@@ -2,7 +2,6 @@
 explicit-gradient weights plus noise, the hybrid's phases, and bit-identical resume through the CLI."""
 import io
 import pathlib
-import signal
 import sys
 from contextlib import redirect_stderr
 
@@ -111,12 +110,8 @@ def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
 
 def _run(argv):
     err = io.StringIO()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with redirect_stderr(err):
-            return main.run(["lsq_jax.main", *argv], log=lambda _: None), err.getvalue()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with redirect_stderr(err):
+        return main.run(["lsq_jax.main", *argv], log=lambda _: None), err.getvalue()
 
 
 @pytest.mark.parametrize("lm_after", [0, 3])

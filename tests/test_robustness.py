@@ -39,12 +39,8 @@ def run(*args, steps=40):
     import io
     from contextlib import redirect_stderr
     err = io.StringIO()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with redirect_stderr(err):
-            status = main.run(["lsq_jax.main", *SMALL, f"--config.train.num_steps={steps}", *args], log=out.append)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with redirect_stderr(err):  # main.run puts back the SIGTERM handler it installs
+        status = main.run(["lsq_jax.main", *SMALL, f"--config.train.num_steps={steps}", *args], log=out.append)
     return status, out, err.getvalue()
 
 
@@ -222,13 +218,11 @@ def test_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
 def test_a_broken_config_file_is_one_line(tmp_path, source, needle, no_report):
     path = tmp_path / "config.py"
     path.write_text(source)
-    previous = signal.getsignal(signal.SIGTERM)
     import io
     from contextlib import redirect_stderr
     err = io.StringIO()
     with redirect_stderr(err):
         status = main.run(["lsq_jax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}"], log=lambda _: None)
-    signal.signal(signal.SIGTERM, previous)
     assert_bad_input(status, err.getvalue(), needle)
     assert not (tmp_path / "w").exists()
 

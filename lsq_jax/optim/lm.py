@@ -191,8 +191,9 @@ def nielsen_update(damping, nu, gain_ratio, accepted, damping_min: float = 1e-15
     return jnp.clip(damping * factor, damping_min, damping_max), jnp.where(accepted, 2.0, 2.0 * nu)
 
 
-def _finish(state, theta, unravel, step, loss, trial, pred, ok, scaling, damping_min, damping_max):
-    """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics."""
+def _finish(state, theta, step, loss, trial, pred, ok, scaling, damping_min, damping_max):
+    """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics;
+    returns the flat parameters."""
     rho = (loss - trial) / pred
     accepted = ok & jnp.isfinite(trial) & (pred > 0) & (rho > 0)
     damping, nu = nielsen_update(state.damping, state.nu, rho, accepted, damping_min, damping_max)
@@ -200,7 +201,7 @@ def _finish(state, theta, unravel, step, loss, trial, pred, ok, scaling, damping
                         state.accepted + accepted, state.rejected + (~accepted))
     metrics = dict(loss=loss, trial_loss=trial, gain_ratio=rho, predicted_reduction=pred,
                    damping=state.damping, accepted=accepted, step_norm=jnp.linalg.norm(step))
-    return unravel(jnp.where(accepted, theta + step, theta)), new_state, metrics
+    return jnp.where(accepted, theta + step, theta), new_state, metrics
 
 
 def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
@@ -258,9 +259,9 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     def body(carry):
         s, _, _ = carry
         step, trial, pred, ok, accel_ratio = attempt(s.damping)
-        new_params, new_s, metrics = _finish(s, theta, unravel, step, loss, trial, pred, ok, scaling,
-                                             damping_min, damping_max)
-        return new_s, ravel_pytree(new_params)[0], {**metrics, "accel_ratio": accel_ratio}
+        new_theta, new_s, metrics = _finish(s, theta, step, loss, trial, pred, ok, scaling, damping_min,
+                                            damping_max)
+        return new_s, new_theta, {**metrics, "accel_ratio": accel_ratio}
 
     def more(carry):
         s, _, metrics = carry
@@ -351,4 +352,6 @@ def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     matvec = lambda v: _jtj_matvec(f, theta, batch, v, n_chunks) / m
     delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, scaling, tol=tol, maxiter=maxiter)
     trial = _loss(f, theta + delta, batch, n_chunks, m)
-    return _finish(state, theta, unravel, delta, loss, trial, pred, ok, scaling, damping_min, damping_max)
+    new_theta, new_state, metrics = _finish(state, theta, delta, loss, trial, pred, ok, scaling, damping_min,
+                                            damping_max)
+    return unravel(new_theta), new_state, metrics
