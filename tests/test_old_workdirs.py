@@ -1,0 +1,53 @@
+"""Workdirs written by an earlier version of the code (tests/data/workdir_*: two steps of a tiny Adam run,
+and of a tiny run that switches from Adam to Levenberg-Marquardt after one step) still resume, bit for bit
+as a fresh run of the current code, and still evaluate."""
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from lsq_jax import checkpointing, main, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+TINY = ["--config.train.log_every=2", "--config.model.n_embd=8", "--config.task.n_dims=2",
+        "--config.task.n_points=6", "--config.train.batch_size=16", "--config.train.eval_problems=8",
+        "--config.train.eval_iters=20", "--config.train.eval_batch_size=16", "--config.train.checkpoint_every=2",
+        "--config.train.grad_stats_batches=4"]
+RUNS = {"workdir_adam": [f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"],
+        "workdir_lm": [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", "--config.optim.lm_after=1",
+                       "--config.train.grad_stats_batches=0"]}
+
+
+def run(argv):
+    out = []
+    status = main.run(["lsq_jax.main", *argv], log=out.append)
+    assert status == 0, out
+    return out
+
+
+def final_params(workdir):
+    _, state = train.restore_for_eval(checkpointing.resolve_workdir(str(workdir)), None, log=lambda _: None)
+    return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_an_old_workdir_resumes_like_a_fresh_run_and_evaluates(tmp_path, name):
+    old = tmp_path / "old"
+    shutil.copytree(DATA / name, old)
+    saved = json.loads((old / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 2
+    argv = [RUNS[name][0], *TINY, *RUNS[name][1:], "--config.train.num_steps=4"]
+    run([*argv, f"--workdir={old}"])
+    run([*argv, f"--workdir={tmp_path / 'fresh'}"])
+    step, resumed = final_params(old)
+    fresh_step, fresh = final_params(tmp_path / "fresh")
+    assert step == fresh_step == 4
+    for a, b in zip(resumed, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+    report = json.loads((old / "eval" / "report.json").read_text())
+    assert report["iterated"]["methods"]["learned"]
+    run(["--mode=eval", f"--workdir={old}"])
