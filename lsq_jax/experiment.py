@@ -11,7 +11,7 @@ from typing import Any
 
 from lsq_jax.data.tasks import CurriculumConfig, TaskConfig, make_task
 from lsq_jax.models.config import ModelConfig
-from lsq_jax.optim import OptimConfig
+from lsq_jax.optim.config import OptimConfig
 
 
 class UsageError(ValueError):

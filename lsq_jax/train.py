@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax import evaluate, grad_stats, optim, parallel, plots
+from lsq_jax import evaluate, parallel, plots
 from lsq_jax.checkpointing import CheckpointError, Checkpointer, WorkdirLock, abstract_like, check_writable
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import Task, curriculum_value
@@ -27,7 +27,7 @@ from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, confi
                                 experiment_from_dict, experiment_to_dict)
 from lsq_jax.metrics import MetricsWriter, Progress, read_metrics
 from lsq_jax.models.backbone import SequenceModel, init_params
-from lsq_jax.optim import lm
+from lsq_jax.optim import grad_stats, lm, recipe
 
 class TrainState(NamedTuple):
     """step: training iterations done (skipped ones included); params; opt_state (EMA, LR controller,
@@ -59,7 +59,7 @@ def init_state(exp: Experiment) -> TrainState:
     """Parameters, step 0 and the optimizer state: the recipe's, or with optimizer 'lm' {'adam': the
     recipe's (its phase of a hybrid), 'lm': lm.LMState}."""
     params = init_params(exp.model, run_keys(exp.seed)["params"])
-    opt_state = optim.make_optimizer(exp.optim).init(params)
+    opt_state = recipe.make_optimizer(exp.optim).init(params)
     if uses_lm(exp):
         opt_state = {"adam": opt_state,
                      "lm": lm.init_lm_state(count_params(exp), exp.model.jnp_dtype, exp.optim.lm_damping)}
@@ -198,7 +198,7 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
                                     exp=_as_adam(exp), n_points=n_points, n_dims=n_dims, sharding=sharding,
                                     n_microbatches=n_microbatches)
         return inner._replace(opt_state={**state.opt_state, "adam": inner.opt_state}), metrics
-    tx = optim.make_optimizer(exp.optim)
+    tx = recipe.make_optimizer(exp.optim)
     (loss, per_position), grads = batch_gradient(state.params, run_keys(exp.seed)["data"], state.step, exp=exp,
                                                  n_points=n_points, n_dims=n_dims, sharding=sharding,
                                                  n_microbatches=n_microbatches)
@@ -207,7 +207,7 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
-               **optim.optimizer_metrics(opt_state)}
+               **recipe.optimizer_metrics(opt_state)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -15,6 +15,7 @@ from lsq_jax import checkpointing, main, parallel, train
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.experiment import experiment_from_config
 from lsq_jax.models.gd_weights import explicit_gradient_params
+from lsq_jax.optim import lr_controller
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -131,7 +132,7 @@ def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     lm_state = a.opt_state["lm"]
     assert int(lm_state.accepted) >= 1 and int(lm_state.iteration) >= 8 - lm_after
-    adam_applied = int(train.optim.applied_steps(a.opt_state["adam"]))
+    adam_applied = int(lr_controller.applied_steps(a.opt_state["adam"]))
     assert adam_applied == lm_after  # the recipe ran exactly the hybrid's first steps
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from lsq_jax import main, optim, parallel, train
+from lsq_jax import main, parallel, train
 from lsq_jax.experiment import experiment_from_config
+from lsq_jax.optim import recipe, step_guard
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -82,7 +83,7 @@ def test_non_finite_loss_is_never_written_into_the_parameters():
     before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
     after, metrics = run_steps(exp, 2, state)
     assert not np.isfinite(metrics["loss"])
-    assert int(optim.skipped_steps(after.opt_state)) == 2
+    assert int(step_guard.skipped_steps(after.opt_state)) == 2
     assert int(after.step) == 2
     for a, b in zip(jax.tree_util.tree_leaves(before[0]), jax.tree_util.tree_leaves(after.params)):
         np.testing.assert_array_equal(a, b)
@@ -108,11 +109,11 @@ def test_measured_cosine_reaches_the_adaptive_lr():
     state = train.place_state(train.init_state(exp), mesh)
     fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
     key = "gradient_cosine_metric_lrscheduler"
-    before = float(optim.optimizer_metrics(state.opt_state)[key])
+    before = float(recipe.optimizer_metrics(state.opt_state)[key])
     cosine = float(fns.stats(state)["gradient_cosine_mean"])
     state, _ = train.advance(fns, state, 0)
     decay = exp.optim.metric_decay
-    np.testing.assert_allclose(float(optim.optimizer_metrics(state.opt_state)[key]),
+    np.testing.assert_allclose(float(recipe.optimizer_metrics(state.opt_state)[key]),
                                decay * before + (1 - decay) * cosine, rtol=1e-14)
 
 

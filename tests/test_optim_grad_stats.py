@@ -1,4 +1,5 @@
-"""Gradient statistics (SPEC §5) against the reference's saved values and a Python loop of jax.grad."""
+"""Gradient statistics (lsq_jax.optim.grad_stats) against the reference's saved values and a loop of
+jax.grad."""
 import json
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax import grad_stats
+from lsq_jax.optim import grad_stats
 
 STAT_KEYS = ("gradient_l1_norm", "gradient_l2_norm", "gradient_mean", "gradient_variance",
              "gradient_cosine_mean", "gradient_cosine_variance")
@@ -60,7 +61,7 @@ def test_ema_history_stats_with_prefix(reference_dir):
 
 
 def test_stats_against_numpy_formulas():
-    # An independent numpy computation on fresh data (the statistics as SPEC §5 words them).
+    # An independent numpy computation on fresh data (as gradient_stats's docstring words the statistics)
     g = np.random.default_rng(0).normal(size=(9, 13)) + 0.5
     unit = g / np.linalg.norm(g, axis=1, keepdims=True)
     cos = np.array([unit[i - 1] @ unit[i] for i in range(1, 9)])
@@ -130,14 +131,14 @@ def test_batched_gradients_with_batches_and_legacy_keys():
     assert grad_stats.batched_gradients(loss_fn, params, legacy).shape == (4, 15)
 
 
-def test_gradient_signal_is_stats_of_batched_gradients():
+def test_batched_gradient_stats_is_stats_of_batched_gradients():
     params, loss_fn = _toy_problem()
     keys = jax.random.split(jax.random.key(11), 6)
-    signal = jax.jit(lambda p: grad_stats.gradient_signal(loss_fn, p, keys))(params)
+    stats = jax.jit(lambda p: grad_stats.batched_gradient_stats(loss_fn, p, keys))(params)
     looped = np.stack([ravel_pytree(jax.grad(loss_fn)(params, keys[i]))[0] for i in range(6)])
     expected = grad_stats.gradient_stats(jnp.asarray(looped))
     for key in STAT_KEYS:
-        assert _rel(signal[key], expected[key]) <= 1e-12, key
+        assert _rel(stats[key], expected[key]) <= 1e-12, key
 
 
 def test_batched_gradients_rejects_bad_chunk_size():

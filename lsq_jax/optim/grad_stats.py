@@ -1,11 +1,11 @@
-"""Gradient-signal statistics over many mini-batches (SPEC §5 "Gradient statistics").
+"""Gradient statistics (``grad_stats``) over many mini-batches.
 
 Every ``log_every`` steps the reference draws 64 fresh mini-batches, takes the gradient of the task loss
 on each (unclipped, no L1 term), flattens them into a (64, P) matrix and reports the statistics below;
 the adaptive learning rate consumes ``gradient_cosine_mean``. The reference spends 64 backward passes;
-the train loop builds the (64, P) matrix one mini-batch at a time (``lsq_jax.train.gradient_statistics``:
-on CPU the activations of many mini-batches at once outgrow the cache), and :func:`batched_gradients` does
-it in one vmapped call (optionally in chunks), which suits an accelerator with memory to spare.
+the train loop builds the (64, P) matrix one mini-batch at a time (on CPU the activations of many
+mini-batches at once outgrow the cache), and :func:`batched_gradients` does it in one vmapped call
+(optionally in chunks), which suits an accelerator with memory to spare.
 
 Key names are the reference's (``compute_gradient_stats`` / ``compute_gradient_stats_gt``), so logs
 compare one to one. All functions are pure and jittable; the statistics are 0-d arrays.
@@ -20,11 +20,11 @@ from jax.flatten_util import ravel_pytree
 
 __all__ = [
     "batched_gradients",
+    "batched_gradient_stats",
     "consecutive_cosines",
     "cosines_vs",
     "gradient_stats",
     "gradient_stats_vs",
-    "gradient_signal",
 ]
 
 # torch.nn.functional.cosine_similarity clamps each vector's norm below at eps = 1e-8 before dividing.
@@ -61,7 +61,7 @@ def cosines_vs(grads_NxP: jax.Array, gt_P: jax.Array) -> jax.Array:
 
 
 def gradient_stats(grads_NxP: jax.Array, prefix: str = "") -> dict[str, jax.Array]:
-    """The reference's ``compute_gradient_stats`` on N flattened gradients (SPEC §5).
+    """The reference's ``compute_gradient_stats`` on N flattened gradients.
 
     With g_i the rows and c_i = cos(g_{i-1}, g_i) the N - 1 consecutive cosines:
 
@@ -156,7 +156,7 @@ def batched_gradients(
     return jax.lax.map(flat_grad, xs, batch_size=chunk_size)
 
 
-def gradient_signal(
+def batched_gradient_stats(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
     xs: Any,
