@@ -1,10 +1,10 @@
-"""OptimConfig (lsq_jax.optim.config): every field's range, checked on construction."""
+"""OptimConfig (lsq_jax.config.optim): every field's range, checked on construction."""
 import dataclasses
 import math
 
 import pytest
 
-from lsq_jax.optim.config import OptimConfig
+from lsq_jax.config.optim import OptimConfig
 
 
 @pytest.mark.parametrize("field, value", [
@@ -16,7 +16,7 @@ from lsq_jax.optim.config import OptimConfig
     ("weight_decay", -1.0), ("momentum", 1.5), ("l1", -1.0),
 ])
 def test_config_rejects_out_of_range(field, value):
-    with pytest.raises(ValueError, match=f"OptimConfig.{field} = ") as info:
+    with pytest.raises(ValueError, match=f"^{field}: got ") as info:
         OptimConfig(**{field: value})
     assert repr(value) in str(info.value) and "allowed" in str(info.value)
 

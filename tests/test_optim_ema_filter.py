@@ -50,7 +50,7 @@ def test_ema_filter_recurrence_and_dtype():
 
 
 def test_ema_filter_validates_hyperparameters():
-    with pytest.raises(ValueError, match="alpha = 2"):
+    with pytest.raises(ValueError, match="alpha: got 2"):
         ema_filter(alpha=2.0)
-    with pytest.raises(ValueError, match="lam = -1"):
+    with pytest.raises(ValueError, match="lam: got -1"):
         ema_filter(lam=-1.0)

@@ -156,7 +156,7 @@ def test_initial_decay_flag_and_constant_schedule():
 
 
 def test_lr_controller_validates_hyperparameters():
-    with pytest.raises(ValueError, match="learning_rate = 0"):
+    with pytest.raises(ValueError, match="learning_rate: got 0"):
         scale_by_lr_controller(0.0)
-    with pytest.raises(ValueError, match="schedule = 'linear'"):
+    with pytest.raises(ValueError, match="schedule: got 'linear'"):
         scale_by_lr_controller(0.1, schedule="linear")

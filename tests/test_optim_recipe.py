@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from lsq_jax.optim.config import OptimConfig
+from lsq_jax.config.optim import OptimConfig
 from lsq_jax.optim.lr_controller import applied_steps, current_lr, lr_controller_state
 from lsq_jax.optim.recipe import make_optimizer, optimizer_metrics
 from lsq_jax.optim.step_guard import skipped_steps

@@ -66,5 +66,5 @@ def test_bare_guard_keeps_every_inner_leaf_on_a_skipped_step():
 
 
 def test_guard_validates_hyperparameters():
-    with pytest.raises(ValueError, match="clip_norm = -1"):
+    with pytest.raises(ValueError, match="clip_norm: got -1"):
         step_guard(optax.identity(), clip_norm=-1.0)

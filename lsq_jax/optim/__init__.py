@@ -8,7 +8,6 @@ One step of the recipe, as ``recipe.make_optimizer(cfg)`` builds it (the rest ru
              --> base direction: Adam eps 1e-16 | AdamW | SGD momentum 0.9    (Optax)
              --> lr_controller: scale by -lr (constant | step | adaptive schedule)
 
-* ``config``: ``OptimConfig`` (the optimizer section of a run's settings) and its validation.
 * ``recipe``: ``make_optimizer`` and ``optimizer_metrics`` (the scalars the train loop logs).
 * ``step_guard``: clip, skip non-finite (or too large) steps, count them (``skipped_steps``).
 * ``ema_filter``: the reference's Grokfast-style ``gradfilter_ema``.
@@ -18,5 +17,6 @@ One step of the recipe, as ``recipe.make_optimizer(cfg)`` builds it (the rest ru
   consumes their ``gradient_cosine_mean``.
 * ``lm``: Levenberg-Marquardt on a model's flattened parameters (the math of the LM trainer).
 
-Imports point one way: recipe -> step_guard, ema_filter, lr_controller -> config.
+Imports point one way: recipe -> step_guard, ema_filter, lr_controller; their settings are
+``lsq_jax.config.optim.OptimConfig``.
 """

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsq_jax.optim.config import check_real
+from lsq_jax.config.check import check_real
 
 __all__ = [
     "EmaFilterState",
@@ -49,8 +49,8 @@ def ema_filter(alpha: float = 0.98, lam: float = 2.0) -> optax.GradientTransform
     Raises:
         ValueError: if a hyperparameter is out of range.
     """
-    check_real("ema_filter: ", "alpha", alpha, 0.0, 1.0)
-    check_real("ema_filter: ", "lam", lam, 0.0)
+    check_real("ema_filter.alpha", alpha, 0.0, 1.0)
+    check_real("ema_filter.lam", lam, 0.0)
     one_minus_alpha = 1.0 - alpha  # a Python float, exactly as the reference computes it
 
     def init_fn(params):

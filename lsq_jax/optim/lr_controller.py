@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from lsq_jax.optim._tree import find_unique
-from lsq_jax.optim.config import SCHEDULES, check_choice, check_int, check_real, require
+from lsq_jax.config.check import check_choice, check_flag, check_int, check_real
+from lsq_jax.config.optim import SCHEDULES
 
 __all__ = [
     "LRControllerState",
@@ -166,16 +167,16 @@ def scale_by_lr_controller(
     Raises:
         ValueError: if a hyperparameter is out of range.
     """
-    owner = "scale_by_lr_controller: "
-    check_real(owner, "learning_rate", learning_rate, 0.0, lo_open=True)
-    check_choice(owner, "schedule", schedule, SCHEDULES)
-    check_int(owner, "step_rate", step_rate, 1)
-    check_real(owner, "gamma", gamma, 0.0, 1.0, lo_open=True)
-    check_real(owner, "lr_floor", lr_floor, 0.0)
-    require(owner, "initial_decay", initial_decay, isinstance(initial_decay, bool), "True or False")
-    check_real(owner, "metric_decay", metric_decay, 0.0, 1.0)
-    check_real(owner, "metric_threshold", metric_threshold)
-    check_int(owner, "no_increase_length", no_increase_length, 0)
+    owner = "scale_by_lr_controller."
+    check_real(f"{owner}learning_rate", learning_rate, 0.0, lo_open=True)
+    check_choice(f"{owner}schedule", schedule, SCHEDULES)
+    check_int(f"{owner}step_rate", step_rate, 1)
+    check_real(f"{owner}gamma", gamma, 0.0, 1.0, lo_open=True)
+    check_real(f"{owner}lr_floor", lr_floor, 0.0)
+    check_flag(f"{owner}initial_decay", initial_decay)
+    check_real(f"{owner}metric_decay", metric_decay, 0.0, 1.0)
+    check_real(f"{owner}metric_threshold", metric_threshold)
+    check_int(f"{owner}no_increase_length", no_increase_length, 0)
 
     observe = functools.partial(
         observe_metric,

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import optax
 
-from lsq_jax.optim.config import OptimConfig
+from lsq_jax.config.optim import OptimConfig
 from lsq_jax.optim.ema_filter import ema_filter
 from lsq_jax.optim.lr_controller import lr_controller_state, observe_metric_in_tree, scale_by_lr_controller
 from lsq_jax.optim.step_guard import skipped_steps, step_guard

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lsq_jax.optim._tree import find_unique
-from lsq_jax.optim.config import check_optional_positive
+from lsq_jax.config.check import check_optional_positive
 
 __all__ = [
     "StepGuardState",
@@ -74,8 +74,8 @@ def step_guard(
     Raises:
         ValueError: if ``clip_norm`` or ``skip_norm`` is not None or a finite positive number.
     """
-    check_optional_positive("step_guard: ", "clip_norm", clip_norm)
-    check_optional_positive("step_guard: ", "skip_norm", skip_norm)
+    check_optional_positive("step_guard.clip_norm", clip_norm)
+    check_optional_positive("step_guard.skip_norm", skip_norm)
     inner = optax.with_extra_args_support(inner)
     clip = optax.clip_by_global_norm(clip_norm) if clip_norm is not None else None
 

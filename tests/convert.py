@@ -1,23 +1,33 @@
 """Load the PyTorch reference's TransformerModel state_dicts into our models.
 
 The reference stores Linear weights as (out, in) with y = x W^T + b; a Flax Dense kernel is W^T. Its short
-convolution is a Conv1d cross-correlation (see baseconv.short_filter_from_reference); its long filter is
+convolution is a Conv1d cross-correlation (see short_filter_from_reference); its long filter is
 already by lag; attention packs q, k, v in row blocks of c_attn, which become column blocks of our kernel.
 Frozen read-in/read-out (train_proj=False) and positions (train_pos=False) hold no parameters here, so the
 converter checks that the reference's are the identities and zeros it would otherwise drop.
 """
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
-from lsq_jax.models.baseconv import short_filter_from_reference
-from lsq_jax.models.config import ModelConfig
+from lsq_jax.config.model import ModelConfig
 
 _MIXERS = {("base_conv", True): "baseconv", ("base_conv", False): "baseconv",
            ("attn", True): "attention", ("attn", False): "linear_attention"}
 _SHARED_FIELDS = ("in_dims", "out_dims", "n_positions", "n_embd", "n_layer", "n_head", "conv_type", "causal",
                   "use_resid", "use_mlps", "mlp_activ", "mlp_upfactor", "use_seqop_ln", "use_mlp_ln",
                   "use_final_ln", "use_bias", "train_proj", "train_pos")
+
+
+def short_filter_from_reference(weight_Ex1xK):
+    """Reference Conv1d weight (E, 1, K) -> our lag-indexed filter (E, K): tap K-1-s is lag s."""
+    return jnp.asarray(weight_Ex1xK)[:, 0, ::-1]
+
+
+def short_filter_to_reference(filter_ExK):
+    """Our lag-indexed filter (E, K) -> the reference's Conv1d weight (E, 1, K)."""
+    return jnp.asarray(filter_ExK)[:, None, ::-1]
 
 
 def config_from_reference(constructor_args: Mapping, dtype: str = "float64") -> ModelConfig:

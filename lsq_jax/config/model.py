@@ -1,29 +1,16 @@
-"""ModelConfig: the frozen, self-validating description of one sequence model (SPEC §3)."""
+"""ModelConfig: one sequence model (backbone and mixer), validated on construction."""
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
 
+from lsq_jax.config.check import check_choice, check_flag, check_int, require
+
 MIXERS = ("baseconv", "attention", "linear_attention")
 CONV_TYPES = ("short", "long", "implicit")
 ACTIVATIONS = ("relu", "gelu", "glu")
 DTYPES = ("float64", "float32")
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not allowed: must be a positive integer")
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
-
-
-def _flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not allowed: must be True or False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +66,16 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("in_dims", "out_dims", "n_positions", "n_embd", "n_layer", "n_head", "mlp_upfactor"):
-            _positive(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         for name in ("causal", "use_resid", "use_mlps", "use_seqop_ln", "use_mlp_ln", "use_final_ln",
                      "use_bias", "train_proj", "train_pos"):
-            _flag(name, getattr(self, name))
-        _choice("mixer", self.mixer, MIXERS)
-        _choice("conv_type", self.conv_type, CONV_TYPES)
-        _choice("mlp_activ", self.mlp_activ, ACTIVATIONS)
-        _choice("dtype", self.dtype, DTYPES)
-        if self.mixer != "baseconv" and self.n_embd % self.n_head:
-            raise ValueError(f"n_head={self.n_head} is not allowed: must divide n_embd={self.n_embd}")
+            check_flag(name, getattr(self, name))
+        check_choice("mixer", self.mixer, MIXERS)
+        check_choice("conv_type", self.conv_type, CONV_TYPES)
+        check_choice("mlp_activ", self.mlp_activ, ACTIVATIONS)
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.mixer != "baseconv":
+            require("n_head", self.n_head, self.n_embd % self.n_head == 0, f"divisors of n_embd={self.n_embd}")
 
     @property
     def jnp_dtype(self):

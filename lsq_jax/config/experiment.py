@@ -1,7 +1,7 @@
-"""The boundary between an ml_collections config and the library: frozen, validated dataclasses.
+"""The run as a whole: the train section, the Experiment (every section, validated and consistent), and the
+conversion from an ml_collections config (once, by the entry point) and from a saved dict (a workdir).
 
-`experiment_from_config` is called once, by the entrypoint; everything below it sees only dataclasses.
-Every error is a ValueError whose message names the field (as `section.field`) and what is allowed.
+Every error is a ConfigError: `section.field: got X; allowed Y`.
 """
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from lsq_jax.data.tasks import CurriculumConfig, TaskConfig, make_task
-from lsq_jax.models.config import ModelConfig
-from lsq_jax.optim.config import OptimConfig
-
-
-class UsageError(ValueError):
-    """Input that can only be judged once the run starts (device count, workdir contents): one line, exit 2."""
-
+from lsq_jax.config.check import ConfigError, check_choice, check_int, check_known, in_section, is_int, require
+from lsq_jax.config.model import ModelConfig
+from lsq_jax.config.optim import OptimConfig
+from lsq_jax.config.task import DTYPES, CurriculumConfig, TaskConfig, task_sizes
 
 # jax_default_matmul_precision of every run. "highest" keeps float32 matmuls in full float32 on GPUs
 # (whose default is TF32) and TPUs (whose default is bfloat16 passes); float64 is unaffected.
@@ -26,8 +22,7 @@ MATMUL_PRECISIONS = ("highest", "high", "default")
 def matmul_precision_of(config) -> str:
     """The config's matmul_precision (default "highest"), validated; None (no config) gives the default."""
     value = "highest" if config is None else config.get("matmul_precision", "highest")
-    if value not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul_precision={value!r} is not allowed: must be one of {', '.join(MATMUL_PRECISIONS)}")
+    check_choice("matmul_precision", value, MATMUL_PRECISIONS)
     return value
 
 
@@ -64,15 +59,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("batch_size", "num_steps", "log_every", "eval_batch_size", "eval_problems", "eval_iters",
                      "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is not allowed: must be a positive integer")
-        value = self.microbatch_size
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"microbatch_size={value!r} is not allowed: must be 0 (auto) or a positive integer")
+            check_int(name, getattr(self, name), 1)
+        check_int("microbatch_size", self.microbatch_size, 0)
         value = self.grad_stats_batches
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
-            raise ValueError(f"grad_stats_batches={value!r} is not allowed: must be 0 or an integer >= 2")
+        require("grad_stats_batches", value, is_int(value) and (value == 0 or value >= 3),
+                "0 (none) or integers >= 3 (the statistics compare mini-batch gradients)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,81 +80,61 @@ class Experiment:
     dims: CurriculumConfig
     matmul_precision: str = "highest"
 
-    def make_task(self):
-        return make_task(self.task)
-
 
 def _build(section: str, cls, fields: Mapping[str, Any], **extra):
     """cls(**fields, **extra), with unknown fields and bad values reported as `section.field`."""
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    for name in fields:
-        if name not in allowed:
-            raise ValueError(f"{section}.{name} is not a known field: allowed are {', '.join(sorted(allowed))}")
+    check_known(f"{section}.", fields, {f.name for f in dataclasses.fields(cls)})
     try:
         return cls(**fields, **extra)
-    except ValueError as err:
-        raise ValueError(f"{section}.{err}") from None
+    except ConfigError as err:
+        raise in_section(section, err) from None
 
 
 def _curriculum(var: str, spec: Mapping[str, Any], end: int) -> CurriculumConfig:
     if spec.get("start") is None:
-        return CurriculumConfig.constant(end)
-    fields = {k: v for k, v in spec.items()}
-    fields["end"] = end
-    return _build(f"curriculum.{var}", CurriculumConfig, fields)
+        return CurriculumConfig(start=end, end=end)
+    return _build(f"curriculum.{var}", CurriculumConfig, {**spec, "end": end})
+
+
+def _model(fields: Mapping[str, Any], task: TaskConfig, dtype: str) -> ModelConfig:
+    """The model section, sized by the task: in_dims from it; n_positions and out_dims default to what it
+    needs and, when given, must be at least that."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    for name in ("in_dims", "dtype"):
+        require(f"model.{name}", fields.get(name), name not in fields, "unset (it comes from the task / the top-level dtype)")
+    sizes = task_sizes(task)
+    n_positions = fields.setdefault("n_positions", sizes.seq_len)
+    require("model.n_positions", n_positions, not is_int(n_positions) or n_positions >= sizes.seq_len,
+            f"integers >= {sizes.seq_len} (the task's sequence length)")
+    out_dims = fields.setdefault("out_dims", sizes.out_dims)
+    require("model.out_dims", out_dims, not is_int(out_dims) or out_dims >= sizes.out_dims,
+            f"integers >= {sizes.out_dims} (the channels task {task.name} reads)")
+    return _build("model", ModelConfig, fields, in_dims=sizes.in_dims, dtype=dtype)
 
 
 def experiment_from_config(config) -> Experiment:
     """Validate a ConfigDict (or plain nested dict) and convert it into an Experiment.
 
-    The model's in_dims come from the task; its out_dims and n_positions default to what the task needs
-    and, when given, must be at least that. The curriculum ends at task.n_points / task.n_dims.
+    The curriculum ends at task.n_points / task.n_dims.
     """
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    known = {"name", "seed", "dtype", "matmul_precision", "task", "model", "optim", "train", "curriculum"}
-    for name in c:
-        if name not in known:
-            raise ValueError(f"{name} is not a known field: allowed are {', '.join(sorted(known))}")
+    check_known("", c, {"name", "seed", "dtype", "matmul_precision", "task", "model", "optim", "train", "curriculum"})
     dtype = c.get("dtype", "float64")
-    if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype={dtype!r} is not allowed: must be one of float64, float32")
-    matmul_precision = matmul_precision_of(c)
+    check_choice("dtype", dtype, DTYPES)
     seed = c.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is not allowed: must be a non-negative integer")
-
-    task_cfg = _build("task", TaskConfig, c["task"], dtype=dtype)
-    task = make_task(task_cfg)
-
-    model_fields = {k: v for k, v in c["model"].items() if v is not None}
-    for name in ("in_dims", "dtype"):
-        if name in model_fields:
-            raise ValueError(f"model.{name} is not a settable field: it comes from the task / the top-level dtype")
-    seq_len = task.seq_len(task_cfg.n_points)
-    n_positions = model_fields.setdefault("n_positions", seq_len)
-    if n_positions < seq_len:
-        raise ValueError(f"model.n_positions={n_positions} is not allowed: the task's sequence has {seq_len} "
-                         f"tokens, so it must be >= {seq_len}")
-    out_dims = model_fields.setdefault("out_dims", task.out_dims)
-    if out_dims < task.out_dims:
-        raise ValueError(f"model.out_dims={out_dims} is not allowed: task {task_cfg.name} reads {task.out_dims} "
-                         f"channels, so it must be >= {task.out_dims}")
-    model = _build("model", ModelConfig, model_fields, in_dims=task.in_dims, dtype=dtype)
-
-    optim = _build("optim", OptimConfig, {k: v for k, v in c["optim"].items()})
+    check_int("seed", seed, 0)
+    task = _build("task", TaskConfig, c["task"], dtype=dtype)
+    optim = _build("optim", OptimConfig, c["optim"])
     train = _build("train", TrainConfig, c["train"])
-    if optim.schedule == "adaptive" and train.grad_stats_batches < 2:
-        raise ValueError(f"train.grad_stats_batches={train.grad_stats_batches} is not allowed with "
-                         "optim.schedule='adaptive': the adaptive LR needs the gradient metric (>= 2 batches)")
+    if optim.schedule == "adaptive":
+        require("train.grad_stats_batches", train.grad_stats_batches, train.grad_stats_batches > 0,
+                "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
     cur = c.get("curriculum", {})
-    for name in cur:
-        if name not in ("points", "dims"):
-            raise ValueError(f"curriculum.{name} is not a known field: allowed are dims, points")
-    points = _curriculum("points", cur.get("points", {}), task_cfg.n_points)
-    dims = _curriculum("dims", cur.get("dims", {}), task_cfg.n_dims)
-    name = c.get("name", "run")
-    return Experiment(name=name, seed=seed, task=task_cfg, model=model, optim=optim, train=train,
-                      points=points, dims=dims, matmul_precision=matmul_precision)
+    check_known("curriculum.", cur, {"points", "dims"})
+    return Experiment(name=c.get("name", "run"), seed=seed, task=task, model=_model(c["model"], task, dtype),
+                      optim=optim, train=train, points=_curriculum("points", cur.get("points", {}), task.n_points),
+                      dims=_curriculum("dims", cur.get("dims", {}), task.n_dims),
+                      matmul_precision=matmul_precision_of(c))
 
 
 def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
