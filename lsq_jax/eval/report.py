@@ -190,7 +190,9 @@ def single_step_report(task: tasks.Task, apply_fn: Callable, params: Any, key: j
 
 
 def _classical_solvers(eta: Any) -> list[Solver]:
+    """GD with `eta`, GD with the optimal step, CG on the normal equations, lstsq."""
     return [gd_solver(eta), optimal_gd_solver(), cg_solver(), lstsq_solver()]
+
 
 def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 256, n_iters: int = 1000,
                         eta: Any = "auto", ood: bool = True, n_ood_problems: int | None = None,
