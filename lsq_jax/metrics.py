@@ -37,11 +37,6 @@ class MetricsWriter:
                 f.write(line)
 
 
-def read_metrics(path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (local or a URL such as gs://)."""
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
-
-
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax import evaluate, parallel, plots
+from lsq_jax import parallel
 from lsq_jax.checkpointing import CheckpointError, Checkpointer, WorkdirLock, abstract_like, check_writable
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import Task, curriculum_value
+from lsq_jax.eval import report as eval_report
 from lsq_jax.experiment import (RESUMABLE_CHANGES, Experiment, UsageError, config_differences,
                                 experiment_from_dict, experiment_to_dict)
-from lsq_jax.metrics import MetricsWriter, Progress, read_metrics
+from lsq_jax.metrics import MetricsWriter, Progress
 from lsq_jax.models.backbone import SequenceModel, init_params
 from lsq_jax.optim import grad_stats, lm, recipe
 
@@ -500,25 +501,9 @@ def _train_in_workdir(exp: Experiment, workdir, mesh, config, *, log, allow_conf
 
 
 def write_evaluation(exp: Experiment, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
-    """The numerical-analysis report (lsq_jax.evaluate) of a learned model, or of the hand-built GD models,
-    written to <workdir>/eval/report.json with a table on the terminal and PNG plots (process 0)."""
-    key = run_keys(exp.seed)["eval"]
-    sizes = {"n_problems": exp.train.eval_problems, "n_iters": exp.train.eval_iters}
-    if constructions:
-        report = evaluate.evaluate_constructions(exp.task.n_dims, exp.task.n_points, key,
-                                                 dtype=jnp.dtype(exp.task.dtype), **sizes)
-    else:
-        report = evaluate.evaluate_experiment(exp, params, key, **sizes)
-    if jax.process_index() == 0:
-        out = workdir / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-        log(evaluate.format_table(report))
-        records = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
-        for path in plots.write_plots(report, records, out):
-            log(f"wrote {path}")
-        log(f"wrote {out / 'report.json'}")
-    return report
+    """The numerical-analysis report (lsq_jax.eval.report.write_evaluation) with the run's evaluation key."""
+    return eval_report.write_evaluation(exp, params, workdir, key=run_keys(exp.seed)["eval"], log=log,
+                                        constructions=constructions)
 
 
 def evaluate_checkpoint(workdir, step: int | None = None, *, log=print) -> dict[str, Any]:

@@ -4,7 +4,6 @@ The slow test starts real JAX processes on 127.0.0.1 (gloo collectives between t
 peer never arrives ABORTS (exit 134) instead of raising, so every child runs in its own session with a
 deadline, and whatever is left is killed by its process-group id.
 """
-import json
 import os
 import pathlib
 import signal
@@ -19,6 +18,7 @@ import pytest
 
 from lsq_jax import parallel, train
 from lsq_jax.checkpointing import Checkpointer, abstract_like
+from lsq_jax.eval.plots import read_metrics
 from lsq_jax.experiment import experiment_from_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def _flat(tree) -> np.ndarray:
 
 
 def _first_loss(workdir) -> float:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(workdir / "metrics.jsonl")
     return next(r["loss"] for r in lines if r["step"] == 0)
 
 

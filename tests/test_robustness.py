@@ -17,6 +17,7 @@ import pytest
 
 from lsq_jax import checkpointing, main, train
 from lsq_jax.checkpointing import Checkpointer, WorkdirLock
+from lsq_jax.eval.plots import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"
@@ -169,7 +170,7 @@ def test_eval_falls_back_past_a_checkpoint_whose_config_is_garbage(tmp_path, no_
 def test_non_finite_loss_is_logged_skipped_and_the_run_ends_cleanly(tmp_path, no_report):
     status, out, err = run(f"--workdir={tmp_path}", "--config.optim.lr=1e30", steps=30)
     assert status == 0, err
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")
     skipped = [r for r in records if "loss" in r and not np.isfinite(r["loss"])]
     assert skipped and all(r["skipped_steps"] >= 1 for r in skipped)
     assert any("non-finite" in line for line in out)
@@ -343,7 +344,7 @@ def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
     assert status == 0, err
     assert "workdir: gs://bucket/w" in out
     local = bucket / "w"
-    records = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(local / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 10, 19, 20]
     report = json.loads((local / "eval" / "report.json").read_text())
     assert report["config"]["name"] == "baseconv-smoke" and (local / "eval" / "training_curve.png").exists()

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from lsq_jax import main, parallel, train
+from lsq_jax.eval.plots import read_metrics
 from lsq_jax.experiment import experiment_from_config
 from lsq_jax.optim import recipe, step_guard
 
@@ -260,7 +261,7 @@ def test_cli_smoke_run_writes_metrics_and_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"workdir: {tmp_path}" in proc.stdout
     assert "steps/s" in proc.stdout and "ETA" in proc.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records[:-1]] == [0, 20, 40, 59]
     assert all(np.isfinite(r["loss"]) for r in records[:-1])
     assert "eval_mse" in records[-1]

@@ -1,4 +1,5 @@
-"""PNG plots of an evaluation report (lsq_jax.evaluate) and of a training run's metrics.jsonl.
+"""PNG plots of an evaluation report (lsq_jax.eval.report) and of a training run's metrics.jsonl, the
+reader of metrics.jsonl, and the command that redraws a run's plots: python -m lsq_jax.eval.plots <workdir>.
 
 matplotlib is an optional extra (`pip install 'lsq-jax[plot]'`): without it `write_plots` prints one
 line on stderr and writes nothing. Figures are drawn with matplotlib's object-oriented API on the Agg
@@ -11,10 +12,16 @@ canvas (no pyplot, so no global backend switch in the caller's process) and writ
     error_vs_kappa.png   from the out-of-distribution grid: single-step error and final forward error
                          against the sampler's kappa, at the in-distribution scale, rows and dims
     training_curve.png   training loss against step (log), learning rate on a second axis
+
+The command reads <workdir>/eval/report.json (written by --mode=eval or --mode=construct) and, when
+present, <workdir>/metrics.jsonl, and writes the PNGs into <workdir>/eval/. A missing workdir or report,
+or an unreadable one, is one line on stderr and exit status 2; without matplotlib the plots are skipped
+with a one-line notice (exit status 0).
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -22,7 +29,9 @@ from typing import Any
 
 from etils import epath
 
-__all__ = ["write_plots"]
+__all__ = ["main", "read_metrics", "write_plots"]
+
+USAGE = "usage: python -m lsq_jax.eval.plots <workdir>"
 
 # A fixed look per method, so the same method reads the same in every figure: the learned model on top
 # and solid, the constructions dashed (they sit on GD's curve, and dashes let GD show through).
@@ -244,3 +253,41 @@ def write_plots(report: dict[str, Any] | None, metrics_records: Sequence[dict[st
     if metrics_records:
         written.append(_training_figure(metrics_records, out))
     return [p for p in written if p is not None]
+
+
+def read_metrics(path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (local or a URL such as gs://)."""
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: redraw the plots of the workdir named in `argv` (default sys.argv[1:]); the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        return _fail(USAGE)
+    workdir = epath.Path(args[0])
+    if not workdir.is_dir():
+        return _fail(f"workdir {args[0]!r} does not exist")
+    report_path = workdir / "eval" / "report.json"
+    if not report_path.exists():
+        return _fail(f"{report_path} does not exist: run the evaluation (--mode=eval or --mode=construct) first")
+    try:
+        report = json.loads(report_path.read_text())
+        metrics_path = workdir / "metrics.jsonl"
+        records = read_metrics(metrics_path) if metrics_path.exists() else []
+    except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
+        return _fail(f"cannot read the report or metrics of {args[0]!r}: {' '.join(str(err).split())}")
+    if not isinstance(report, dict):
+        return _fail(f"{report_path} is not a report (expected a JSON object)")
+    for path in write_plots(report, records, workdir / "eval"):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

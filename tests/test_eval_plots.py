@@ -1,4 +1,4 @@
-"""lsq_jax.plots and the `python -m lsq_jax.plot <workdir>` entry point."""
+"""lsq_jax.eval.plots: the figures, the metrics.jsonl reader and `python -m lsq_jax.eval.plots <workdir>`."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,8 @@ import sys
 import jax
 import pytest
 
-from lsq_jax import evaluate, plot, plots
+from lsq_jax.eval import plots
+from lsq_jax.eval.report import evaluate_constructions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -14,8 +15,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def report():
     """A small constructions report, through JSON as the CLI would read it."""
-    r = evaluate.evaluate_constructions(3, 8, jax.random.key(0), n_problems=8, n_iters=60, n_ood_problems=4,
-                                        n_ood_iters=20, ood_kappas=(1.0, 5.0, 10.0), ood_scales=(1.0,))
+    r = evaluate_constructions(3, 8, jax.random.key(0), n_problems=8, n_iters=60, n_ood_problems=4, n_ood_iters=20,
+                               ood_kappas=(1.0, 5.0, 10.0), ood_scales=(1.0,))
     return json.loads(json.dumps(r, allow_nan=False))
 
 
@@ -24,6 +25,12 @@ def training_records():
                for s in range(0, 400, 25)]
     records[3]["loss"] = None  # a non-finite loss logged as null must not break the plot
     return records + [{"step": 400, "eval_mse": 1e-3}]
+
+
+def test_read_metrics_reads_every_record_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in training_records()) + "\n\n")
+    assert plots.read_metrics(path) == training_records()
 
 
 def test_write_plots_writes_every_figure(report, tmp_path):
@@ -61,7 +68,7 @@ def test_cli_redraws_from_the_workdir(report, tmp_path, capsys):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in training_records()) + "\n")
-    assert plot.main([str(tmp_path)]) == 0
+    assert plots.main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 4
     assert all((tmp_path / "eval" / name).stat().st_size > 0 for name in (
@@ -72,7 +79,7 @@ def test_cli_without_metrics_still_plots_the_report(report, tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
-    assert plot.main([str(tmp_path)]) == 0
+    assert plots.main([str(tmp_path)]) == 0
     assert not (tmp_path / "eval" / "training_curve.png").exists()
     assert (tmp_path / "eval" / "forward_error.png").exists()
 
@@ -89,13 +96,13 @@ def test_cli_errors_are_one_line_and_exit_2(case, tmp_path, capsys):
         argv = [str(tmp_path)]
     else:
         argv = []
-    assert plot.main(argv) == 2
+    assert plots.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
 
 
 def test_cli_exit_status_as_a_process(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lsq_jax.plot", str(tmp_path / "missing")],
+    result = subprocess.run([sys.executable, "-m", "lsq_jax.eval.plots", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr
