@@ -5,11 +5,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lsq_jax.data import LeastSquaresSample, gradient_descent
-from lsq_jax.data.tasks import least_squares_gradient
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.samplers import LeastSquaresSample
+from lsq_jax.data.lsq import gradient_descent, least_squares_gradient
 from lsq_jax.eval.solvers import run_solver
 from lsq_jax.eval.stats import THRESHOLDS
-from lsq_jax.experiment import experiment_from_config
 
 EPS = np.finfo(np.float64).eps
 

@@ -8,7 +8,9 @@ import pytest
 
 from eval_numpy import (EPS, conditioned_problems, exact_gradient_model, gram_eigs, numpy_gd, numpy_statistics,
                         rel_err, run, small_experiment)
-from lsq_jax.data import TaskConfig, example_keys, make_task
+from lsq_jax.config.task import TaskConfig
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.data.tasks import make_task
 from lsq_jax.eval.report import evaluate_constructions, evaluate_experiment, iterated_report, single_step_report
 from lsq_jax.eval.solvers import cg_solver, gd_solver, lstsq_solver, optimal_gd_solver
 from lsq_jax.eval.stats import THRESHOLDS

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsq_jax.eval.solvers import Solver, auto_step_size, check_eta, x_of
-from lsq_jax.models import construct
+from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import SequenceModel
 
 __all__ = ["CONSTRUCTIONS", "construction_solver", "construction_solvers"]
@@ -34,11 +34,11 @@ class ConstructionState(NamedTuple):
 
 def _construction_builder(kind: str, n_dims: int, n_points: int):
     if kind == "baseconv":
-        cfg = construct.baseconv_gd_config(n_dims, n_points)
-        return cfg, lambda eta: construct.baseconv_gd_params(cfg, n_dims, n_points, eta)
+        cfg = gd_weights.baseconv_gd_config(n_dims, n_points)
+        return cfg, lambda eta: gd_weights.baseconv_gd_params(cfg, n_dims, n_points, eta)
     if kind == "linear_attention":
-        cfg = construct.linear_attention_gd_config(n_dims, n_points, 1)
-        return cfg, lambda eta: construct.linear_attention_gd_params(cfg, n_dims, n_points, eta)
+        cfg = gd_weights.linear_attention_gd_config(n_dims, n_points, 1)
+        return cfg, lambda eta: gd_weights.linear_attention_gd_params(cfg, n_dims, n_points, eta)
     raise ValueError(f"kind={kind!r} is invalid: allowed values are {', '.join(CONSTRUCTIONS)}")
 
 
@@ -85,7 +85,7 @@ def _construction_solver(kind: str, n_dims: int, n_points: int, eta: Any) -> Sol
             return ConstructionState(x0, a, b, None)
 
         def step(p, s: ConstructionState) -> ConstructionState:
-            x = construct.make_token_step(apply_shared, p, s.a, s.b, width)(s.x)
+            x = gd_weights.make_token_step(apply_shared, p, s.a, s.b, width)(s.x)
             return s._replace(x=x.astype(s.x.dtype))
 
         return Solver(name, init, step, x_of, params=build(float(eta)), follows="gd")
@@ -118,7 +118,7 @@ def _construction_solver(kind: str, n_dims: int, n_points: int, eta: Any) -> Sol
         return jax.vmap(one, in_axes=(axes, 0))(weights, tokens)
 
     def step_auto(p, s: ConstructionState) -> ConstructionState:
-        x = construct.make_token_step(apply_per_problem, s.weights, s.a, s.b, width)(s.x)
+        x = gd_weights.make_token_step(apply_per_problem, s.weights, s.a, s.b, width)(s.x)
         return s._replace(x=x.astype(s.x.dtype))
 
     return Solver(name, init_auto, step_auto, x_of, params={"w0": w0, "slope": slope}, follows="gd")

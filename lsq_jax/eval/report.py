@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from lsq_jax.data import samplers, tasks
+from lsq_jax.data import samplers
+from lsq_jax.data.base import Task
+from lsq_jax.data.tasks import make_task
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.eval import plots
 from lsq_jax.eval.constructions import construction_solvers
@@ -36,7 +38,7 @@ from lsq_jax.eval.stats import (THRESHOLDS, cond_b, curves, gram_extremes, json_
                                 trajectory_errors, trajectory_statistics)
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import SequenceModel
-from lsq_jax.models.gd_weights import explicit_gradient_params
+from lsq_jax.models.exact_weights import explicit_gradient_params
 
 __all__ = [
     "ITERATED_TASKS",
@@ -153,7 +155,7 @@ def _method_report(solver: Solver, ref: _Reference, own_iters: int, n_report_poi
 # Single-step metrics
 
 
-def single_step_report(task: tasks.Task, apply_fn: Callable, params: Any, key: jax.Array,
+def single_step_report(task: Task, apply_fn: Callable, params: Any, key: jax.Array,
                        n_problems: int = 256) -> dict[str, Any]:
     """Test metrics of one model application on fresh problems drawn with the task's sampler.
 
@@ -226,7 +228,7 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 2
     Returns:
         {'kind': 'experiment', 'config': {...}, 'single_step': {...}[, 'iterated': {...}, 'ood': {...}]}.
     """
-    task = exp.make_task()
+    task = make_task(exp.task)
     if apply_fn is None:
         model = SequenceModel(exp.model)
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lsq_jax.data.tasks import explicit_gradient_inputs, least_squares_gradient, multistep_gd_inputs
+from lsq_jax.data.lsq import explicit_gradient_inputs, least_squares_gradient, multistep_gd_inputs
 from lsq_jax.eval.stats import gram_extremes
 
 __all__ = [
