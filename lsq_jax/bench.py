@@ -116,10 +116,11 @@ def step_flops(exp, state) -> float:
     batch must fit one device's memory at compile time)."""
     import jax
 
-    from lsq_jax import parallel, train
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.step import make_step_fns
 
     whole = dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatch_size=exp.train.batch_size))
-    fns = train.make_step_fns(whole, parallel.make_mesh(1), exp.task.n_points, None)
+    fns = make_step_fns(whole, make_mesh(1), exp.task.n_points, None)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, fns.no_metric))
     return float(fns.train.lower(*abstract).compile().cost_analysis().get("flops", float("nan")))
 
@@ -134,12 +135,15 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     """
     import jax
 
-    from lsq_jax import parallel, train
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.memory import microbatches
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import make_step_fns
 
     exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
-    mesh = parallel.make_mesh(n_devices)
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh(n_devices)
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     t0 = time.perf_counter()
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
@@ -148,7 +152,7 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
     median = statistics.median(rates)
     rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
-    n_micro = train.microbatches(exp, exp.task.n_points, mesh.devices.size)
+    n_micro = microbatches(exp, exp.task.n_points, mesh.devices.size)
     # the machine's matmul rate on this width: the better of the whole batch's rows at once and in the
     # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory), measured
     # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores
@@ -183,7 +187,11 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     import jax
     import jax.numpy as jnp
 
-    from lsq_jax import parallel, train
+    from lsq_jax.experiment import UsageError
+    from lsq_jax.mesh import batch_sharded, make_mesh
+    from lsq_jax.train.memory import check_memory
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import advance, evaluate_loss, in_lm_phase, make_step_fns
 
     overrides.setdefault("train.num_steps", 10**9)  # the budget ends the run, not the config's step count
     if batch_size:
@@ -191,31 +199,31 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     if seed is not None:
         overrides["seed"] = seed
     exp = _experiment(config, **overrides)
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     try:
-        train.check_memory(exp, mesh)
-    except train.UsageError as err:
+        check_memory(exp, mesh)
+    except UsageError as err:
         return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
-    state = train.place_state(train.init_state(exp), mesh)
+    state = place_state(init_state(exp), mesh)
     fns = {}
 
     def step_fns(state, step):
         """The step of iteration `step`, compiled (and run once on a copy) before its time is counted."""
-        key = (exp.task.n_points, None, train.in_lm_phase(exp, step))
+        key = (exp.task.n_points, None, in_lm_phase(exp, step))
         if key not in fns:
-            fns[key] = train.make_step_fns(exp, mesh, *key)
+            fns[key] = make_step_fns(exp, mesh, *key)
             copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-            jax.block_until_ready(train.advance(fns[key], copy, step))
+            jax.block_until_ready(advance(fns[key], copy, step))
         return fns[key]
 
-    evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
+    evaluate = jax.jit(lambda p: evaluate_loss(p, exp, sharding=batch_sharded(mesh))["mse"])
     curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
     crossings, trained_s, steps = {}, 0.0, 0
     while trained_s < budget_s and steps < exp.train.num_steps:
         while trained_s - curve[-1]["seconds"] < 1.0 and trained_s < budget_s and steps < exp.train.num_steps:
             fn = step_fns(state, steps)
             t0 = time.perf_counter()
-            state = train.advance(fn, state, steps)[0]
+            state = advance(fn, state, steps)[0]
             jax.block_until_ready(state)
             trained_s += time.perf_counter() - t0
             steps += 1

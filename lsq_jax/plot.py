@@ -12,7 +12,7 @@ import sys
 
 from etils import epath
 
-from lsq_jax.metrics import read_metrics
+from lsq_jax.evaluation_io import read_metrics
 from lsq_jax.plots import write_plots
 
 USAGE = "usage: python -m lsq_jax.plot <workdir>"

@@ -6,8 +6,9 @@ import pathlib
 import jax
 import pytest
 
-from lsq_jax import train
 from lsq_jax.experiment import experiment_from_config
+from lsq_jax.train.state import init_state
+from lsq_jax.train.step import gradient_statistics, sizes_at, train_step
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
@@ -27,15 +28,15 @@ def load(name):
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
-    n_points, n_dims = train.sizes_at(exp, 0)
-    state = jax.eval_shape(lambda: train.init_state(exp))
+    n_points, n_dims = sizes_at(exp, 0)
+    state = jax.eval_shape(lambda: init_state(exp))
     new_state, metrics = jax.eval_shape(
-        lambda s: train.train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+        lambda s: train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == ()
     if exp.train.grad_stats_batches:
         stats = jax.eval_shape(
-            lambda s: train.gradient_statistics(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+            lambda s: gradient_statistics(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
         assert stats["gradient_cosine_mean"].shape == ()
 
 

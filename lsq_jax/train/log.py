@@ -1,4 +1,5 @@
-"""Logging: JSON-lines metrics and a one-line progress report (process 0 writes, every process computes)."""
+"""The training log: JSON-lines metrics and a one-line progress report (process 0 writes, every process
+computes)."""
 from __future__ import annotations
 
 import json
@@ -35,11 +36,6 @@ class MetricsWriter:
         else:
             with path.open("a") as f:
                 f.write(line)
-
-
-def read_metrics(path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (local or a URL such as gs://)."""
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:
