@@ -293,12 +293,12 @@ class Checkpointer:
         """(step, saved config, state) of checkpoint `step`, or of the newest one that restores.
 
         `target(saved_config)` gives the abstract state to restore onto (ShapeDtypeStructs with concrete
-        shardings; with `partial` some of its fields, see `restore`); it raises CheckpointError for a config
-        it cannot use (damaged files are the same),
-        anything else (a config the caller refuses) propagates. Without `step` it falls back past unusable
-        checkpoints with a warning; with `set_aside` (training), once an earlier one has restored, the
-        unusable ones are moved to <workdir>/unrestorable/ so the run can save those steps again. None
-        when there is no checkpoint at all; CheckpointError (nothing moved) when none restores.
+        shardings; with `partial` some of its fields, see `restore`); it raises CheckpointError for a
+        config it cannot use (damaged files are the same), anything else (a config the caller refuses)
+        propagates. Without `step` it falls back past unusable checkpoints with a warning; with
+        `set_aside` (training), once an earlier one has restored, the unusable ones are moved to
+        <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint at
+        all; CheckpointError (nothing moved) when none restores.
         """
         steps = self.steps()
         if step is not None and step not in steps:
@@ -369,8 +369,8 @@ def restore_params(workdir, step: int | None, params_shape: Callable[[Experiment
         ckpt.close()
     if restored is None:
         raise CheckpointError(f"{workdir} holds no checkpoints")
-    step, saved, state = restored
-    return experiment_from_dict(saved), step, state["params"]
+    found, saved, state = restored
+    return experiment_from_dict(saved), found, state["params"]
 
 
 @contextlib.contextmanager

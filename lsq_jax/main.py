@@ -1,8 +1,8 @@
 """Entrypoint: python -m lsq_jax.main --config=configs/baseconv.py[:variant] [--config.a.b=v] [--workdir=W].
 
-Parses flags, turns on float64 and the matmul precision, starts multi-process JAX, converts the config once
-into validated dataclasses (the first JAX computation comes after all three), then one call per mode. Bad
-input (an unknown or ill-typed field, contradictory settings, a broken config file, an unusable workdir,
+Parses flags, turns on float64 and the matmul precision, starts multi-process JAX, then converts the config
+once into validated dataclasses and calls the library (the first JAX computation comes after all three).
+Bad input (an unknown or ill-typed field, contradictory settings, a broken config file, an unusable workdir,
 sizes that cannot fit in memory) is ONE line on stderr with exit status 2, before anything is written.
 """
 import signal
@@ -28,7 +28,7 @@ def execute(log=print) -> None:
         exp = experiment_from_config(FLAGS.config) if FLAGS.mode != "eval" else None
     except ValueError as err:
         raise BadInput(one_line(err)) from None
-    log = (lambda line, log=log: log(line) if jax.process_index() == 0 else None)  # noqa: E731
+    log = (lambda line, log=log: log(line) if jax.process_index() == 0 else None)  # process 0 prints  # noqa: E731
     checkpoint.raise_on_sigterm()
     suffix = "-construct" if FLAGS.mode == "construct" else ""
     workdir = checkpoint.resolve_workdir(FLAGS.workdir or default_workdir(exp.name + suffix))

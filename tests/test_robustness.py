@@ -32,7 +32,8 @@ def no_report(monkeypatch):
     """Skip the evaluation report (its out-of-distribution grid compiles for minutes): the tests here are
     about the run around it. Records the params it was asked to evaluate."""
     calls = []
-    monkeypatch.setattr(evaluation_io, "write_evaluation", lambda exp, params, workdir, **kw: calls.append(params) or {})
+    monkeypatch.setattr(evaluation_io, "write_evaluation",
+                        lambda exp, params, workdir, **kw: calls.append(params) or {})
     return calls
 
 

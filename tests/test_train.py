@@ -201,7 +201,7 @@ DUMP_PARAMS = textwrap.dedent("""
     from lsq_jax.train.step import make_step_fns
     c = baseconv.get_config("smoke")
     # without the gradient statistics: on an oversubscribed 2-core machine the emulated devices'
-    # collectives inside their loop have stalled for minutes (see the note on issue 9)
+    # collectives inside their loop have stalled for minutes
     c.update_from_flattened_dict({"train.grad_stats_batches": 0, "optim.schedule": "step",
                                   "train.microbatch_size": int(sys.argv[3])})
     exp = experiment_from_config(c)
