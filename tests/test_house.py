@@ -17,10 +17,11 @@ MAY_IMPORT = {
     "models": {"config"},
     "optim": {"config"},
     "checkpoint": {"config"},
-    "train": {"config", "data", "models", "optim", "checkpoint"},
+    "mesh": {"config"},
+    "train": {"config", "data", "models", "optim", "checkpoint", "mesh"},
     "eval": {"config", "data", "models"},
-    "bench": {"config", "data", "models", "optim", "checkpoint", "train", "eval"},
-    "main": {"config", "checkpoint", "train", "eval"},
+    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
+    "main": {"config", "checkpoint", "mesh", "train", "eval", "models"},
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.experiment import experiment_from_config
+from lsq_jax.config.experiment import experiment_from_config
 
 # ml_collections loads config files with the deprecated load_module
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

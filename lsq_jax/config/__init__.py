@@ -8,11 +8,5 @@
     load.py        loading a config file and the --config flags
     check.py       ConfigError and the checks behind "section.field: got X; allowed Y"
 
-Nothing here imports the rest of lsq_jax.
+Nothing here imports the rest of lsq_jax; import the modules themselves (no re-exports).
 """
-from lsq_jax.config.check import ConfigError
-from lsq_jax.config.experiment import (Experiment, TrainConfig, config_differences, experiment_from_config,
-                                       experiment_from_dict, experiment_to_dict)
-from lsq_jax.config.model import ModelConfig
-from lsq_jax.config.optim import OptimConfig
-from lsq_jax.config.task import CurriculumConfig, TaskConfig

@@ -25,6 +25,7 @@ from etils import epath
 
 from lsq_jax.data import samplers
 from lsq_jax.data.base import Task
+from lsq_jax.data.keys import run_keys
 from lsq_jax.data.tasks import make_task
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.eval import plots
@@ -210,7 +211,7 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 2
     of GD with it) whatever `eta` says, and the model's iterate t stands for k t GD steps.
 
     Args:
-        exp: an Experiment (lsq_jax.experiment): its task and model configs are used.
+        exp: an Experiment (lsq_jax.config.experiment): its task and model configs are used.
         params: the model's parameters (the 'params' collection).
         key: the run's evaluation key; single-step, iterated and OOD problems come from fold_in(key, 0),
             fold_in(key, 1), fold_in(key, 2).
@@ -332,8 +333,7 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
     return report
 
 
-def write_evaluation(exp, params, workdir, *, key: jax.Array, log=print, constructions: bool = False
-                     ) -> dict[str, Any]:
+def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
     """The numerical-analysis report of a learned model, or of the hand-built GD models, written to
     <workdir>/eval/report.json with a table on the terminal and PNG plots (process 0).
 
@@ -341,11 +341,11 @@ def write_evaluation(exp, params, workdir, *, key: jax.Array, log=print, constru
         exp: an Experiment; its train section gives the sizes (eval_problems, eval_iters).
         params: the model's parameters (ignored with `constructions`).
         workdir: the run's folder (local or cloud); <workdir>/metrics.jsonl, when present, is plotted too.
-        key: the run's evaluation key.
         log: where the table and the written paths go.
         constructions: report the constructions (--mode=construct) instead of the model.
     """
     workdir = epath.Path(workdir)
+    key = run_keys(exp.seed)["eval"]
     sizes = {"n_problems": exp.train.eval_problems, "n_iters": exp.train.eval_iters}
     if constructions:
         report = evaluate_constructions(exp.task.n_dims, exp.task.n_points, key, dtype=jnp.dtype(exp.task.dtype),

@@ -1,4 +1,5 @@
-"""Logging: JSON-lines metrics and a one-line progress report (process 0 writes, every process computes)."""
+"""The training log: JSON-lines metrics and a one-line progress report (process 0 writes, every process
+computes)."""
 from __future__ import annotations
 
 import json

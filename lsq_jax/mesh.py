@@ -1,13 +1,16 @@
-"""Data parallelism over every device of every process: one 1-D mesh named 'data'.
+"""Devices and processes: the multi-process start, and one 1-D mesh named 'data' over every device of
+every process.
 
 Parameters and optimizer state are replicated (P()); the batch is sharded along 'data' (P('data')).
 Plain jax.jit on arrays placed this way lets XLA insert the gradient all-reduce, so the code of the step
-is the same for one CPU and for a pod.
+is the same for one CPU and for a pod. Training, the benchmark and the evaluation's restore use it.
 """
 import os
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from lsq_jax.config.load import one_line
 
 DATA_AXIS = "data"
 
@@ -97,7 +100,7 @@ def initialize_distributed(mode: str = "off", coordinator_address: str | None = 
         except ValueError as err:  # JAX found no cluster: 'coordinator_address should be defined.' and similar
             raise ValueError(
                 f"--distributed=auto found no cluster environment (Cloud TPU VM, SLURM under srun, Open MPI) "
-                f"to read the processes from ({_first_line(err)}); use --distributed=explicit "
+                f"to read the processes from ({one_line(err, first=True)}); use --distributed=explicit "
                 f"--coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None
         return
     jax.distributed.initialize(**kwargs)
@@ -135,8 +138,3 @@ def _slurm_local_device_ids() -> list[int] | None:
     if "SLURM_LOCALID" in os.environ and visible and len(visible.split(",")) == 1:
         return [0]
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

@@ -1,14 +1,16 @@
 """The workdir and its checkpoints (the only module that imports Orbax): where a workdir is, who uses it,
 save, retain, restore with fallback, preemption.
 
-A checkpoint holds the whole TrainState (parameters, optimizer state with the EMA, the LR controller and
-the skip counter, and the step) plus the resolved configuration as JSON. Layout:
+A checkpoint holds the whole training state (parameters, optimizer state with the EMA, the LR controller
+and the skip counter, and the step) plus the resolved configuration as JSON. Layout:
 <workdir>/checkpoints/<step>/{state,config}. Saves are asynchronous; `close()` waits for them. A newest
 checkpoint that cannot be restored while training resumes is moved to <workdir>/unrestorable/<step>-<time>
-(kept for inspection), so that training can save that step again.
+(kept for inspection), so that training can save that step again. The caller hands the restore target (the
+abstract state, or for evaluation the abstract parameters alone): this module knows no model or optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +22,9 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from lsq_jax.config.load import one_line
+from lsq_jax.config.experiment import Experiment, experiment_from_dict
 
 _POLICIES = ocp.checkpoint_managers
 
@@ -33,11 +38,13 @@ class WorkdirError(Exception):
 
 
 def resolve_workdir(workdir: str) -> epath.Path:
-    """The workdir as an absolute path (local paths against the current directory; URLs such as gs://
-    unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files."""
-    if "://" in str(workdir):
-        return epath.Path(workdir)
-    return epath.Path(os.path.abspath(os.path.expanduser(str(workdir))))
+    """The --workdir as an absolute path (local paths against the current directory; URLs such as gs://
+    unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files.
+    WorkdirError when it exists and is not a directory."""
+    path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(os.path.expanduser(str(workdir))))
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir: {path} exists and is not a directory")
+    return path
 
 
 def check_writable(directory) -> None:
@@ -263,28 +270,35 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable config ({err})") from None
 
-    def restore(self, step: int, abstract_state: Any) -> Any:
-        """The state at `step`, onto `abstract_state` (ShapeDtypeStructs with concrete shardings)."""
+    def restore(self, step: int, target: Any, *, partial: bool = False) -> Any:
+        """The state at `step`, onto `target` (ShapeDtypeStructs with concrete shardings). With `partial`,
+        only the fields `target` names (a dict, e.g. {"params": ...}): the rest of the state is not read.
+        One Checkpointer restores either way, not both: Orbax binds the item's handler on first use."""
         if step not in self.steps():
             raise CheckpointError(f"step {step} is not in {self.directory}: available are {self.steps() or 'none'}")
+        if partial:  # the restore arguments StandardRestore derives from the target: its shardings and dtypes
+            args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+        else:
+            args = ocp.args.StandardRestore(target)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as err:  # noqa: BLE001 -- Orbax raises many types for damaged or mismatched files
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be restored: "
-                                  f"{_first_line(err)}") from None
+                                  f"{one_line(err, first=True)}") from None
         return restored.state
 
     def restore_newest(self, target: Callable[[dict], Any], *, step: int | None = None, log=print,
-                       set_aside: bool = False) -> tuple[int, dict, Any] | None:
+                       set_aside: bool = False, partial: bool = False) -> tuple[int, dict, Any] | None:
         """(step, saved config, state) of checkpoint `step`, or of the newest one that restores.
 
         `target(saved_config)` gives the abstract state to restore onto (ShapeDtypeStructs with concrete
-        shardings); it raises CheckpointError for a config it cannot use (damaged files are the same),
-        anything else (a config the caller refuses) propagates. Without `step` it falls back past unusable
-        checkpoints with a warning; with `set_aside` (training), once an earlier one has restored, the
-        unusable ones are moved to <workdir>/unrestorable/ so the run can save those steps again. None
-        when there is no checkpoint at all; CheckpointError (nothing moved) when none restores.
+        shardings; with `partial` some of its fields, see `restore`); it raises CheckpointError for a
+        config it cannot use (damaged files are the same), anything else (a config the caller refuses)
+        propagates. Without `step` it falls back past unusable checkpoints with a warning; with
+        `set_aside` (training), once an earlier one has restored, the unusable ones are moved to
+        <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint at
+        all; CheckpointError (nothing moved) when none restores.
         """
         steps = self.steps()
         if step is not None and step not in steps:
@@ -297,7 +311,7 @@ class Checkpointer:
                     abstract = target(config)
                 except CheckpointError as err:
                     raise CheckpointError(f"checkpoint {s} in {self.directory}: {err}") from None
-                state = self.restore(s, abstract)
+                state = self.restore(s, abstract, partial=partial)
             except CheckpointError as err:
                 if step is not None:
                     raise
@@ -324,11 +338,50 @@ class Checkpointer:
         return destination
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def abstract_like(state: Any, sharding) -> Any:
     """ShapeDtypeStructs of `state` with a concrete sharding, as Orbax's restore target."""
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def saved_experiment(saved: dict) -> Experiment:
+    """The experiment of a checkpoint's saved config; CheckpointError when it is not one."""
+    try:
+        return experiment_from_dict(saved)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"a checkpoint's saved config is unusable ({err})") from None
+
+
+def restore_params(workdir, step: int | None, params_shape: Callable[[Experiment], Any], sharding, *,
+                   log=print) -> tuple[Experiment, int, Any]:
+    """(experiment, step, parameters) of a workdir's checkpoint: `step`, or the newest good one (falling
+    back past unusable ones with a warning). The experiment is the config saved WITH the checkpoint, so
+    the model cannot silently differ from what was trained; `params_shape(experiment)` gives the abstract
+    parameters, placed with `sharding`. Only the parameters are read (the saved state's step equals the
+    checkpoint's)."""
+    if not (workdir / "checkpoints").exists():
+        raise CheckpointError(f"{workdir} holds no checkpoints (is it a training workdir?)")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        restored = ckpt.restore_newest(
+            lambda saved: {"params": abstract_like(params_shape(saved_experiment(saved)), sharding)},
+            step=step, log=log, partial=True)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir} holds no checkpoints")
+    found, saved, state = restored
+    return experiment_from_dict(saved), found, state["params"]
+
+
+@contextlib.contextmanager
+def claimed(workdir, log=print):
+    """The workdir held by one training run: process 0 checks that it is writable and holds its lock
+    (WorkdirLock) until the block ends."""
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        check_writable(workdir)
+        lock.acquire(log)
+    try:
+        yield
+    finally:
+        lock.release()

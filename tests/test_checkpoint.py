@@ -9,11 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from lsq_jax import parallel, train
-from lsq_jax.checkpointing import CheckpointError, Checkpointer, abstract_like
-from lsq_jax.experiment import experiment_from_dict
+from config_files import get_config
+from lsq_jax.eval import report as eval_report
+from lsq_jax.checkpoint import CheckpointError, Checkpointer, abstract_like, restore_params
+from lsq_jax.config.experiment import experiment_from_dict
+from lsq_jax.mesh import make_mesh, replicated
+from lsq_jax.models.backbone import init_params
+from lsq_jax.train.state import init_state, place_state
+from lsq_jax.train.step import advance, make_step_fns
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 SMOKE = ["--config=configs/baseconv.py:smoke", "--config.train.log_every=20", "--config.train.checkpoint_every=40"]
 
 
@@ -27,8 +33,8 @@ def restore(workdir, step=None):
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.steps()[-1] if step is None else step
     exp = experiment_from_dict(ckpt.saved_config(step))
-    mesh = parallel.make_mesh()
-    abstract = abstract_like(jax.eval_shape(lambda: train.init_state(exp)), parallel.replicated(mesh))
+    mesh = make_mesh()
+    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), replicated(mesh))
     state = ckpt.restore(step, abstract)
     ckpt.close()
     return exp, state
@@ -39,16 +45,14 @@ def leaves(state):
 
 
 def test_round_trip_of_the_full_state(tmp_path):
-    sys.path.insert(0, str(REPO / "configs"))
-    import baseconv
 
-    from lsq_jax.experiment import experiment_from_config, experiment_to_dict
-    exp = experiment_from_config(baseconv.get_config("smoke"))
-    mesh = parallel.make_mesh()
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    from lsq_jax.config.experiment import experiment_from_config, experiment_to_dict
+    exp = experiment_from_config(get_config("baseconv", "smoke"))
+    mesh = make_mesh()
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(3):
-        state, _ = train.advance(fns, state, i)
+        state, _ = advance(fns, state, i)
     expected = leaves(state)
     ckpt = Checkpointer(tmp_path, save_every=1)
     ckpt.save(3, state, experiment_to_dict(exp), force=True)
@@ -61,6 +65,21 @@ def test_round_trip_of_the_full_state(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(CheckpointError, match="step 7"):
         Checkpointer(tmp_path, read_only=True).restore(7, None)
+
+
+@pytest.mark.parametrize("name", ["workdir_adam", "workdir_lm"])
+def test_restore_params_reads_the_parameters_of_the_whole_state(name):
+    """Evaluation restores the parameters alone (no optimizer state, no TrainState): bit for bit, dtype and
+    placement those of the whole state's restore, for checkpoints written by an earlier version."""
+    exp, full = restore(DATA / name)
+    sharding = replicated(make_mesh())
+    shape = lambda e: jax.eval_shape(lambda: init_params(e.model, jax.random.key(0)))  # noqa: E731
+    exp2, step, params = restore_params(DATA / name, None, shape, sharding, log=lambda _: None)
+    assert exp2 == exp and step == int(full.step)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full.params)
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(params), strict=True):
+        assert a.dtype == b.dtype and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _run_until(cmd, needle, timeout=240):
@@ -116,7 +135,7 @@ def test_refuses_a_workdir_of_another_config_and_all_damaged(tmp_path, monkeypat
     checkpoint is damaged is refused, and nothing is moved aside (there is no good one to resume from)."""
     from lsq_jax import main
 
-    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: {})
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
     monkeypatch.chdir(REPO)
     run = lambda *extra, steps: main.run(["lsq_jax.main", *_main(tmp_path, *extra, steps=steps)[3:]],
                                          log=lambda _: None)
