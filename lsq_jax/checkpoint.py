@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lsq_jax.config.load import one_line
+from lsq_jax.config.check import one_line
 from lsq_jax.config.experiment import Experiment, experiment_from_dict
 
 _POLICIES = ocp.checkpoint_managers

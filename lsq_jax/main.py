@@ -7,8 +7,8 @@ sizes that cannot fit in memory) is ONE line on stderr with exit status 2, befor
 import signal
 import sys
 
-from lsq_jax.config.check import ConfigError
-from lsq_jax.config.load import FLAGS, default_workdir, one_line, parse_flags
+from lsq_jax.config.check import ConfigError, one_line
+from lsq_jax.config.load import FLAGS, default_workdir, parse_flags
 
 
 def execute(log=print) -> None:

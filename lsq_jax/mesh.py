@@ -8,9 +8,10 @@ is the same for one CPU and for a pod. Training, the benchmark and the evaluatio
 import os
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from lsq_jax.config.load import one_line
+from lsq_jax.config.check import one_line
 
 DATA_AXIS = "data"
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lsq_jax.config.experiment import experiment_from_config
-from lsq_jax.data.samplers import LeastSquaresSample
 from lsq_jax.data.lsq import gradient_descent, least_squares_gradient
+from lsq_jax.data.samplers import LeastSquaresSample
 from lsq_jax.eval.solvers import run_solver
 from lsq_jax.eval.stats import THRESHOLDS
 

@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from config_files import get_config
-from lsq_jax.eval import report as eval_report
-from lsq_jax.checkpoint import CheckpointError, Checkpointer, abstract_like, restore_params
+from lsq_jax.checkpoint import Checkpointer, CheckpointError, abstract_like, restore_params
 from lsq_jax.config.experiment import experiment_from_dict
+from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import init_params
 from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import advance, make_step_fns
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"

@@ -3,10 +3,11 @@ under jit, such as a task drawing its fixed coefficients while being traced)."""
 import jax
 import pytest
 
-from config_files import load
 from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.train.state import init_state
 from lsq_jax.train.step import measure_grad_stats, sizes_at, train_step
+
+from config_files import load
 
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
          ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),

@@ -6,8 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval_numpy import (EPS, conditioned_problems, exact_gradient_model, gram_eigs, numpy_gd, numpy_statistics,
-                        rel_err, run, small_experiment)
 from lsq_jax.config.task import TaskConfig
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import make_task
@@ -16,6 +14,18 @@ from lsq_jax.eval.solvers import cg_solver, gd_solver, lstsq_solver, optimal_gd_
 from lsq_jax.eval.stats import THRESHOLDS
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import init_params
+
+from eval_numpy import (
+    EPS,
+    conditioned_problems,
+    exact_gradient_model,
+    gram_eigs,
+    numpy_gd,
+    numpy_statistics,
+    rel_err,
+    run,
+    small_experiment,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Iterated use

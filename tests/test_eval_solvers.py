@@ -2,12 +2,28 @@
 import numpy as np
 import pytest
 
-from eval_numpy import (conditioned_problems, exact_gradient_model, exact_multistep_model, gram_eigs, numpy_cgls,
-                        numpy_gd, rel_err, run)
 from lsq_jax.eval.constructions import construction_solver
 from lsq_jax.eval.report import iterated_report
-from lsq_jax.eval.solvers import (cg_solver, gd_solver, learned_gradient_solver, learned_multistep_solver,
-                                  lstsq_solver, optimal_gd_solver, run_solver)
+from lsq_jax.eval.solvers import (
+    cg_solver,
+    gd_solver,
+    learned_gradient_solver,
+    learned_multistep_solver,
+    lstsq_solver,
+    optimal_gd_solver,
+    run_solver,
+)
+
+from eval_numpy import (
+    conditioned_problems,
+    exact_gradient_model,
+    exact_multistep_model,
+    gram_eigs,
+    numpy_cgls,
+    numpy_gd,
+    rel_err,
+    run,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Classical solvers

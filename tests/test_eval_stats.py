@@ -2,8 +2,9 @@
 import jax.numpy as jnp
 import numpy as np
 
-from eval_numpy import numpy_statistics
 from lsq_jax.eval.stats import trajectory_statistics
+
+from eval_numpy import numpy_statistics
 
 
 def test_trajectory_statistics_against_numpy():

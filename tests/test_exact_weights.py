@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from lsq_jax.data.samplers import example_keys
-from lsq_jax.config.task import TaskConfig
-from lsq_jax.data.tasks import make_task
 from lsq_jax.config.experiment import experiment_from_config
-from lsq_jax.models.backbone import SequenceModel, init_params
 from lsq_jax.config.model import ModelConfig
+from lsq_jax.config.task import TaskConfig
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.data.tasks import make_task
+from lsq_jax.models.backbone import SequenceModel, init_params
 from lsq_jax.models.exact_weights import explicit_gradient_params, explicit_gradient_width
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

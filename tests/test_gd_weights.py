@@ -1,4 +1,4 @@
-"""The hand-built GD models (lsq_jax.models.construct) against numpy gradient descent, in float64."""
+"""The hand-built GD models (lsq_jax.models.gd_weights) against numpy gradient descent, in float64."""
 import functools
 
 import jax
@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import SequenceModel, init_params
-from lsq_jax.config.model import ModelConfig
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Independent numpy computations
@@ -35,7 +34,7 @@ def gaussian_problems(rng, bsz, n, d):
 
 
 def conditioned_problems(rng, bsz, n, d, kappa):
-    """As `gaussian_problems`, with A's singular values mapped affinely onto [1, kappa] (SPEC §1)."""
+    """As `gaussian_problems`, with A's singular values mapped affinely onto [1, kappa]."""
     a, _, w0, x_star = gaussian_problems(rng, bsz, n, d)
     u, s, vt = np.linalg.svd(a, full_matrices=False)
     lo, hi = s.min(-1, keepdims=True), s.max(-1, keepdims=True)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 LAUNCHERS = [LAUNCH / "tpu_pod.sh", LAUNCH / "slurm_gpu.sbatch", LAUNCH / "local_multiprocess.sh"]
-FAMILIES = {  # script -> runs (SPEC §6 and the published replication scripts)
+FAMILIES = {  # script -> runs (the reference's and the published replication scripts)
     "explicit_gradient": 8 + 4 + 4 + 4 + 2,
     "kstep_gd": 1,
     "least_squares_layers": 2 * 10,

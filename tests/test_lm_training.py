@@ -10,21 +10,22 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from config_files import get_config
 from lsq_jax import main
-from lsq_jax.eval import report as eval_report
 from lsq_jax.checkpoint import Checkpointer, abstract_like, saved_experiment
+from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.tasks import make_task
+from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.models.exact_weights import explicit_gradient_params
+from lsq_jax.optim import lr_controller
 from lsq_jax.train.memory import memory_estimate
 from lsq_jax.train.state import count_params, init_state, place_state
 from lsq_jax.train.step import advance, example_loss, lm_residuals, make_step_fns
-from lsq_jax.models.exact_weights import explicit_gradient_params
-from lsq_jax.optim import lr_controller
-from lsq_jax.data.tasks import make_task
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import attention, baseconv, dense
 from lsq_jax.models.backbone import SequenceModel, init_params
-from lsq_jax.config.model import ModelConfig
+
 from convert import config_from_reference, params_from_reference, short_filter_from_reference, short_filter_to_reference
 
 REFERENCE_CASES = sorted(os.path.basename(f)[:-4] for f in glob.glob(

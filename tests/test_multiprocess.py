@@ -16,13 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from config_files import get_config
 from lsq_jax import main
 from lsq_jax.checkpoint import Checkpointer, abstract_like
-from lsq_jax.eval.plots import read_metrics
 from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import _slurm_local_device_ids, initialize_distributed, make_mesh, replicated
 from lsq_jax.train.state import init_state
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

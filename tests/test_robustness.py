@@ -15,14 +15,15 @@ import jax
 import numpy as np
 import pytest
 
-from config_files import get_config
 from lsq_jax import checkpoint, main
-from lsq_jax.eval import report as eval_report
 from lsq_jax.checkpoint import Checkpointer, WorkdirLock
+from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import init_params
 from lsq_jax.train.memory import divisors, memory_estimate
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"

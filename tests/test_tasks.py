@@ -1,4 +1,4 @@
-"""Tasks (SPEC section 2) against the reference's saved tensors and against plain numpy formulas."""
+"""Tasks against the reference's saved tensors and against plain numpy formulas."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +151,7 @@ def test_reference_truncated_and_kappa_samples(ref):
 
 
 def _numpy_inputs_targets(cfg, task, raw):
-    """Independent, loop-based numpy statement of SPEC section 2."""
+    """Independent, loop-based numpy statement of the reference's"""
     d = cfg.n_dims
     if cfg.name in PRIMITIVE_NAMES:
         x = np.asarray(raw)

@@ -11,18 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from config_files import get_config
 from lsq_jax import main
-from lsq_jax.data.keys import run_keys
-from lsq_jax.eval.plots import read_metrics
 from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.keys import run_keys
+from lsq_jax.data.tasks import make_task
+from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import recipe, step_guard
 from lsq_jax.train.memory import CPU_SCAN_UNROLL, microbatches
 from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch, make_step_fns, sizes_at
-from lsq_jax.data.tasks import make_task
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

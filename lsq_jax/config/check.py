@@ -1,4 +1,5 @@
-"""One error type and one message format for every config field: ``section.field: got X; allowed Y``."""
+"""One error type and one message format for every config field: ``section.field: got X; allowed Y``; and
+`one_line`, the gist of any error for the one line on stderr."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,18 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A field whose value is not allowed. main turns it into one line on stderr and exit status 2."""
+
+
+def one_line(err: BaseException, *, first: bool = False) -> str:
+    """The gist of an exception on one line: the last line of an embedded traceback (ml_collections embeds
+    whole tracebacks), else its lines joined, or with `first` its first line (Orbax's and JAX's messages
+    go on with pages of detail)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if first:
+        return lines[0]
+    return lines[-1] if "Traceback" in str(err) else " ".join(lines)
 
 
 def fail(field: str, value: Any, allowed: str) -> None:

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.config.check import ConfigError
+from lsq_jax.config.check import ConfigError, one_line
 
 # The command's own flags, apart from absl's global FLAGS: other entry points (the benchmark) define a
 # --config flag too, and both may be imported in one process.
@@ -41,18 +41,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed=
 flags.DEFINE_integer("process_id", None, "This process's index (--distributed=explicit).", flag_values=FLAGS)
 flags.DEFINE_bool("allow_config_change", False, "Resume a workdir whose saved config differs from --config.",
                   flag_values=FLAGS)
-
-
-def one_line(err: BaseException, *, first: bool = False) -> str:
-    """The gist of an exception on one line: the last line of an embedded traceback (ml_collections embeds
-    whole tracebacks), else its lines joined, or with `first` its first line (Orbax's and JAX's messages
-    go on with pages of detail)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if first:
-        return lines[0]
-    return lines[-1] if "Traceback" in str(err) else " ".join(lines)
 
 
 def config_spec(argv: list[str]) -> tuple[str, str | None] | None:

@@ -8,8 +8,13 @@ import jax.numpy as jnp
 
 from lsq_jax.data import samplers
 from lsq_jax.data.base import Task
-from lsq_jax.data.lsq import (explicit_gradient_inputs, gradient_descent, least_squares_gradient, multistep_gd_inputs,
-                              prefix_gradients)
+from lsq_jax.data.lsq import (
+    explicit_gradient_inputs,
+    gradient_descent,
+    least_squares_gradient,
+    multistep_gd_inputs,
+    prefix_gradients,
+)
 from lsq_jax.data.samplers import LeastSquaresSample
 
 

@@ -14,7 +14,6 @@ from lsq_jax.data.base import Task
 from lsq_jax.data.least_squares import ExplicitGradientTask, LeastSquaresIclTask, LeastSquaresTask, MultistepGdTask
 from lsq_jax.data.primitives import ElementwiseMultiplyTask, IdentityTask, LinearTask, ReadTask, SquareTask
 
-
 _TASK_CLASSES = {
     "identity": IdentityTask,
     "square": SquareTask,

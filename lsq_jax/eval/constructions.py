@@ -1,4 +1,4 @@
-"""The hand-built exact-GD models (lsq_jax.models.construct) as Solvers, iterated through their tokens.
+"""The hand-built exact-GD models (lsq_jax.models.gd_weights) as Solvers, iterated through their tokens.
 
 'baseconv' is the 3-layer BaseConv construction, 'linear_attention' the one-layer linear attention
 construction; both are one GD step w - eta / L A^T (A w - b) per pass, so their iterates are exact GD's.
@@ -44,10 +44,10 @@ def _construction_builder(kind: str, n_dims: int, n_points: int):
 
 def construction_solver(kind: str, n_dims: int, n_points: int, eta: Any = "auto", *, name: str | None = None
                         ) -> Solver:
-    """A hand-built exact-GD model (lsq_jax.models.construct) iterated through its tokens.
+    """A hand-built exact-GD model (lsq_jax.models.gd_weights) iterated through its tokens.
 
     Every iteration writes x_t into every token [a_i, b_i, x_t, 0...], applies the model, and reads
-    x_{t+1} from the last token (`construct.make_token_step`), exactly as a learned one-step model is
+    x_{t+1} from the last token (`gd_weights.make_token_step`), exactly as a learned one-step model is
     iterated. 'baseconv' is the 3-layer BaseConv construction, 'linear_attention' the one-layer linear
     attention construction; both are one GD step w - eta / L A^T (A w - b) per pass.
 

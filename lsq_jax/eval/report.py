@@ -26,17 +26,39 @@ from etils import epath
 from lsq_jax.data import samplers
 from lsq_jax.data.base import Task
 from lsq_jax.data.keys import run_keys
-from lsq_jax.data.tasks import make_task
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
+from lsq_jax.data.tasks import make_task
 from lsq_jax.eval import plots
 from lsq_jax.eval.constructions import construction_solvers
 from lsq_jax.eval.ood import OOD_KAPPAS, OOD_SCALES, draw_cell, ood_cells, ood_report
-from lsq_jax.eval.solvers import (Solver, check_eta, cg_solver, eta_param, gd_solver, learned_gradient_solver,
-                                  learned_multistep_solver, lstsq_solver, optimal_gd_solver, resolve_eta,
-                                  run_solver)
-from lsq_jax.eval.stats import (THRESHOLDS, cond_b, curves, gram_extremes, json_float, nanmedian,
-                                quantile_dict, relative_error_b, report_times, theory_b, threshold_key,
-                                trajectory_errors, trajectory_statistics)
+from lsq_jax.eval.solvers import (
+    Solver,
+    cg_solver,
+    check_eta,
+    eta_param,
+    gd_solver,
+    learned_gradient_solver,
+    learned_multistep_solver,
+    lstsq_solver,
+    optimal_gd_solver,
+    resolve_eta,
+    run_solver,
+)
+from lsq_jax.eval.stats import (
+    THRESHOLDS,
+    cond_b,
+    curves,
+    gram_extremes,
+    json_float,
+    nanmedian,
+    quantile_dict,
+    relative_error_b,
+    report_times,
+    theory_b,
+    threshold_key,
+    trajectory_errors,
+    trajectory_statistics,
+)
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params

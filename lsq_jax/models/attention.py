@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lsq_jax.models import initializers
 from lsq_jax.config.model import ModelConfig
+from lsq_jax.models import initializers
 from lsq_jax.models.dense import Dense
 
 

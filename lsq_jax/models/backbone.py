@@ -10,10 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import initializers
 from lsq_jax.models.attention import Attention
 from lsq_jax.models.baseconv import BaseConv
-from lsq_jax.config.model import ModelConfig
 from lsq_jax.models.dense import Dense
 
 LN_EPS = 1e-5

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from lsq_jax.models import initializers
 from lsq_jax.config.model import ModelConfig
+from lsq_jax.models import initializers
 from lsq_jax.models.dense import Dense
 
 IMPLICIT_HIDDEN = 16  # width of the implicit filter's MLP (3 -> 16 -> E)

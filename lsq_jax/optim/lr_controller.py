@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsq_jax.optim._tree import find_unique
 from lsq_jax.config.check import check_choice, check_flag, check_int, check_real
 from lsq_jax.config.optim import SCHEDULES
+from lsq_jax.optim._tree import find_unique
 
 __all__ = [
     "LRControllerState",

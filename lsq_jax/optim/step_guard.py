@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lsq_jax.optim._tree import find_unique
 from lsq_jax.config.check import check_optional_positive
+from lsq_jax.optim._tree import find_unique
 
 __all__ = [
     "StepGuardState",

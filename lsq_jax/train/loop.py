@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from lsq_jax.checkpoint import Checkpointer, abstract_like, claimed, saved_experiment
-from lsq_jax.config.experiment import Experiment, RESUMABLE_CHANGES, config_differences, experiment_to_dict
 from lsq_jax.config.check import ConfigError
+from lsq_jax.config.experiment import RESUMABLE_CHANGES, Experiment, config_differences, experiment_to_dict
 from lsq_jax.mesh import batch_sharded, check_batch_size, make_mesh, replicated
 from lsq_jax.train.log import MetricsWriter, Progress
 from lsq_jax.train.memory import check_memory, lm_chunks, microbatches

@@ -8,11 +8,11 @@ import os
 import jax
 import jax.numpy as jnp
 
-from lsq_jax.data.samplers import example_keys
-from lsq_jax.config.experiment import Experiment
 from lsq_jax.config.check import ConfigError
-from lsq_jax.train.state import count_params, uses_lm
+from lsq_jax.config.experiment import Experiment
+from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import make_task
+from lsq_jax.train.state import count_params, uses_lm
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
 # float64): XLA:CPU's step is bound by main memory once activations outgrow the cache; 2^17 measured the

@@ -7,12 +7,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lsq_jax.optim import recipe
-from lsq_jax.data.keys import run_keys
 from lsq_jax.config.experiment import Experiment
+from lsq_jax.data.keys import run_keys
 from lsq_jax.mesh import replicated
 from lsq_jax.models.backbone import init_params
-from lsq_jax.optim import lm
+from lsq_jax.optim import lm, recipe
 
 
 class TrainState(NamedTuple):

@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax.optim import grad_stats, lm, recipe
+from lsq_jax.config.experiment import Experiment
+from lsq_jax.data.base import Task
 from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.data.base import Task
 from lsq_jax.data.tasks import curriculum_value, make_task
-from lsq_jax.config.experiment import Experiment
 from lsq_jax.mesh import batch_sharded, replicated
 from lsq_jax.models.backbone import SequenceModel
-
+from lsq_jax.optim import grad_stats, lm, recipe
 from lsq_jax.train.memory import CPU_SCAN_UNROLL, lm_chunks, microbatches
 from lsq_jax.train.state import TrainState, count_params, uses_lm
 
