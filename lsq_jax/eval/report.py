@@ -219,7 +219,7 @@ def _classical_solvers(eta: Any) -> list[Solver]:
     return [gd_solver(eta), optimal_gd_solver(), cg_solver(), lstsq_solver()]
 
 
-def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int = 256, n_iters: int = 1000,
+def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_iters: int,
                         eta: Any = "auto", ood: bool = True, n_ood_problems: int | None = None,
                         n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
                         ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
@@ -305,8 +305,8 @@ def _exact_weights_solver(exp, apply_fn: Callable, eta: Any) -> list[Solver]:
     return [learned_gradient_solver(apply_fn, exact, eta, name="exact_weights")]
 
 
-def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int = 256,
-                           n_iters: int = 1000, eta: Any = "auto", scale_cond: float = 1.0,
+def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int,
+                           n_iters: int, eta: Any = "auto", scale_cond: float = 1.0,
                            scale_target: float = 1.0, ood: bool = True, n_ood_problems: int | None = None,
                            n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
                            ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
