@@ -108,7 +108,6 @@ MACHINE_RATE_ON_2_DEVICES = """
 import json, sys, jax
 jax.config.update("jax_enable_x64", True)
 import runpy
-from config_files import get_config
 from lsq_jax import bench
 get_config = lambda name, arg: runpy.run_path(f"configs/{name}.py")["get_config"](arg)
 bench.matmul_rate = lambda *a, **k: 1e9  # one device's rate, whatever the shape
