@@ -1,4 +1,4 @@
-"""Explicit gradient (the default run, SPEC §6): BaseConv short, 3 layers, width 64, learns one GD step.
+"""Explicit gradient (the default run, ): BaseConv short, 3 layers, width 64, learns one GD step.
 
 Task explicit_gradient 'last', D = 5, L = 20 (L_max 21): from tokens [x0, 0], [a_i, b_i] predict
 A^T (A x0 - b) / L. Recipe: Adam lr 1e-2 (eps 1e-16), adaptive LR step_rate 3000 gamma 0.9, EMA over
@@ -9,22 +9,18 @@ gradients 0.98 / 2.0, 2.5M steps of batch 1024.
     python -m lsq_jax.main --config=configs/baseconv.py:smoke      # < 60 s
     python -m lsq_jax.main --config=configs/baseconv.py:lm         # Levenberg-Marquardt, D = 3, width 16
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
-    c = common.base_config()
+    c = defaults.base_config()
     c.name = "baseconv"
     c.task.name = "explicit_gradient"
     c.task.setting = "last"
     c.model.update(mixer="baseconv", conv_type="short", n_layer=3, n_embd=64)
     c.optim.update(lr=1e-2, schedule="adaptive", step_rate=3000, gamma=0.9, ema_alpha=0.98, ema_lambda=2.0)
     c.train.update(batch_size=1024, num_steps=2_500_000, log_every=1000)
-    return common.apply_variant(
+    return defaults.apply_variant(
         c, arg,
         # cpu: batch 128 instead of 1024, so a smaller lr (3e-3: 1e-2 stalls near MSE 0.3 at this batch)
         cpu={"train.batch_size": 128, "train.num_steps": 16_000, "train.log_every": 500, "optim.lr": 3e-3,

@@ -1,22 +1,18 @@
-"""Explicit gradient with linear attention (SPEC §6): 3 layers, width 256, 16 heads, non-causal.
+"""Explicit gradient with linear attention: 3 layers, width 256, 16 heads, non-causal.
 
 Recipe: Adam lr 5e-4, STEP-THRESHOLD LR step_rate 12500 gamma 0.9, EMA 0.98 / 2.0, 2.5M steps. The
 `softmax` argument gives the softmax-attention sanity check with the same settings.
 
     python -m lsq_jax.main --config=configs/linear_attention.py[:softmax][,cpu|,smoke]
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
-    parts = common.split_arg(arg)
+    parts = defaults.split_arg(arg)
     softmax = "softmax" in parts
     variant = "".join(p for p in parts if p != "softmax")
-    c = common.base_config()
+    c = defaults.base_config()
     c.name = "softmax_attention" if softmax else "linear_attention"
     c.task.name = "explicit_gradient"
     c.task.setting = "last"
@@ -24,7 +20,7 @@ def get_config(arg=None):
                    causal=False)
     c.optim.update(lr=5e-4, schedule="step", step_rate=12_500, gamma=0.9, ema_alpha=0.98, ema_lambda=2.0)
     c.train.update(batch_size=1024, num_steps=2_500_000)
-    return common.apply_variant(
+    return defaults.apply_variant(
         c, variant,
         cpu={"model.n_embd": 64, "model.n_head": 4, "train.batch_size": 128, "train.num_steps": 4000,
              "train.log_every": 250, "optim.step_rate": 1000, "train.grad_stats_batches": 16,

@@ -1,26 +1,22 @@
-"""k-step GD (SPEC §6): BaseConv short, 6 layers, width 64, predicts x_4 after 4 GD steps (eta 0.5).
+"""k-step GD: BaseConv short, 6 layers, width 64, predicts x_4 after 4 GD steps (eta 0.5).
 
 Recipe as published (the command line overrode the yaml): Adam lr 1e-2, step-threshold LR step_rate 3000
 gamma 0.9, EMA off, 1M steps; the reference used data seed 1.
 
     python -m lsq_jax.main --config=configs/multistep_gd.py[:cpu|:smoke]
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
-    c = common.base_config()
+    c = defaults.base_config()
     c.name = "multistep_gd"
     c.seed = 1
     c.task.update(name="multistep_gd", num_iters=4, eta=0.5)
     c.model.update(mixer="baseconv", conv_type="short", n_layer=6, n_embd=64)
     c.optim.update(lr=1e-2, schedule="step", step_rate=3000, gamma=0.9, ema_lambda=0.0)
     c.train.update(batch_size=1024, num_steps=1_000_000)
-    return common.apply_variant(
+    return defaults.apply_variant(
         c, arg,
         cpu={"train.batch_size": 128, "train.num_steps": 4000, "train.log_every": 250, "optim.step_rate": 500,
              "train.grad_stats_batches": 16, "train.checkpoint_every": 1000},

@@ -1,4 +1,4 @@
-"""In-context least squares (SPEC §6): a softmax Transformer predicts each b_i from the tokens before it.
+"""In-context least squares: a softmax Transformer predicts each b_i from the tokens before it.
 
 least_squares_icl 'neighboring' (2L-1 tokens), L_max 39, read-out width 1; Transformer as in
 transformer_lsq.py; Adam lr 1e-4, step-threshold 10000 x 0.9, 1M steps; curriculum over points 6 -> 20,
@@ -6,15 +6,11 @@ transformer_lsq.py; Adam lr 1e-4, step-threshold 10000 x 0.9, 1M steps; curricul
 
     python -m lsq_jax.main --config=configs/transformer_icl.py[:cpu|:smoke]
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
-    c = common.base_config()
+    c = defaults.base_config()
     c.name = "transformer_icl"
     c.task.update(name="least_squares_icl", setting="neighboring", n_dims=5, n_points=20)
     c.model.update(mixer="attention", n_layer=12, n_embd=256, n_head=8, causal=True, use_mlps=True,
@@ -23,7 +19,7 @@ def get_config(arg=None):
     c.optim.update(lr=1e-4, schedule="step", step_rate=10_000, gamma=0.9)
     c.curriculum.points.update(start=6, inc=2, interval=10_000)
     c.train.update(batch_size=1024, num_steps=1_000_000)
-    return common.apply_variant(
+    return defaults.apply_variant(
         c, arg,
         cpu={"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.batch_size": 128,
              "train.num_steps": 3000, "train.log_every": 250, "optim.step_rate": 1000, "optim.lr": 1e-3,

@@ -1,4 +1,4 @@
-"""Least squares solved end to end by a softmax Transformer (SPEC §6): predict x* from [a_i, b_i].
+"""Least squares solved end to end by a softmax Transformer: predict x* from [a_i, b_i].
 
 Causal, 12 layers, width 256, 8 heads, MLP x4 relu, all LayerNorms; Adam lr 1e-4, step-threshold LR
 10000 x 0.9, 1M steps. `kappa5` trains on A with condition number 5; `baseconv` swaps the mixer (the
@@ -6,20 +6,16 @@ paper's layer sweep runs both with --config.model.n_layer=N).
 
     python -m lsq_jax.main --config=configs/transformer_lsq.py[:kappa5][,baseconv][,cpu|,smoke]
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
-    parts = common.split_arg(arg)
+    parts = defaults.split_arg(arg)
     variant = "".join(p for p in parts if p in ("cpu", "smoke"))
     unknown = [p for p in parts if p not in ("cpu", "smoke", "kappa5", "baseconv")]
     if unknown:
         raise ValueError(f"config argument {unknown[0]!r} is not allowed: use kappa5, baseconv, cpu, smoke")
-    c = common.base_config()
+    c = defaults.base_config()
     c.name = "transformer_lsq"
     c.task.name = "least_squares"
     if "kappa5" in parts:
@@ -32,7 +28,7 @@ def get_config(arg=None):
         c.name += "_baseconv"
     c.optim.update(lr=1e-4, schedule="step", step_rate=10_000, gamma=0.9)
     c.train.update(batch_size=1024, num_steps=1_000_000)
-    return common.apply_variant(
+    return defaults.apply_variant(
         c, variant,
         cpu={"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.batch_size": 128,
              "train.num_steps": 3000, "train.log_every": 250, "optim.step_rate": 1000, "optim.lr": 1e-3,

@@ -4,16 +4,10 @@
     python -m lsq_jax.bench --bench=throughput --config=configs/multistep_gd.py
     python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:lm
 
-Every figure is measured, never assumed: steps/s is the median (with min and max) of several timed
-windows after warm-up, compile time is reported apart, the step's FLOPs come from XLA's cost analysis of
-the step compiled for one device without microbatches (the analysis counts a loop's body once, and a
-partitioned program's analysis counts one device's share), and the roofline ratio divides the step's
-achieved FLOP/s by the rate of the model's dominant dense matmul ((B*T x E) @ (E x E), the better of all
-rows at once and the step's microbatches) measured in the same run (the best of its windows), in the same
-dtype, on one device (times the device count on accelerators; emulated CPU devices share the cores that
-one product uses); "of peak" divides it by the rate of a square 1024 product instead, the machine's best
-(a model whose other products are wider than E x E can exceed a roofline ratio of 1). Results are printed as
-tables and written as JSON (--out).
+Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
+time is reported apart, FLOPs come from XLA's cost analysis, and the roofline ratio divides the achieved
+FLOP/s by the model's dominant matmul measured in the same run (docs/performance.md says how). Results
+are printed as tables and written as JSON (--out).
 """
 from __future__ import annotations
 
@@ -44,14 +38,13 @@ _CHILD = flags.DEFINE_integer("scaling_child", 0,
 
 PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
 HYBRID_ADAM_STEPS = 500
-# The time-to-precision methods, as overrides of the benchmarked config: its Adam recipe, Levenberg-Marquardt
-# from the start, and the recipe for HYBRID_ADAM_STEPS iterations followed by LM.
+# Time-to-precision methods as config overrides: Adam, LM from the start, Adam then LM (the hybrid).
 PRECISION_METHODS = {"adam": {"optim.optimizer": "adam"}, "lm": {"optim.optimizer": "lm"},
                      "hybrid": {"optim.optimizer": "lm", "optim.lm_after": HYBRID_ADAM_STEPS}}
 
 
 def _experiment(config, **overrides):
-    from lsq_jax.experiment import experiment_from_config
+    from lsq_jax.config.experiment import experiment_from_config
 
     c = config.copy_and_resolve_references()
     c.update_from_flattened_dict(overrides)
@@ -109,17 +102,15 @@ def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: i
 
 def step_flops(exp, state) -> float:
     """FLOPs of one training step by XLA's cost analysis, of the whole batch on ONE device without
-    microbatches, whatever the run's devices: the analysis counts a loop's body once (accumulating
-    microbatches changes the order of the sums, not the arithmetic), and the analysis of a partitioned
-    program counts one device's share, replicated work (the optimizer update) included. So the figure is
-    the step's useful work, the same on any device count. The step is compiled, never run (its whole
-    batch must fit one device's memory at compile time)."""
+    microbatches (the analysis counts a loop's body once, and one device's share of a partitioned program),
+    so the figure is the step's useful work on any device count. The step is compiled, never run."""
     import jax
 
-    from lsq_jax import parallel, train
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.step import make_step_fns
 
     whole = dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatch_size=exp.train.batch_size))
-    fns = train.make_step_fns(whole, parallel.make_mesh(1), exp.task.n_points, None)
+    fns = make_step_fns(whole, make_mesh(1), exp.task.n_points, None)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, fns.no_metric))
     return float(fns.train.lower(*abstract).compile().cost_analysis().get("flops", float("nan")))
 
@@ -134,12 +125,16 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     """
     import jax
 
-    from lsq_jax import parallel, train
+    from lsq_jax.data.tasks import make_task
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.memory import microbatches
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import make_step_fns
 
     exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
-    mesh = parallel.make_mesh(n_devices)
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh(n_devices)
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     t0 = time.perf_counter()
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
@@ -147,8 +142,8 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
     state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
     median = statistics.median(rates)
-    rows = exp.train.batch_size * exp.make_task().seq_len(exp.task.n_points)
-    n_micro = train.microbatches(exp, exp.task.n_points, mesh.devices.size)
+    rows = exp.train.batch_size * make_task(exp.task).seq_len(exp.task.n_points)
+    n_micro = microbatches(exp, exp.task.n_points, mesh.devices.size)
     # the machine's matmul rate on this width: the better of the whole batch's rows at once and in the
     # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory), measured
     # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores
@@ -183,7 +178,11 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     import jax
     import jax.numpy as jnp
 
-    from lsq_jax import parallel, train
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.mesh import batch_sharded, make_mesh
+    from lsq_jax.train.memory import check_memory
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import advance, evaluate_loss, in_lm_phase, make_step_fns
 
     overrides.setdefault("train.num_steps", 10**9)  # the budget ends the run, not the config's step count
     if batch_size:
@@ -191,31 +190,31 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     if seed is not None:
         overrides["seed"] = seed
     exp = _experiment(config, **overrides)
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     try:
-        train.check_memory(exp, mesh)
-    except train.UsageError as err:
+        check_memory(exp, mesh)
+    except ConfigError as err:
         return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
-    state = train.place_state(train.init_state(exp), mesh)
+    state = place_state(init_state(exp), mesh)
     fns = {}
 
     def step_fns(state, step):
         """The step of iteration `step`, compiled (and run once on a copy) before its time is counted."""
-        key = (exp.task.n_points, None, train.in_lm_phase(exp, step))
+        key = (exp.task.n_points, None, in_lm_phase(exp, step))
         if key not in fns:
-            fns[key] = train.make_step_fns(exp, mesh, *key)
+            fns[key] = make_step_fns(exp, mesh, *key)
             copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-            jax.block_until_ready(train.advance(fns[key], copy, step))
+            jax.block_until_ready(advance(fns[key], copy, step))
         return fns[key]
 
-    evaluate = jax.jit(lambda p: train.evaluate_loss(p, exp, sharding=parallel.batch_sharded(mesh))["mse"])
+    evaluate = jax.jit(lambda p: evaluate_loss(p, exp, sharding=batch_sharded(mesh))["mse"])
     curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
     crossings, trained_s, steps = {}, 0.0, 0
     while trained_s < budget_s and steps < exp.train.num_steps:
         while trained_s - curve[-1]["seconds"] < 1.0 and trained_s < budget_s and steps < exp.train.num_steps:
             fn = step_fns(state, steps)
             t0 = time.perf_counter()
-            state = train.advance(fn, state, steps)[0]
+            state = advance(fn, state, steps)[0]
             jax.block_until_ready(state)
             trained_s += time.perf_counter() - t0
             steps += 1
@@ -224,9 +223,9 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
         for level in PRECISION_LEVELS:
             if mse < level and f"{level:.0e}" not in crossings:
                 crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": steps}
-    return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed,
-            "batch_size": exp.train.batch_size, "budget_s": budget_s, "steps": steps,
-            "final_test_mse": curve[-1]["test_mse"], "crossings": crossings, "curve": curve}
+    return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
+            "budget_s": budget_s, "steps": steps, "final_test_mse": curve[-1]["test_mse"], "crossings": crossings,
+            "curve": curve}
 
 
 def mse_at(curve: list[dict], seconds: float) -> float | None:

@@ -5,15 +5,14 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+from config_files import get_config
 
 
 def test_throughput_figures_are_consistent():
-    import baseconv
 
     from lsq_jax import bench
 
-    row = bench.throughput(baseconv.get_config("smoke"), "float64", n_windows=2, window_s=0.2)
+    row = bench.throughput(get_config("baseconv", "smoke"), "float64", n_windows=2, window_s=0.2)
     assert row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
     np.testing.assert_allclose(row["examples_per_s"], row["steps_per_s"] * 32)
     np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / row["matmul_gflops"])
@@ -26,13 +25,12 @@ def test_throughput_figures_are_consistent():
 def test_step_flops_count_every_microbatch():
     """XLA's cost analysis counts a loop body once: the bench must report the FLOPs of the whole step
     whether the step runs in 1 or 4 microbatches."""
-    import baseconv
 
     from lsq_jax import bench
 
     rows = {}
     for size in (32, 8):
-        c = baseconv.get_config("smoke")
+        c = get_config("baseconv", "smoke")
         c.train.microbatch_size = size
         rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
     assert rows[32]["microbatches"] == 1 and rows[8]["microbatches"] == 4
@@ -41,11 +39,10 @@ def test_step_flops_count_every_microbatch():
 
 
 def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
-    import baseconv
 
     from lsq_jax import bench
 
-    r = bench.time_to_precision(baseconv.get_config("smoke"), budget_s=3.0)
+    r = bench.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0)
     assert r["batch_size"] == 32  # the config's own batch unless one is given
     curve = r["curve"]
     assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"]}
@@ -60,11 +57,10 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
     """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method, the
     table's median and range are those of the runs' curves at each mark, and the plot is written."""
-    import baseconv
 
     from lsq_jax import bench
 
-    config = baseconv.get_config("lm")
+    config = get_config("baseconv", "lm")
     config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
                                        "train.eval_batch_size": 64})
     methods = {"adam": {"optim.optimizer": "adam"}, "hybrid": {"optim.optimizer": "lm", "optim.lm_after": 3}}
@@ -95,12 +91,11 @@ def test_mse_at_takes_the_last_measurement_at_or_before_the_mark():
 def test_scaling_measures_each_count_on_that_many_devices():
     """Each row runs in its own process on exactly the requested device count (emulated here); the step's
     FLOPs are the whole step's, the same on any device count (not one device's share)."""
-    import baseconv
 
     from lsq_jax import bench
 
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
-    rows = bench.scaling(baseconv.get_config("smoke"), [f"--config={path}:smoke"], [1, 2], n_windows=2,
+    rows = bench.scaling(get_config("baseconv", "smoke"), [f"--config={path}:smoke"], [1, 2], n_windows=2,
                          window_s=0.2)
     assert [row["devices"] for row in rows] == [1, 2]
     assert rows[0]["speedup"] == 1.0
@@ -112,14 +107,14 @@ def test_scaling_measures_each_count_on_that_many_devices():
 MACHINE_RATE_ON_2_DEVICES = """
 import json, sys, jax
 jax.config.update("jax_enable_x64", True)
-sys.path.insert(0, "configs")
-import baseconv
+import runpy
 from lsq_jax import bench
+get_config = lambda name, arg: runpy.run_path(f"configs/{name}.py")["get_config"](arg)
 bench.matmul_rate = lambda *a, **k: 1e9  # one device's rate, whatever the shape
 rows = {}
 for backend in ("cpu", "gpu"):
     jax.default_backend = lambda: backend
-    rows[backend] = bench.throughput(baseconv.get_config("smoke"), "float64", n_windows=2, window_s=0.1, n_devices=2)
+    rows[backend] = bench.throughput(get_config("baseconv", "smoke"), "float64", n_windows=2, window_s=0.1, n_devices=2)
 print(json.dumps(rows))
 """
 
@@ -161,7 +156,6 @@ def test_config_argv_keeps_the_config_flags_in_both_forms():
 def test_scaling_on_accelerators_runs_here_and_skips_counts_the_machine_lacks(monkeypatch, capsys):
     """Off CPU the devices are real: each count runs in this process (no emulation flag, no subprocess),
     and a count above jax.device_count() is skipped with a line saying so."""
-    import baseconv
     import jax
 
     from lsq_jax import bench
@@ -169,7 +163,7 @@ def test_scaling_on_accelerators_runs_here_and_skips_counts_the_machine_lacks(mo
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("started a subprocess"))
     n = jax.device_count()
-    rows = bench.scaling(baseconv.get_config("smoke"), [], [n, n + 1], n_windows=2, window_s=0.2)
+    rows = bench.scaling(get_config("baseconv", "smoke"), [], [n, n + 1], n_windows=2, window_s=0.2)
     assert [row["devices"] for row in rows] == [n]
     assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
     assert f"scaling: {n + 1} devices skipped ({n} available)" in capsys.readouterr().out

@@ -1,15 +1,14 @@
 """Every config file and variant converts, and its training step traces (catches work that cannot run
 under jit, such as a task drawing its fixed coefficients while being traced)."""
-import importlib.util
-import pathlib
-
 import jax
 import pytest
 
-from lsq_jax import train
-from lsq_jax.experiment import experiment_from_config
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.train.state import init_state
+from lsq_jax.train.step import measure_grad_stats, sizes_at, train_step
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from config_files import load
+
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
          ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),
          ("transformer_lsq", "smoke"), ("transformer_lsq", "kappa5,baseconv,cpu"), ("transformer_icl", "smoke"),
@@ -17,25 +16,18 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
                                         ("read", "linear", "multiply", "square", "identity", "read,attention")]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
-    n_points, n_dims = train.sizes_at(exp, 0)
-    state = jax.eval_shape(lambda: train.init_state(exp))
+    n_points, n_dims = sizes_at(exp, 0)
+    state = jax.eval_shape(lambda: init_state(exp))
     new_state, metrics = jax.eval_shape(
-        lambda s: train.train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+        lambda s: train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == ()
     if exp.train.grad_stats_batches:
         stats = jax.eval_shape(
-            lambda s: train.gradient_statistics(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+            lambda s: measure_grad_stats(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
         assert stats["gradient_cosine_mean"].shape == ()
 
 

@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.experiment import experiment_from_config
+from lsq_jax.config.experiment import experiment_from_config
 
 # ml_collections loads config files with the deprecated load_module
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 LAUNCHERS = [LAUNCH / "tpu_pod.sh", LAUNCH / "slurm_gpu.sbatch", LAUNCH / "local_multiprocess.sh"]
-FAMILIES = {  # script -> runs (SPEC §6 and the published replication scripts)
+FAMILIES = {  # script -> runs (the reference's and the published replication scripts)
     "explicit_gradient": 8 + 4 + 4 + 4 + 2,
     "kstep_gd": 1,
     "least_squares_layers": 2 * 10,

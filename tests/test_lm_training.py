@@ -2,7 +2,6 @@
 explicit-gradient weights plus noise, the hybrid's phases, and bit-identical resume through the CLI."""
 import io
 import pathlib
-import sys
 from contextlib import redirect_stderr
 
 import jax
@@ -11,14 +10,24 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax import checkpointing, main, parallel, train
+from lsq_jax import main
+from lsq_jax.checkpoint import Checkpointer, abstract_like, saved_experiment
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.experiment import experiment_from_config
-from lsq_jax.models.gd_weights import explicit_gradient_params
+from lsq_jax.data.tasks import make_task
+from lsq_jax.eval import report as eval_report
+from lsq_jax.mesh import make_mesh, replicated
+from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.models.exact_weights import explicit_gradient_params
+from lsq_jax.optim import lr_controller
+from lsq_jax.train.memory import memory_estimate
+from lsq_jax.train.state import count_params, init_state, place_state
+from lsq_jax.train.step import advance, example_loss, lm_residuals, make_step_fns
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import baseconv  # noqa: E402
 
 EPS = np.finfo(np.float64).eps
 TINY = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "train.batch_size": 300,
@@ -26,7 +35,7 @@ TINY = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "train.batch_si
 
 
 def tiny_experiment(**overrides):
-    c = baseconv.get_config("lm")
+    c = get_config("baseconv", "lm")
     c.update_from_flattened_dict({**TINY, **overrides})
     return experiment_from_config(c)
 
@@ -34,31 +43,30 @@ def tiny_experiment(**overrides):
 def lm_batch(exp, step=0):
     """The residuals, targets' mean square and the keys of the problems LM fits at iteration `step`."""
     index = (step - exp.optim.lm_after) // exp.optim.lm_refresh_every if exp.optim.lm_refresh_every else 0
-    return example_keys(train.run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size)
+    return example_keys(run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size)
 
 
 def residuals(exp, params, keys):
-    from lsq_jax.models.backbone import SequenceModel
-    return train.lm_residuals(params, keys, model=SequenceModel(exp.model), task=exp.make_task(),
+    return lm_residuals(params, keys, model=SequenceModel(exp.model), task=make_task(exp.task),
                               n_points=exp.task.n_points, n_dims=None)
 
 
 def run_lm(exp, params, n):
-    mesh = parallel.make_mesh()
-    state = train.place_state(train.init_state(exp)._replace(params=params), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
+    mesh = make_mesh()
+    state = place_state(init_state(exp)._replace(params=params), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
     history = []
     for i in range(n):
-        state, metrics = train.advance(fns, state, i)
+        state, metrics = advance(fns, state, i)
         history.append(float(metrics["loss"]))
     return state, history
 
 
 def test_lm_residuals_mean_square_is_the_task_loss():
     exp = tiny_experiment()
-    params = train.init_state(exp).params
+    params = init_state(exp).params
     keys = lm_batch(exp)
-    loss, _ = train.example_loss(params, keys, model=train.SequenceModel(exp.model), task=exp.make_task(),
+    loss, _ = example_loss(params, keys, model=SequenceModel(exp.model), task=make_task(exp.task),
                                  n_points=exp.task.n_points, n_dims=None)
     r = residuals(exp, params, keys)
     assert r.shape == (300, 2)
@@ -67,7 +75,7 @@ def test_lm_residuals_mean_square_is_the_task_loss():
 
 def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
     exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1})
-    params = train.init_state(exp).params
+    params = init_state(exp).params
     keys = lm_batch(exp)
     theta, unravel = ravel_pytree(params)
     J = np.asarray(jax.jacrev(lambda t: residuals(exp, unravel(t), keys).reshape(-1))(theta))
@@ -94,18 +102,30 @@ def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
     iterations (about 39 reach it, measured) bring the test MSE to eps * mean(target^2), a relative RMS
     error of sqrt(eps). The batch has N K = 4 P residuals or more, so that fitting it fits the task."""
     exp = tiny_experiment(**{"train.batch_size": 1300})
-    assert 1300 * 2 >= 4 * train.count_params(exp)
+    assert 1300 * 2 >= 4 * count_params(exp)
     exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
     theta, unravel = ravel_pytree(exact)
     noisy = unravel(theta + 1e-3 * jax.random.normal(jax.random.key(1), theta.shape))
     keys = example_keys(jax.random.key(7), 0, 0, 2048)
     test_mse = lambda p: float(jnp.mean(residuals(exp, p, keys) ** 2))
-    targets = exp.make_task().sample(keys, n_points=exp.task.n_points).targets
+    targets = make_task(exp.task).sample(keys, n_points=exp.task.n_points).targets
     tol = EPS * float(jnp.mean(targets ** 2))
     assert test_mse(exact) <= 100 * EPS * tol  # the construction itself is exact to rounding
     assert test_mse(noisy) > 1e6 * tol
     state, history = run_lm(exp, noisy, 45)
     assert test_mse(state.params) <= tol, history
+
+
+def final_state(workdir):
+    """The whole training state of a workdir's newest checkpoint (optimizer state included)."""
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        sharding = replicated(make_mesh())
+        _, _, state = ckpt.restore_newest(
+            lambda saved: abstract_like(jax.eval_shape(lambda: init_state(saved_experiment(saved))), sharding))
+    finally:
+        ckpt.close()
+    return state
 
 
 def _run(argv):
@@ -116,7 +136,7 @@ def _run(argv):
 
 @pytest.mark.parametrize("lm_after", [0, 3])
 def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
-    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: {})
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
     args = [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", *(f"--config.{k}={v}" for k, v in TINY.items()),
             f"--config.optim.lm_after={lm_after}", "--config.train.checkpoint_every=4",
             "--config.train.log_every=2", "--config.optim.lm_refresh_every=3"]
@@ -124,14 +144,13 @@ def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
     assert _run([*args, "--config.train.num_steps=4", f"--workdir={tmp_path / 'part'}"])[0] == 0
     status, err = _run([*args, "--config.train.num_steps=8", f"--workdir={tmp_path / 'part'}"])
     assert status == 0, err
-    a = train.restore_for_eval(checkpointing.resolve_workdir(str(tmp_path / "full")), log=lambda _: None)[1]
-    b = train.restore_for_eval(checkpointing.resolve_workdir(str(tmp_path / "part")), log=lambda _: None)[1]
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "part")
     assert int(a.step) == int(b.step) == 8
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     lm_state = a.opt_state["lm"]
     assert int(lm_state.accepted) >= 1 and int(lm_state.iteration) >= 8 - lm_after
-    adam_applied = int(train.optim.applied_steps(a.opt_state["adam"]))
+    adam_applied = int(lr_controller.applied_steps(a.opt_state["adam"]))
     assert adam_applied == lm_after  # the recipe ran exactly the hybrid's first steps
 
 
@@ -139,7 +158,7 @@ def test_matrix_free_solver_trains_through_the_same_step():
     """optim.lm_solver=cg (Gauss-Newton-CG, no P x P matrix) from random initialisation: steps are accepted
     and the loss falls (slowly: the CG path solves once per iteration, so each early rejection costs one)."""
     exp = tiny_experiment(**{"optim.lm_solver": "cg", "optim.lm_cg_iters": 50})
-    assert train.memory_estimate(exp, 1)["lm_normal_equations"] == 0
-    state, history = run_lm(exp, train.init_state(exp).params, 12)
+    assert memory_estimate(exp, 1)["lm_normal_equations"] == 0
+    state, history = run_lm(exp, init_state(exp).params, 12)
     assert np.all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
     assert int(state.opt_state["lm"].accepted) >= 2

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import attention, baseconv, dense
 from lsq_jax.models.backbone import SequenceModel, init_params
-from lsq_jax.models.config import ModelConfig
-from lsq_jax.models.convert import config_from_reference, params_from_reference
+
+from convert import config_from_reference, params_from_reference, short_filter_from_reference, short_filter_to_reference
 
 REFERENCE_CASES = sorted(os.path.basename(f)[:-4] for f in glob.glob(
     os.path.join(os.path.dirname(__file__), "reference", "model_*.npz")))
@@ -77,8 +78,8 @@ def test_short_conv_matches_conv1d(causal, k, n):
     v = rng.normal(size=(2, n, 3))
     weight = rng.normal(size=(3, 1, k))
     bias = rng.normal(size=3)
-    filt = baseconv.short_filter_from_reference(weight)
-    np.testing.assert_array_equal(baseconv.short_filter_to_reference(filt), weight)
+    filt = short_filter_from_reference(weight)
+    np.testing.assert_array_equal(short_filter_to_reference(filt), weight)
     out = baseconv.short_conv(jnp.asarray(v), filt, jnp.asarray(bias), causal)
     for b in range(2):
         np.testing.assert_allclose(out[b], _direct_reference_conv1d(v[b], weight, bias, causal), atol=1e-13)

@@ -4,7 +4,6 @@ The slow test starts real JAX processes on 127.0.0.1 (gloo collectives between t
 peer never arrives ABORTS (exit 134) instead of raising, so every child runs in its own session with a
 deadline, and whatever is left is killed by its process-group id.
 """
-import json
 import os
 import pathlib
 import signal
@@ -17,13 +16,16 @@ import jax
 import numpy as np
 import pytest
 
-from lsq_jax import parallel, train
-from lsq_jax.checkpointing import Checkpointer, abstract_like
-from lsq_jax.experiment import experiment_from_config
+from lsq_jax import main
+from lsq_jax.checkpoint import Checkpointer, abstract_like
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.eval.plots import read_metrics
+from lsq_jax.mesh import _slurm_local_device_ids, initialize_distributed, make_mesh, replicated
+from lsq_jax.train.state import init_state
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import baseconv  # noqa: E402  (configs/baseconv.py)
 
 NUM_STEPS = 10
 DEADLINE_S = 240
@@ -53,20 +55,20 @@ SLOW_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 ])
 def test_bad_distributed_flags_are_one_line_value_errors(kwargs, needle):
     with pytest.raises(ValueError) as info:
-        parallel.initialize_distributed(**kwargs)
+        initialize_distributed(**kwargs)
     message = str(info.value)
     assert needle in message and "\n" not in message, message
 
 
 def test_mesh_over_all_or_the_first_n_devices():
-    assert parallel.make_mesh().devices.size == jax.device_count()
-    assert list(parallel.make_mesh(1).devices.flat) == jax.devices()[:1]
+    assert make_mesh().devices.size == jax.device_count()
+    assert list(make_mesh(1).devices.flat) == jax.devices()[:1]
     with pytest.raises(ValueError, match="n_devices=.* is not allowed"):
-        parallel.make_mesh(jax.device_count() + 1)
+        make_mesh(jax.device_count() + 1)
 
 
 def test_off_does_nothing():
-    assert parallel.initialize_distributed("off") is None
+    assert initialize_distributed("off") is None
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -81,15 +83,15 @@ def test_slurm_local_device_ids(monkeypatch, env, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert parallel._slurm_local_device_ids() == expected
+    assert _slurm_local_device_ids() == expected
 
 
-def test_cli_reports_bad_distributed_flags_on_one_line():
-    proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", "--config=configs/baseconv.py:smoke",
-                           "--distributed=explicit", "--num_processes=2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+def test_cli_reports_bad_distributed_flags_on_one_line(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    status = main.run(["lsq_jax.main", "--config=configs/baseconv.py:smoke", "--distributed=explicit",
+                       "--num_processes=2"], log=lambda _: None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, lines
     assert "--coordinator_address" in lines[0] and "--process_id" in lines[0]
 
 
@@ -105,7 +107,7 @@ def _train_args(workdir) -> list[str]:
     args = ["--config=configs/baseconv.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
             "--config.train.checkpoint_every=1000", f"--workdir={workdir}"]
     # keep the report at the end of training small (its fields may not exist in every version of the configs)
-    fields = baseconv.get_config("smoke").train
+    fields = get_config("baseconv", "smoke").train
     args += [f"--config.train.{k}={v}" for k, v in (("eval_problems", 4), ("eval_iters", 5)) if k in fields]
     return args
 
@@ -133,15 +135,15 @@ def _logs(log_dir) -> str:
 
 
 def _experiment():
-    c = baseconv.get_config("smoke")
+    c = get_config("baseconv", "smoke")
     c.update_from_flattened_dict({"train.num_steps": NUM_STEPS, "train.checkpoint_every": 1000})
     return experiment_from_config(c)
 
 
 def _restore_final(workdir, exp):
     """The final TrainState of a workdir, restored in this (one-device) process."""
-    abstract = abstract_like(jax.eval_shape(lambda: train.init_state(exp)),
-                             parallel.replicated(parallel.make_mesh()))
+    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)),
+                             replicated(make_mesh()))
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         assert ckpt.steps()[-1] == NUM_STEPS, ckpt.steps()
@@ -155,7 +157,7 @@ def _flat(tree) -> np.ndarray:
 
 
 def _first_loss(workdir) -> float:
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(workdir / "metrics.jsonl")
     return next(r["loss"] for r in lines if r["step"] == 0)
 
 
@@ -187,7 +189,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
 
     exp = _experiment()
     state2, state1 = _restore_final(two, exp), _restore_final(one, exp)
-    p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(train.init_state(exp).params)
+    p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(init_state(exp).params)
     assert int(state2.step) == int(state1.step) == NUM_STEPS
     assert np.linalg.norm(p1 - p0) > 1e-3 * np.linalg.norm(p0)  # training moved the parameters
     # the gradient all-reduce sums in another order: round-off, not bitwise (STYLE.md)

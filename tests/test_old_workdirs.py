@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from lsq_jax import checkpointing, main, train
+from lsq_jax import checkpoint, main
+from lsq_jax.mesh import make_mesh, replicated
+from lsq_jax.models.backbone import init_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -30,8 +32,10 @@ def run(argv):
 
 
 def final_params(workdir):
-    _, state = train.restore_for_eval(checkpointing.resolve_workdir(str(workdir)), None, log=lambda _: None)
-    return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
+    _, step, params = checkpoint.restore_params(checkpoint.resolve_workdir(str(workdir)), None, shape,
+                                                replicated(make_mesh()), log=lambda _: None)
+    return step, [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

@@ -15,8 +15,15 @@ import jax
 import numpy as np
 import pytest
 
-from lsq_jax import checkpointing, main, train
-from lsq_jax.checkpointing import Checkpointer, WorkdirLock
+from lsq_jax import checkpoint, main
+from lsq_jax.checkpoint import Checkpointer, WorkdirLock
+from lsq_jax.eval import report as eval_report
+from lsq_jax.eval.plots import read_metrics
+from lsq_jax.mesh import make_mesh, replicated
+from lsq_jax.models.backbone import init_params
+from lsq_jax.train.memory import divisors, memory_estimate
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"
@@ -29,7 +36,8 @@ def no_report(monkeypatch):
     """Skip the evaluation report (its out-of-distribution grid compiles for minutes): the tests here are
     about the run around it. Records the params it was asked to evaluate."""
     calls = []
-    monkeypatch.setattr(train, "write_evaluation", lambda exp, params, workdir, **kw: calls.append(params) or {})
+    monkeypatch.setattr(eval_report, "write_evaluation",
+                        lambda exp, params, workdir, **kw: calls.append(params) or {})
     return calls
 
 
@@ -56,8 +64,11 @@ def snapshot(directory: pathlib.Path) -> dict:
 
 
 def params_of(workdir, step=None):
-    exp, state = train.restore_for_eval(checkpointing.resolve_workdir(str(workdir)), step, log=lambda _: None)
-    return [np.asarray(x) for x in jax.tree.leaves(state.params)], int(state.step)
+    """(parameter leaves, step) of a workdir's checkpoint, restored as --mode=eval restores them."""
+    shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
+    _, step, params = checkpoint.restore_params(checkpoint.resolve_workdir(str(workdir)), step, shape,
+                                                replicated(make_mesh()), log=lambda _: None)
+    return [np.asarray(x) for x in jax.tree.leaves(params)], step
 
 
 # -- workdirs ----------------------------------------------------------------------------------------------
@@ -88,14 +99,14 @@ def test_a_plain_file_or_an_unwritable_place_as_workdir_is_refused(tmp_path, no_
 def test_eval_into_a_read_only_workdir_stops_before_evaluating(tmp_path, no_report, monkeypatch):
     assert run(f"--workdir={tmp_path}", steps=20)[0] == 0
     before = snapshot(tmp_path)
-    real_write = checkpointing.epath.Path.write_text
+    real_write = checkpoint.epath.Path.write_text
 
     def read_only(self, *args, **kwargs):
         if str(self).startswith(str(tmp_path)):
             raise PermissionError(13, "Permission denied")
         return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing.epath.Path, "write_text", read_only)
+    monkeypatch.setattr(checkpoint.epath.Path, "write_text", read_only)
     status, out, err = run("--mode=eval", f"--workdir={tmp_path}")
     assert_bad_input(status, err, "not writable")
     assert not no_report[1:] and not any("evaluating" in line for line in out)
@@ -126,7 +137,7 @@ def test_sigterm_during_a_save_exits_0_and_the_run_resumes_to_the_end(tmp_path, 
 
 
 def test_sigterm_outside_the_steps_exits_0(tmp_path, no_report, monkeypatch):
-    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     status, out, err = run(f"--workdir={tmp_path}", steps=20)
     assert status == 0, err
     assert any("run the same command to resume" in line for line in out)
@@ -169,7 +180,7 @@ def test_eval_falls_back_past_a_checkpoint_whose_config_is_garbage(tmp_path, no_
 def test_non_finite_loss_is_logged_skipped_and_the_run_ends_cleanly(tmp_path, no_report):
     status, out, err = run(f"--workdir={tmp_path}", "--config.optim.lr=1e30", steps=30)
     assert status == 0, err
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")
     skipped = [r for r in records if "loss" in r and not np.isfinite(r["loss"])]
     assert skipped and all(r["skipped_steps"] >= 1 for r in skipped)
     assert any("non-finite" in line for line in out)
@@ -242,26 +253,24 @@ def test_sizes_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, 
 
 def test_memory_estimate_counts_the_parameters_and_the_batch():
     exp = main_experiment()
-    n_params = sum(x.size for x in jax.tree.leaves(train.init_params(exp.model, jax.random.key(0))))
-    parts = train.memory_estimate(exp, 1, "gpu")
+    n_params = sum(x.size for x in jax.tree.leaves(init_params(exp.model, jax.random.key(0))))
+    parts = memory_estimate(exp, 1, "gpu")
     assert parts["state"] == 6 * n_params * 8
     assert parts["data"] == exp.train.batch_size * (21 * 6 * 8 + 8)  # T = 21 tokens of width D + 1 = 6
     assert parts["activations"] == 2 * 4 * exp.train.batch_size * 21 * 64 * 8  # one microbatch on GPU
 
 
 def main_experiment():
-    sys.path.insert(0, str(REPO / "configs"))
-    import baseconv
 
-    from lsq_jax.experiment import experiment_from_config
-    return experiment_from_config(baseconv.get_config("smoke"))
+    from lsq_jax.config.experiment import experiment_from_config
+    return experiment_from_config(get_config("baseconv", "smoke"))
 
 
 def test_divisors_are_found_without_enumerating_every_integer():
-    assert train.divisors(12) == [1, 2, 3, 4, 6, 12]
-    assert train.divisors(49) == [1, 7, 49]
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
+    assert divisors(49) == [1, 7, 49]
     n = 2**40
-    assert train.divisors(n) == [2**k for k in range(41)]
+    assert divisors(n) == [2**k for k in range(41)]
 
 
 def test_matmul_precision_is_highest_and_saved(tmp_path, no_report):
@@ -330,8 +339,8 @@ def bucket(tmp_path, monkeypatch):
     # Orbax itself writes arrays with TensorStore's own GCS driver, which no fake can serve: it gets the
     # local directory (its gs:// support is Orbax's to test), everything else of the workdir goes through
     # the bucket.
-    manager = checkpointing.ocp.CheckpointManager
-    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager",
+    manager = checkpoint.ocp.CheckpointManager
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager",
                         lambda directory, **kw: manager(to_local(str(directory)), **kw))
     yield tmp_path / "bucket"
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -343,12 +352,12 @@ def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
     assert status == 0, err
     assert "workdir: gs://bucket/w" in out
     local = bucket / "w"
-    records = [json.loads(line) for line in (local / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(local / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 10, 19, 20]
     report = json.loads((local / "eval" / "report.json").read_text())
     assert report["config"]["name"] == "baseconv-smoke" and (local / "eval" / "training_curve.png").exists()
     assert not (local / "lock").exists()
-    monkeypatch.setattr(train, "write_evaluation", lambda *a, **k: {})
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
     status, out, err = run("--workdir=gs://bucket/w", steps=30)
     assert status == 0, err
     assert "resumed from step 20" in out and params_of(local)[1] == 30

@@ -1,4 +1,4 @@
-"""Samplers (SPEC section 1): shapes, dtypes, option order, kappa rescaling, per-example keys."""
+"""Samplers: shapes, dtypes, option order, kappa rescaling, per-example keys."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,4 @@
 """The training step against independent computations, device-count invariance, and the CLI."""
-import functools
 import json
 import os
 import pathlib
@@ -10,29 +9,37 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from lsq_jax import main, optim, parallel, train
-from lsq_jax.experiment import experiment_from_config
+from lsq_jax import main
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.keys import run_keys
+from lsq_jax.data.tasks import make_task
+from lsq_jax.eval.plots import read_metrics
+from lsq_jax.mesh import make_mesh
+from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.optim import recipe, step_guard
+from lsq_jax.train.memory import CPU_SCAN_UNROLL, microbatches
+from lsq_jax.train.state import init_state, place_state
+from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch, make_step_fns, sizes_at
+
+from config_files import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import baseconv  # noqa: E402  (configs/baseconv.py)
 
 
 def smoke_experiment(**overrides):
-    c = baseconv.get_config("smoke")
+    c = get_config("baseconv", "smoke")
     c.update_from_flattened_dict(overrides)
     return experiment_from_config(c)
 
 
 def run_steps(exp, n, state=None):
-    mesh = parallel.make_mesh()
-    state = train.place_state(state if state is not None else train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh()
+    state = place_state(state if state is not None else init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(int(state.step), int(state.step) + n):
-        state, metrics = train.advance(fns, state, i)
+        state, metrics = advance(fns, state, i)
     return state, metrics
 
 
@@ -55,13 +62,13 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
                               "optim.lr": lr, "optim.l1": l1, "optim.ema_lambda": 0.0,
                               "train.grad_stats_batches": 0, "optim.clip_norm": 1e12,
                               "train.microbatch_size": microbatch_size})
-    assert train.microbatches(exp, exp.task.n_points, 1) == 32 // microbatch_size
-    state0 = train.init_state(exp)
+    assert microbatches(exp, exp.task.n_points, 1) == 32 // microbatch_size
+    state0 = init_state(exp)
     params0 = jax.tree_util.tree_map(np.asarray, state0.params)
     state, metrics = run_steps(exp, 1, state0)
-    task = exp.make_task()
-    batch = train.draw_batch(task, train.run_keys(exp.seed)["data"], 0, exp.train.batch_size, exp.task.n_points, None)
-    model = train.SequenceModel(exp.model)
+    task = make_task(exp.task)
+    batch = draw_batch(task, run_keys(exp.seed)["data"], 0, exp.train.batch_size, exp.task.n_points, None)
+    model = SequenceModel(exp.model)
     def full_loss(p):  # the whole output sequence, not the train step's last-position shortcut
         return task.loss(model.apply({"params": p}, batch.inputs), batch.targets)
 
@@ -74,7 +81,7 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
 
 def test_non_finite_loss_is_never_written_into_the_parameters():
     exp = smoke_experiment()
-    state = train.init_state(exp)
+    state = init_state(exp)
     # a read-out bias of 1e300 makes the squared error overflow: loss and gradient are inf / NaN
     params = jax.tree_util.tree_map(lambda x: x, state.params)
     params["read_out"]["bias"] = params["read_out"]["bias"].at[0].set(1e300)
@@ -82,7 +89,7 @@ def test_non_finite_loss_is_never_written_into_the_parameters():
     before = jax.tree_util.tree_map(np.asarray, (state.params, state.opt_state))
     after, metrics = run_steps(exp, 2, state)
     assert not np.isfinite(metrics["loss"])
-    assert int(optim.skipped_steps(after.opt_state)) == 2
+    assert int(step_guard.skipped_steps(after.opt_state)) == 2
     assert int(after.step) == 2
     for a, b in zip(jax.tree_util.tree_leaves(before[0]), jax.tree_util.tree_leaves(after.params)):
         np.testing.assert_array_equal(a, b)
@@ -90,12 +97,12 @@ def test_non_finite_loss_is_never_written_into_the_parameters():
 
 def test_gradient_statistics_only_on_measurement_steps():
     exp = smoke_experiment(**{"train.log_every": 3})
-    mesh = parallel.make_mesh()
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh()
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     seen = []
     for i in range(4):
-        state, metrics = train.advance(fns, state, i)
+        state, metrics = advance(fns, state, i)
         seen.append("gradient_cosine_mean" in metrics and bool(np.isfinite(metrics["gradient_cosine_mean"])))
     assert seen == [True, False, False, True]
 
@@ -104,28 +111,28 @@ def test_measured_cosine_reaches_the_adaptive_lr():
     """The statistics' mean cosine, measured in its own call, is the metric the step's LR controller
     absorbs: its EMA after step 0 is decay * EMA before + (1 - decay) * cosine, computed here by hand."""
     exp = smoke_experiment()
-    mesh = parallel.make_mesh()
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh()
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     key = "gradient_cosine_metric_lrscheduler"
-    before = float(optim.optimizer_metrics(state.opt_state)[key])
+    before = float(recipe.optimizer_metrics(state.opt_state)[key])
     cosine = float(fns.stats(state)["gradient_cosine_mean"])
-    state, _ = train.advance(fns, state, 0)
+    state, _ = advance(fns, state, 0)
     decay = exp.optim.metric_decay
-    np.testing.assert_allclose(float(optim.optimizer_metrics(state.opt_state)[key]),
+    np.testing.assert_allclose(float(recipe.optimizer_metrics(state.opt_state)[key]),
                                decay * before + (1 - decay) * cosine, rtol=1e-14)
 
 
 def test_curriculum_sizes_follow_the_schedule():
-    c = baseconv.get_config("smoke")
+    c = get_config("baseconv", "smoke")
     c.curriculum.points.update(start=6, inc=2, interval=10)
     c.curriculum.dims.update(start=2, inc=1, interval=5)
     exp = experiment_from_config(c)
-    assert train.sizes_at(exp, 0) == (6, 2)
-    assert train.sizes_at(exp, 9) == (6, 3)
-    assert train.sizes_at(exp, 10) == (8, 4)
-    assert train.sizes_at(exp, 15) == (8, None)  # dims reached n_dims = 5: no truncation
-    assert train.sizes_at(exp, 10_000) == (20, None)
+    assert sizes_at(exp, 0) == (6, 2)
+    assert sizes_at(exp, 9) == (6, 3)
+    assert sizes_at(exp, 10) == (8, 4)
+    assert sizes_at(exp, 15) == (8, None)  # dims reached n_dims = 5: no truncation
+    assert sizes_at(exp, 10_000) == (20, None)
 
 
 def test_accumulated_gradient_is_the_least_squares_gradient():
@@ -143,7 +150,7 @@ def test_accumulated_gradient_is_the_least_squares_gradient():
 
     resid = np.abs(x @ w - y)
     for n_chunks in (1, 2, 3, 4, 8, 16):  # 3: an odd count, with the CPU scan unrolled by 2
-        (loss, aux), grad = jax.jit(train.accumulated_value_and_grad, static_argnums=(0, 3))(
+        (loss, aux), grad = jax.jit(accumulated_value_and_grad, static_argnums=(0, 3))(
             chunk_loss, jnp.asarray(w), (jnp.asarray(x), jnp.asarray(y)), n_chunks)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-14)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-13, atol=1e-15)
@@ -158,12 +165,12 @@ def test_microbatch_scan_is_unrolled_on_cpu_only(monkeypatch):
         return jnp.mean(x @ w), None
 
     def scan_unroll():
-        jaxpr = jax.make_jaxpr(lambda w, x: train.accumulated_value_and_grad(loss, w, x, 4))(
+        jaxpr = jax.make_jaxpr(lambda w, x: accumulated_value_and_grad(loss, w, x, 4))(
             jnp.ones(3), jnp.ones((8, 3)))
         (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
         return eqn.params["unroll"]
 
-    assert scan_unroll() == train.CPU_SCAN_UNROLL == 2
+    assert scan_unroll() == CPU_SCAN_UNROLL == 2
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert scan_unroll() == 1
 
@@ -171,36 +178,36 @@ def test_microbatch_scan_is_unrolled_on_cpu_only(monkeypatch):
 def test_auto_microbatches_keep_an_activation_within_2_17_elements():
     exp = smoke_experiment(**{"train.batch_size": 1024})  # T = 21, E = 64
     # 64 examples x 21 x 64 = 86,016 elements <= 2^17 < 128 examples, in float64 and float32 alike
-    assert train.microbatches(exp, exp.task.n_points, 1, backend="cpu") == 16
-    assert train.microbatches(exp, exp.task.n_points, 2, backend="cpu") == 8
-    assert train.microbatches(smoke_experiment(**{"train.batch_size": 1024, "dtype": "float32"}),
+    assert microbatches(exp, exp.task.n_points, 1, backend="cpu") == 16
+    assert microbatches(exp, exp.task.n_points, 2, backend="cpu") == 8
+    assert microbatches(smoke_experiment(**{"train.batch_size": 1024, "dtype": "float32"}),
                               exp.task.n_points, 1, backend="cpu") == 16
-    assert train.microbatches(exp, exp.task.n_points, 1, backend="gpu") == 1
-    assert train.microbatches(smoke_experiment(), exp.task.n_points, 1, backend="cpu") == 1  # batch 32: fits
+    assert microbatches(exp, exp.task.n_points, 1, backend="gpu") == 1
+    assert microbatches(smoke_experiment(), exp.task.n_points, 1, backend="cpu") == 1  # batch 32: fits
     with pytest.raises(ValueError, match="train.microbatch_size=48 .* per-device batch 512"):
-        train.microbatches(smoke_experiment(**{"train.batch_size": 1024, "train.microbatch_size": 48}),
+        microbatches(smoke_experiment(**{"train.batch_size": 1024, "train.microbatch_size": 48}),
                            exp.task.n_points, 2)
 
 
 # --- subprocesses: device counts and the command line ------------------------------------------------------
 
 DUMP_PARAMS = textwrap.dedent("""
-    import sys, numpy as np, jax
+    import runpy, sys, numpy as np, jax
     jax.config.update("jax_enable_x64", True)
-    sys.path.insert(0, "configs")
-    import baseconv
-    from lsq_jax import parallel, train
-    from lsq_jax.experiment import experiment_from_config
-    c = baseconv.get_config("smoke")
+    from lsq_jax.config.experiment import experiment_from_config
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import make_step_fns
+    c = runpy.run_path("configs/baseconv.py")["get_config"]("smoke")
     # without the gradient statistics: on an oversubscribed 2-core machine the emulated devices'
-    # collectives inside their loop have stalled for minutes (see the note on issue 9)
+    # collectives inside their loop have stalled for minutes
     c.update_from_flattened_dict({"train.grad_stats_batches": 0, "optim.schedule": "step",
                                   "train.microbatch_size": int(sys.argv[3])})
     exp = experiment_from_config(c)
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     assert mesh.devices.size == int(sys.argv[2]), mesh
-    state = train.place_state(train.init_state(exp), mesh)
-    step = train.make_step_fns(exp, mesh, exp.task.n_points, None).train
+    state = place_state(init_state(exp), mesh)
+    step = make_step_fns(exp, mesh, exp.task.n_points, None).train
     for _ in range(50):
         state, _ = step(state)
     leaves = jax.tree_util.tree_leaves(state.params)
@@ -259,7 +266,7 @@ def test_cli_smoke_run_writes_metrics_and_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"workdir: {tmp_path}" in proc.stdout
     assert "steps/s" in proc.stdout and "ETA" in proc.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records[:-1]] == [0, 20, 40, 59]
     assert all(np.isfinite(r["loss"]) for r in records[:-1])
     assert "eval_mse" in records[-1]
@@ -323,10 +330,10 @@ def test_bad_input_from_the_command_line(tmp_path):
 
 def test_no_recompilation_after_the_first_step():
     exp = smoke_experiment()
-    mesh = parallel.make_mesh()
-    state = train.place_state(train.init_state(exp), mesh)
-    fns = train.make_step_fns(exp, mesh, exp.task.n_points, None)
+    mesh = make_mesh()
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
     for i in range(5):  # step 0 measures the gradient statistics, the others pass the NaN metric
-        state, _ = train.advance(fns, state, i)
+        state, _ = advance(fns, state, i)
     assert fns.train._cache_size() == 1
     assert fns.stats._cache_size() == 1

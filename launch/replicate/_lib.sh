@@ -3,7 +3,7 @@
 # which prints or runs one training command. Sourced, not executed.
 #
 # A script sets FAMILY and DESCRIPTION, sources this file, calls `replicate_init "$@"`, then `run` once per
-# training run of its family (SPEC §6).
+# training run of its family.
 
 replicate_usage() {
   cat <<EOF

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Explicit gradient (SPEC §6, the paper's "learning one GD step" runs and their ablations).
+# Explicit gradient (the paper's "learning one GD step" runs and their ablations).
 set -euo pipefail
 FAMILY=explicit_gradient
 DESCRIPTION="Explicit gradient, BaseConv (configs/baseconv.py): step-threshold vs adaptive LR over initial

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Least squares with a fixed condition number (SPEC §6): kappa(A) = 5, the 12-layer Transformer.
+# Least squares with a fixed condition number: kappa(A) = 5, the 12-layer Transformer.
 set -euo pipefail
 FAMILY=fixed_condition
 DESCRIPTION="Least squares with condition number 5 (configs/transformer_lsq.py:kappa5): 12-layer

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# In-context least squares (SPEC §6): the 12-layer Transformer predicts each b_i from the tokens before it.
+# In-context least squares: the 12-layer Transformer predicts each b_i from the tokens before it.
 set -euo pipefail
 FAMILY=icl_least_squares
 DESCRIPTION="In-context least squares (configs/transformer_icl.py): 12-layer Transformer, 'neighboring'

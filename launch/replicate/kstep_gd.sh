@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# k-step GD (SPEC §6): BaseConv, 6 layers, learns x_4 of gradient descent (eta 0.5).
+# k-step GD: BaseConv, 6 layers, learns x_4 of gradient descent (eta 0.5).
 set -euo pipefail
 FAMILY=kstep_gd
 DESCRIPTION="k-step GD (configs/multistep_gd.py): k = 4, eta = 0.5, data seed 1; lr 1e-2, step-threshold

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Least squares end to end (SPEC §6): depth sweep for softmax attention and for BaseConv, same recipe.
+# Least squares end to end: depth sweep for softmax attention and for BaseConv, same recipe.
 set -euo pipefail
 FAMILY=least_squares_layers
 DESCRIPTION="Least squares (configs/transformer_lsq.py): a Transformer (causal, width 256, 8 heads, MLP x4,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Numerical primitives (SPEC §6): depth x LayerNorm sweeps, and width / heads / MLP / training-length
+# Numerical primitives: depth x LayerNorm sweeps, and width / heads / MLP / training-length
 # sweeps on elementwise multiplication.
 set -euo pipefail
 FAMILY=primitives

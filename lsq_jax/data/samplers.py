@@ -1,4 +1,4 @@
-"""Data samplers: pure functions of PRNG keys, one key per example (SPEC section 1).
+"""Data samplers: pure functions of PRNG keys, one key per example.
 
 Every example is drawn from its OWN key and the batch is a `vmap` over the keys. The keys come from
 `example_keys(key, step, start, count)`, which folds the training step and the GLOBAL example index into
@@ -29,7 +29,7 @@ __all__ = [
 
 
 class LeastSquaresSample(NamedTuple):
-    """One batch of least-squares problems A x* = b with a starting point x0 (SPEC section 1).
+    """One batch of least-squares problems A x* = b with a starting point x0.
 
     Attributes:
         a: (B, L, D) the matrices A, one row a_i per point.
@@ -125,8 +125,7 @@ def example_keys(key: jax.Array, step: Any, start: Any, count: int) -> jax.Array
     """Per-example keys fold_in(fold_in(key, step), i) for global example indices i in [start, start+count).
 
     A process that holds examples [start, start + count) of the global batch draws exactly what a
-    single-process run draws at those indices (SPEC section 1, "ours": data never depends on the device
-    count).
+    single-process run draws at those indices: data never depend on the device count.
 
     Args:
         key: the run's data key (typed `jax.random.key` or raw `PRNGKey`).
@@ -190,9 +189,9 @@ def gaussian(
     n_dims_truncated: int | None = None,
     dtype: Any = jnp.float64,
 ) -> jax.Array:
-    """Gaussian inputs x ~ N(0, I), one (L, D) example per key (SPEC section 1, `gaussian`).
+    """Gaussian inputs x ~ N(0, I), one (L, D) example per key (the reference\'s `gaussian`).
 
-    Options are applied in the SPEC order: `normalize` (unit rows), `scale` (multiply), then
+    Options are applied in the reference's order: `normalize` (unit rows), `scale` (multiply), then
     `n_dims_truncated` (zero the coordinates >= that index; the curriculum's fewer dims).
 
     Args:
@@ -235,7 +234,7 @@ def _gaussian(keys, keep_dims, normalize, scale, *, n_points, n_dims, dtype):
 
 
 def scale_singular_values(a: jax.Array, kappa: float) -> jax.Array:
-    """Map the singular values of each matrix affinely onto [1, kappa] (SPEC section 1, `scale_cond`).
+    """Map the singular values of each matrix affinely onto [1, kappa] (the reference\'s `scale_cond`).
 
     Per matrix, with the thin SVD A = U diag(s) V^T (s descending, s_max = s[0], s_min = s[-1]):
         s' = 1 + (s - s_min) * (kappa - 1) / (s_max - s_min),    A' = U diag(s') V^T,
@@ -290,9 +289,9 @@ def least_squares(
     n_dims_truncated: int | None = None,
     dtype: Any = jnp.float64,
 ) -> LeastSquaresSample:
-    """Least-squares problems, one per key (SPEC section 1, `least_squares`).
+    """Least-squares problems, one per key (the reference\'s `least_squares`).
 
-    Per example, in the SPEC (= reference) order: draw A ~ N(0, I) (L, D); `normalize_a` (unit rows);
+    Per example, in the reference's order: draw A ~ N(0, I) (L, D); `normalize_a` (unit rows);
     `scale_cond` = kappa (singular values mapped onto [1, kappa], see `scale_singular_values`); draw
     x* ~ N(0, I_D), `normalize_x` then times `scale_target`; the same for x0 (independent of x*);
     `n_dims_truncated` zeroes the trailing coordinates of A, x* and x0 (after the rescaling, so it

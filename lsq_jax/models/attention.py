@@ -1,4 +1,4 @@
-"""Multi-head attention (SPEC §3): GPT-2-style softmax attention, and linear attention.
+"""Multi-head attention: GPT-2-style softmax attention, and linear attention.
 
 q, k and v come from one packed Dense `c_attn` (E -> 3E; column blocks q, k, v; head h owns features
 [h hs, (h+1) hs) of each), scores are q k^T / sqrt(hs), heads are concatenated in order and projected by
@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import initializers
-from lsq_jax.models.config import ModelConfig
 from lsq_jax.models.dense import Dense
 
 

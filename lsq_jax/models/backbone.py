@@ -1,4 +1,4 @@
-"""The sequence model (SPEC §3): read-in + positions -> blocks -> optional final LN -> read-out.
+"""The sequence model: read-in + positions -> blocks -> optional final LN -> read-out.
 
 Block with use_resid: x = x + mixer(LN1(x)), then with MLPs x = x + MLP(LN2(x)); without use_resid the
 same lines without the `x +`. The residual stream after the embedding, after every block and after the
@@ -10,10 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import initializers
 from lsq_jax.models.attention import Attention
 from lsq_jax.models.baseconv import BaseConv
-from lsq_jax.models.config import ModelConfig
 from lsq_jax.models.dense import Dense
 
 LN_EPS = 1e-5

@@ -1,8 +1,8 @@
-"""BaseConv, the gated convolution (SPEC §3): y = out_proj(conv(in_proj(u)) * projection(u)).
+"""BaseConv, the gated convolution: y = out_proj(conv(in_proj(u)) * projection(u)).
 
 Filters are stored BY LAG: filter[e, s] multiplies v[t - s, e], so filter[:, 0] is the current token.
 The reference's short convolution is a torch Conv1d, a cross-correlation whose LAST tap multiplies the
-current token; `short_filter_from_reference` / `short_filter_to_reference` convert between the two.
+current token (tests/convert.py converts between the two).
 """
 import functools
 import math
@@ -11,22 +11,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.models import initializers
-from lsq_jax.models.config import ModelConfig
 from lsq_jax.models.dense import Dense
 
 IMPLICIT_HIDDEN = 16  # width of the implicit filter's MLP (3 -> 16 -> E)
 IMPLICIT_FREQ = 1e-4  # frequency of its cos / -sin positional features
-
-
-def short_filter_from_reference(weight_Ex1xK):
-    """Reference Conv1d weight (E, 1, K) -> our lag-indexed filter (E, K): tap K-1-s is lag s."""
-    return jnp.asarray(weight_Ex1xK)[:, 0, ::-1]
-
-
-def short_filter_to_reference(filter_ExK):
-    """Our lag-indexed filter (E, K) -> the reference's Conv1d weight (E, 1, K)."""
-    return jnp.asarray(filter_ExK)[:, None, ::-1]
 
 
 def short_conv_offset(kernel_size: int, causal: bool) -> int:

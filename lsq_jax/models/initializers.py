@@ -1,4 +1,4 @@
-"""The reference's initialisation (SPEC §3), as Flax initialisers.
+"""The reference's initialisation, as Flax initialisers.
 
 PyTorch's defaults differ from Flax's: a torch Linear draws weight AND bias from U(-1/sqrt(fan_in),
 1/sqrt(fan_in)), and a depthwise Conv1d of kernel K the same with fan_in = K. Those shape training, so the

@@ -1,0 +1,387 @@
+"""The workdir and its checkpoints (the only module that imports Orbax): where a workdir is, who uses it,
+save, retain, restore with fallback, preemption.
+
+A checkpoint holds the whole training state (parameters, optimizer state with the EMA, the LR controller
+and the skip counter, and the step) plus the resolved configuration as JSON. Layout:
+<workdir>/checkpoints/<step>/{state,config}. Saves are asynchronous; `close()` waits for them. A newest
+checkpoint that cannot be restored while training resumes is moved to <workdir>/unrestorable/<step>-<time>
+(kept for inspection), so that training can save that step again. The caller hands the restore target (the
+abstract state, or for evaluation the abstract parameters alone): this module knows no model or optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from lsq_jax.config.check import one_line
+from lsq_jax.config.experiment import Experiment, experiment_from_dict
+
+_POLICIES = ocp.checkpoint_managers
+
+
+class CheckpointError(Exception):
+    """A workdir without a usable checkpoint, or a checkpoint that does not fit the model asked for."""
+
+
+class WorkdirError(Exception):
+    """A workdir that cannot be used: not a directory, not writable, or in use by another run."""
+
+
+def resolve_workdir(workdir: str) -> epath.Path:
+    """The --workdir as an absolute path (local paths against the current directory; URLs such as gs://
+    unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files.
+    WorkdirError when it exists and is not a directory."""
+    path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(os.path.expanduser(str(workdir))))
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir: {path} exists and is not a directory")
+    return path
+
+
+def check_writable(directory) -> None:
+    """Create `directory` (and its parents) and write and remove a probe file in it, or raise WorkdirError."""
+    directory = epath.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WorkdirError(f"{directory} exists and is not a directory")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(f"{directory} is not writable ({err.strerror or type(err).__name__})") from None
+
+
+class Preempted(Exception):
+    """SIGTERM outside the training loop (start-up, evaluation): nothing to save, resume by rerunning."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise Preempted wherever the program is (the training loop narrows this to a flag
+    checked between steps). Single-process runs only, as `Checkpointer.watch_preemption`."""
+    if jax.process_count() > 1:
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        raise Preempted
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+LOCK_NAME = "lock"
+LOCK_HEARTBEAT_S = 30.0  # how often a running job rewrites the time in its lock file
+LOCK_STALE_S = 600.0  # a lock of another host whose time is older than this belongs to no live run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    """<workdir>/lock: {"pid", "host", "time"} of the run that trains in the workdir.
+
+    `acquire` refuses a workdir whose lock belongs to a live run, and takes over a stale one: a dead pid
+    on this host, or a time older than LOCK_STALE_S (a run on another host that was killed without
+    cleaning up; a live run rewrites the time every LOCK_HEARTBEAT_S from a background thread). Locally
+    the lock file is created atomically (O_EXCL); on object stores (gs://) creation is check-then-write.
+    """
+
+    def __init__(self, workdir, *, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+        self.path = epath.Path(workdir) / LOCK_NAME
+        self._heartbeat_s, self._stale_s = heartbeat_s, stale_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _record(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+
+    def holder(self) -> dict | None:
+        """The lock's record, {} for an unreadable one, None when there is no lock."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def is_stale(self, record: dict) -> bool:
+        if not record:
+            return True
+        if record.get("host") == socket.gethostname():
+            return not _pid_alive(int(record.get("pid", -1)))
+        return time.time() - float(record.get("time", 0)) > self._stale_s
+
+    def _create(self) -> bool:
+        if "://" not in str(self.path):
+            try:
+                fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record())
+            return True
+        if self.path.exists():
+            return False
+        self.path.write_text(self._record())
+        return True
+
+    def acquire(self, log=print) -> None:
+        for _ in range(3):
+            if self._create():
+                break
+            record = self.holder()
+            if record is None:
+                continue  # released in between
+            if not self.is_stale(record):
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another run (pid {record.get('pid')} on "
+                    f"{record.get('host')}); wait for it to end, or use another --workdir (if no run uses it, "
+                    f"delete {self.path})")
+            log(f"warning: taking over the stale lock of pid {record.get('pid')} on {record.get('host')}")
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        else:
+            raise WorkdirError(f"could not take the lock {self.path}: another run keeps creating it")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._rewrite()
+            except OSError:
+                pass
+
+    def _rewrite(self) -> None:
+        """Refresh the time; locally by rename, so a reader never sees a half-written record."""
+        if "://" in str(self.path):
+            self.path.write_text(self._record())  # an object store replaces the object whole
+            return
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
+        tmp.write_text(self._record())
+        os.replace(os.fspath(tmp), os.fspath(self.path))
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for one workdir.
+
+    Args:
+      workdir: local path or cloud URL (etils.epath).
+      save_every: a save every this many steps (plus `force=True` saves at the end and on preemption).
+      keep_latest: the newest checkpoints kept.
+      keep_every: additionally keep every checkpoint whose step is a multiple of this (None: none).
+      read_only: open for restoring only (evaluation).
+    """
+
+    def __init__(self, workdir, *, save_every: int = 1, keep_latest: int = 3, keep_every: int | None = None,
+                 read_only: bool = False):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        policies = [_POLICIES.LatestN(keep_latest)]
+        if keep_every:
+            policies.append(_POLICIES.EveryNSteps(keep_every))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, read_only=read_only, create=not read_only,
+            preservation_policy=_POLICIES.AnyPreservationPolicy(policies))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+        self._sigterm = False
+        self._previous_handler = None
+
+    # -- saving --------------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
+        """Save (asynchronously) if `step` is due, or always with `force`, unless `step` is saved already
+        (a preemption right after a regular save). Every process must call it."""
+        if step == self._manager.latest_step():
+            return False
+        return self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=force)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+    # -- preemption ----------------------------------------------------------------------------------
+    def watch_preemption(self) -> None:
+        """After this, SIGTERM (a preemption notice) makes `preempted(step)` true instead of killing.
+
+        Single-process runs only: in a multi-process run JAX's own preemption notifier (started by
+        jax.distributed.initialize) must see the signal, so that every process agrees on the step at which
+        to stop; a Python handler here would make the signalled process stop alone and hang the others.
+        """
+        if jax.process_count() > 1:
+            return
+
+        def handler(signum, frame):
+            del signum, frame
+            self._sigterm = True
+
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+    def preempted(self, step: int) -> bool:
+        """True once a SIGTERM arrived, or (multi-process runs) Orbax's preemption sync point is reached."""
+        if self._sigterm:
+            return True
+        try:
+            return bool(self._manager.reached_preemption(step))
+        except Exception:  # noqa: BLE001 -- only available after jax.distributed.initialize
+            return False
+
+    # -- restoring -----------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def saved_config(self, step: int) -> dict:
+        """The JSON configuration stored with `step`."""
+        try:
+            path = self.directory / str(step) / "config" / "metadata"
+            return json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable config ({err})") from None
+
+    def restore(self, step: int, target: Any, *, partial: bool = False) -> Any:
+        """The state at `step`, onto `target` (ShapeDtypeStructs with concrete shardings). With `partial`,
+        only the fields `target` names (a dict, e.g. {"params": ...}): the rest of the state is not read.
+        One Checkpointer restores either way, not both: Orbax binds the item's handler on first use."""
+        if step not in self.steps():
+            raise CheckpointError(f"step {step} is not in {self.directory}: available are {self.steps() or 'none'}")
+        if partial:  # the restore arguments StandardRestore derives from the target: its shardings and dtypes
+            args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+        else:
+            args = ocp.args.StandardRestore(target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as err:  # noqa: BLE001 -- Orbax raises many types for damaged or mismatched files
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be restored: "
+                                  f"{one_line(err, first=True)}") from None
+        return restored.state
+
+    def restore_newest(self, target: Callable[[dict], Any], *, step: int | None = None, log=print,
+                       set_aside: bool = False, partial: bool = False) -> tuple[int, dict, Any] | None:
+        """(step, saved config, state) of checkpoint `step`, or of the newest one that restores.
+
+        `target(saved_config)` gives the abstract state to restore onto (ShapeDtypeStructs with concrete
+        shardings; with `partial` some of its fields, see `restore`); it raises CheckpointError for a
+        config it cannot use (damaged files are the same), anything else (a config the caller refuses)
+        propagates. Without `step` it falls back past unusable checkpoints with a warning; with
+        `set_aside` (training), once an earlier one has restored, the unusable ones are moved to
+        <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint at
+        all; CheckpointError (nothing moved) when none restores.
+        """
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(f"step {step} is not in {self.directory}: available are {steps or 'none'}")
+        unusable = []
+        for s in [step] if step is not None else list(reversed(steps)):
+            try:
+                config = self.saved_config(s)
+                try:
+                    abstract = target(config)
+                except CheckpointError as err:
+                    raise CheckpointError(f"checkpoint {s} in {self.directory}: {err}") from None
+                state = self.restore(s, abstract, partial=partial)
+            except CheckpointError as err:
+                if step is not None:
+                    raise
+                log(f"warning: {err}; trying an earlier checkpoint")
+                unusable.append(s)
+                continue
+            for bad in unusable if set_aside else ():
+                log(f"warning: moved the unusable checkpoint {bad} to {self._set_aside(bad)}")
+            return s, config, state
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored")
+        return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Move checkpoint `step` to <workdir>/unrestorable/<step>-<time> and forget it."""
+        destination = self.directory.parent / "unrestorable" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self._manager.reload()
+        return destination
+
+
+def abstract_like(state: Any, sharding) -> Any:
+    """ShapeDtypeStructs of `state` with a concrete sharding, as Orbax's restore target."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def saved_experiment(saved: dict) -> Experiment:
+    """The experiment of a checkpoint's saved config; CheckpointError when it is not one."""
+    try:
+        return experiment_from_dict(saved)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"a checkpoint's saved config is unusable ({err})") from None
+
+
+def restore_params(workdir, step: int | None, params_shape: Callable[[Experiment], Any], sharding, *,
+                   log=print) -> tuple[Experiment, int, Any]:
+    """(experiment, step, parameters) of a workdir's checkpoint: `step`, or the newest good one (falling
+    back past unusable ones with a warning). The experiment is the config saved WITH the checkpoint, so
+    the model cannot silently differ from what was trained; `params_shape(experiment)` gives the abstract
+    parameters, placed with `sharding`. Only the parameters are read (the saved state's step equals the
+    checkpoint's)."""
+    if not (workdir / "checkpoints").exists():
+        raise CheckpointError(f"{workdir} holds no checkpoints (is it a training workdir?)")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        restored = ckpt.restore_newest(
+            lambda saved: {"params": abstract_like(params_shape(saved_experiment(saved)), sharding)},
+            step=step, log=log, partial=True)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir} holds no checkpoints")
+    found, saved, state = restored
+    return experiment_from_dict(saved), found, state["params"]
+
+
+@contextlib.contextmanager
+def claimed(workdir, log=print):
+    """The workdir held by one training run: process 0 checks that it is writable and holds its lock
+    (WorkdirLock) until the block ends."""
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        check_writable(workdir)
+        lock.acquire(log)
+    try:
+        yield
+    finally:
+        lock.release()

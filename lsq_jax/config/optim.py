@@ -1,0 +1,112 @@
+"""OptimConfig: the training recipe (Adam and its schedule, or Levenberg-Marquardt), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+
+from lsq_jax.config.check import check_choice, check_flag, check_int, check_optional_positive, check_real, require
+
+SCHEDULES = ("constant", "step", "adaptive")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
+LM_SOLVERS = ("cholesky", "cg")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer half of a run's settings, validated on construction.
+
+    Attributes:
+        optimizer: ``"adam"`` (torch Adam, eps 1e-16), ``"adamw"`` (decoupled weight decay) or ``"sgd"``
+            (heavy-ball momentum, torch convention: buf <- momentum * buf + g, first buf = g).
+        lr: initial learning rate lr0 > 0.
+        schedule: ``"constant"``, ``"step"`` (step-threshold) or ``"adaptive"``.
+        step_rate: the schedule's period in applied steps (reference ``scheduler_steprate``), >= 1.
+        gamma: the schedule's factor in (0, 1] (1 makes "step" constant).
+        lr_floor: lower bound for decay (reference 1e-10); growth is uncapped.
+        initial_decay: adaptive only: start at lr0 * gamma like the reference (True) or at lr0.
+        metric_decay: EMA decay of the gradient-cosine metric, in [0, 1].
+        metric_threshold: adaptive grows while the metric EMA is below this.
+        no_increase_length: adaptive never grows before more than this many applied steps.
+        clip_norm: global-norm clipping threshold (100), or None for none.
+        skip_norm: optional pre-clip global norm above which a step is skipped; None = reference.
+        ema_alpha: EMA filter decay, in [0, 1].
+        ema_lambda: EMA filter weight, >= 0; 0 turns the filter off.
+        b1, b2: Adam decay rates, in [0, 1).
+        eps: Adam epsilon added to sqrt(v_hat), >= 0 (1e-16, not 1e-8).
+        weight_decay: >= 0; AdamW's decoupled decay, or SGD's L2 term (torch's ``weight_decay``, added
+            to the gradient after the EMA filter); must be 0 for plain Adam.
+        momentum: SGD momentum in [0, 1] (0 = plain SGD).
+        l1: L1 regularisation weight >= 0, used by the loss (lambda * sum |p|), only carried here.
+        lm_after: with optimizer ``"lm"``: iterations of the Adam recipe (the fields above) before
+            Levenberg-Marquardt takes over (0: LM from the start).
+        lm_refresh_every: LM fits the residuals of one batch of train.batch_size problems; a new batch
+            every this many LM iterations (0: the same batch throughout).
+        lm_damping: LM's initial damping lambda, relative to Marquardt's diagonal scaling, > 0.
+        lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
+        lm_cg_iters: conjugate-gradient iterations per LM step with ``"cg"``.
+        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
+        lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
+            damping, reusing J^T J (Cholesky path).
+        lm_chunk: problems per Jacobian chunk (0: auto, about 2^20 Jacobian entries per chunk).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    schedule: str = "step"
+    step_rate: int = 10_000
+    gamma: float = 0.9
+    lr_floor: float = 1e-10
+    initial_decay: bool = True
+    metric_decay: float = 0.9
+    metric_threshold: float = 0.9
+    no_increase_length: int = 1000
+    clip_norm: float | None = 100.0
+    skip_norm: float | None = None
+    ema_alpha: float = 0.98
+    ema_lambda: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-16
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    l1: float = 0.0
+    lm_after: int = 0
+    lm_refresh_every: int = 0
+    lm_damping: float = 1e-3
+    lm_solver: str = "cholesky"
+    lm_cg_iters: int = 100
+    lm_geodesic: bool = False
+    lm_tries: int = 10
+    lm_chunk: int = 0
+
+    def __post_init__(self):
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_real("lr", self.lr, 0.0, lo_open=True)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_int("step_rate", self.step_rate, 1)
+        check_real("gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        check_real("lr_floor", self.lr_floor, 0.0)
+        check_flag("initial_decay", self.initial_decay)
+        check_real("metric_decay", self.metric_decay, 0.0, 1.0)
+        check_real("metric_threshold", self.metric_threshold)
+        check_int("no_increase_length", self.no_increase_length, 0)
+        check_optional_positive("clip_norm", self.clip_norm)
+        check_optional_positive("skip_norm", self.skip_norm)
+        check_real("ema_alpha", self.ema_alpha, 0.0, 1.0)
+        check_real("ema_lambda", self.ema_lambda, 0.0)
+        check_real("b1", self.b1, 0.0, 1.0, hi_open=True)
+        check_real("b2", self.b2, 0.0, 1.0, hi_open=True)
+        check_real("eps", self.eps, 0.0)
+        check_real("weight_decay", self.weight_decay, 0.0)
+        if self.optimizer == "adam":
+            require("weight_decay", self.weight_decay, self.weight_decay == 0,
+                    "0 with optimizer='adam' (use 'adamw' for weight decay)")
+        check_real("momentum", self.momentum, 0.0, 1.0)
+        check_real("l1", self.l1, 0.0)
+        check_int("lm_after", self.lm_after, 0)
+        check_int("lm_refresh_every", self.lm_refresh_every, 0)
+        check_real("lm_damping", self.lm_damping, 0.0, lo_open=True)
+        check_choice("lm_solver", self.lm_solver, LM_SOLVERS)
+        check_int("lm_cg_iters", self.lm_cg_iters, 1)
+        check_flag("lm_geodesic", self.lm_geodesic)
+        check_int("lm_tries", self.lm_tries, 1)
+        check_int("lm_chunk", self.lm_chunk, 0)

@@ -1,0 +1,157 @@
+"""What to learn (TaskConfig) and how its sizes grow (CurriculumConfig), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from lsq_jax.config.check import fail, is_int, is_real
+
+PRIMITIVE_NAMES = ("identity", "square", "elementwise_multiply", "read", "linear")
+LEAST_SQUARES_NAMES = ("least_squares", "least_squares_icl", "explicit_gradient", "multistep_gd")
+TASK_NAMES = PRIMITIVE_NAMES + LEAST_SQUARES_NAMES
+
+# Tasks with a `setting`: the allowed values, the first being the default.
+SETTINGS = {
+    "explicit_gradient": ("last", "all"),
+    "least_squares_icl": ("neighboring", "concat"),
+}
+DTYPES = ("float64", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What to learn, validated on construction.
+
+    Attributes:
+        name: one of TASK_NAMES (default explicit_gradient).
+        n_dims: D > 0, the problem dimension (default 5, as in the published least-squares runs).
+        n_points: L > 0, points per example (default 20); the length `sample` draws unless told, and the
+            range [0, L) of the `read` pair (with a points curriculum, give the curriculum's START here,
+            as the reference does, so the pair exists at every length).
+        setting: explicit_gradient 'last' (default) | 'all'; least_squares_icl 'neighboring' (default) |
+            'concat'; must be None for every other task. None selects the default.
+        num_iters: k >= 1, gradient steps of multistep_gd (default 4, published).
+        eta: step size > 0 of multistep_gd (default 0.5, published).
+        sparsity: linear only: None (all D coefficients) or the NUMBER of nonzero coefficients, 1..D.
+        task_seed: int seed of the task's fixed random choices (read's pair, linear's c); default 0.
+        normalize, scale: gaussian sampler options for the primitives (unit rows; multiply by scale > 0).
+        normalize_a, scale_cond, normalize_x, scale_target: least-squares sampler options (unit rows of
+            A; condition number kappa >= 1; unit x*, x0; multiply x*, x0 by scale_target > 0).
+            Sampler options of the other family are validated but unused.
+        dtype: 'float64' (default) or 'float32', the dtype of every floating array a task returns.
+    """
+
+    name: str = "explicit_gradient"
+    n_dims: int = 5
+    n_points: int = 20
+    setting: str | None = None
+    num_iters: int = 4
+    eta: float = 0.5
+    sparsity: int | None = None
+    task_seed: int = 0
+    normalize: bool = False
+    scale: float = 1.0
+    normalize_a: bool = False
+    scale_cond: float = 1.0
+    normalize_x: bool = False
+    scale_target: float = 1.0
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.name not in TASK_NAMES:
+            fail("name", self.name, ", ".join(TASK_NAMES))
+        for field in ("n_dims", "n_points"):
+            value = getattr(self, field)
+            if not is_int(value) or value <= 0:
+                fail(field, value, "ints > 0")
+        if self.name == "elementwise_multiply" and self.n_dims % 2:
+            fail("n_dims", self.n_dims, "even ints for elementwise_multiply (y = x[:D/2] * x[D/2:])")
+        if self.name in SETTINGS:
+            allowed = SETTINGS[self.name]
+            if self.setting is None:
+                # Resolve the default here so that equal tasks have equal (and equally hashed) configs.
+                object.__setattr__(self, "setting", allowed[0])
+            elif self.setting not in allowed:
+                fail("setting", self.setting, f"None or {' | '.join(map(repr, allowed))} for {self.name}")
+        elif self.setting is not None:
+            fail("setting", self.setting, f"None for {self.name} (only {', '.join(SETTINGS)} have one)")
+        if not is_int(self.num_iters) or self.num_iters < 1:
+            fail("num_iters", self.num_iters, "ints >= 1")
+        if not is_real(self.eta) or self.eta <= 0:
+            fail("eta", self.eta, "finite numbers > 0")
+        if self.sparsity is not None:
+            if self.name != "linear":
+                fail("sparsity", self.sparsity, f"None for {self.name} (only linear has one)")
+            if not is_int(self.sparsity) or not 1 <= self.sparsity <= self.n_dims:
+                fail("sparsity", self.sparsity, f"None or ints in [1, n_dims={self.n_dims}]")
+        if not is_int(self.task_seed):
+            fail("task_seed", self.task_seed, "ints")
+        for field in ("normalize", "normalize_a", "normalize_x"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, getattr(self, field), "True or False")
+        for field in ("scale", "scale_target"):
+            value = getattr(self, field)
+            if not is_real(value) or value <= 0:
+                fail(field, value, "finite numbers > 0")
+        if not is_real(self.scale_cond) or self.scale_cond < 1:
+            fail("scale_cond", self.scale_cond, "finite numbers >= 1 (1 = A unchanged)")
+        small = min(self.n_points, self.n_dims) < 2
+        if self.scale_cond != 1 and self.name in LEAST_SQUARES_NAMES and small:
+            fail("scale_cond", self.scale_cond, "1 when min(n_points, n_dims) < 2")
+        if self.dtype not in DTYPES:
+            fail("dtype", self.dtype, " | ".join(map(repr, DTYPES)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    """Schedule of one curriculum variable (n_points or n_dims), validated on construction.
+
+    Attributes:
+        start: value at the first training iteration, >= 1.
+        end: cap, >= start.
+        inc: added at every multiple of `interval`, >= 0.
+        interval: >= 1.
+    """
+
+    start: int
+    end: int
+    inc: int = 0
+    interval: int = 1
+
+    def __post_init__(self):
+        if not is_int(self.start) or self.start < 1:
+            fail("start", self.start, "ints >= 1")
+        if not is_int(self.end) or self.end < self.start:
+            fail("end", self.end, f"ints >= start={self.start}")
+        if not is_int(self.inc) or self.inc < 0:
+            fail("inc", self.inc, "ints >= 0")
+        if not is_int(self.interval) or self.interval < 1:
+            fail("interval", self.interval, "ints >= 1")
+
+    @classmethod
+    def constant(cls, value: int) -> CurriculumConfig:
+        """No curriculum: `value` throughout."""
+        return cls(start=value, end=value, inc=0, interval=1)
+
+
+class TaskSizes(NamedTuple):
+    seq_len: int  # tokens in one example
+    in_dims: int  # width of a token
+    out_dims: int  # model output width the task reads: its widest read channel, plus one
+
+
+def task_sizes(cfg: TaskConfig, n_points: int | None = None) -> TaskSizes:
+    """The token shapes of a task for L = n_points (default cfg.n_points): what sizes the model's read-in,
+    read-out and positions.
+
+    Primitives: L tokens x_i of width D. Least squares: tokens [a_i, b_i] of width D + 1, reading x (D
+    channels; in-context regression reads b_i, 1 channel). explicit_gradient and multistep_gd add one token
+    [x, 0]; in-context regression with setting 'neighboring' interleaves L - 1 answer tokens.
+    """
+    n = cfg.n_points if n_points is None else n_points
+    d = cfg.n_dims
+    if cfg.name in PRIMITIVE_NAMES:
+        return TaskSizes(n, d, {"elementwise_multiply": d // 2, "linear": 1}.get(cfg.name, d))
+    seq_len = {"least_squares": n, "explicit_gradient": n + 1, "multistep_gd": n + 1,
+               "least_squares_icl": 2 * n - 1 if cfg.setting == "neighboring" else n}[cfg.name]
+    return TaskSizes(seq_len, d + 1, 1 if cfg.name == "least_squares_icl" else d)

@@ -1,0 +1,386 @@
+"""The evaluation reports: iterated use of every solver, single-step metrics, and the report of a trained
+model or of the hand-built GD models, with `write_evaluation` writing one into a workdir.
+
+Iterated use runs every solver (lsq_jax.eval.solvers) on the same problems and reports the statistics of
+lsq_jax.eval.stats: per-iteration curves (median and 10th / 90th percentiles over problems), floor,
+contraction next to its theory, iterations to 1e-6 / 1e-10 / 1e-14. Single-step metrics (any task) are
+the test MSE on fresh data and, for the least-squares tasks, the relative error of the one quantity the
+model predicts (gradient, k-step iterate, solution). The out-of-distribution grid is lsq_jax.eval.ood.
+
+Reports are plain dicts of floats, ints, strings, lists and None (None: never reached, undefined or not
+finite), so `json.dumps(report, allow_nan=False)` works. Only `write_evaluation` does file I/O.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from lsq_jax.data import samplers
+from lsq_jax.data.base import Task
+from lsq_jax.data.keys import run_keys
+from lsq_jax.data.samplers import LeastSquaresSample, example_keys
+from lsq_jax.data.tasks import make_task
+from lsq_jax.eval import plots
+from lsq_jax.eval.constructions import construction_solvers
+from lsq_jax.eval.ood import OOD_KAPPAS, OOD_SCALES, draw_cell, ood_cells, ood_report
+from lsq_jax.eval.solvers import (
+    Solver,
+    cg_solver,
+    check_eta,
+    eta_param,
+    gd_solver,
+    learned_gradient_solver,
+    learned_multistep_solver,
+    lstsq_solver,
+    optimal_gd_solver,
+    resolve_eta,
+    run_solver,
+)
+from lsq_jax.eval.stats import (
+    THRESHOLDS,
+    cond_b,
+    curves,
+    gram_extremes,
+    json_float,
+    nanmedian,
+    quantile_dict,
+    relative_error_b,
+    report_times,
+    theory_b,
+    threshold_key,
+    trajectory_errors,
+    trajectory_statistics,
+)
+from lsq_jax.eval.table import format_table
+from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.models.exact_weights import explicit_gradient_params
+
+__all__ = [
+    "ITERATED_TASKS",
+    "evaluate_constructions",
+    "evaluate_experiment",
+    "iterated_report",
+    "single_step_report",
+    "write_evaluation",
+]
+
+ITERATED_TASKS = ("explicit_gradient", "multistep_gd")  # tasks whose model is a one-step solver
+
+
+# ---------------------------------------------------------------------------------------------------
+# Iterated use
+
+
+
+def iterated_report(solvers: Sequence[Solver], sample: LeastSquaresSample, n_iters: int, *,
+                    eta: Any = "auto", n_report_points: int | None = 64) -> dict[str, Any]:
+    """Iterate every solver on the same problems and report the numerical-analysis statistics.
+
+    Every solver gets the same budget of G = k_max T GD-step equivalents, k_max the largest
+    `steps_per_iter` (1 unless a k-step model is among the solvers): a solver standing for k steps runs
+    G // k of its own iterations (so T is the number of applications of the k-step model, and every other
+    method covers the same range of GD steps). Exact GD with `eta`, run G steps, is the reference of
+    'distance_to_gd' (a k-step solver's iterate t against GD's iterate k t) and of the theoretical
+    contractions. Iteration counts in a method's entry ('t', 'iters_to') are its own iterations.
+
+    Args:
+        solvers: Solvers with distinct names.
+        sample: the problems (a (B, L, D), b (B, L), x_star (B, D), x0 (B, D)).
+        n_iters: T >= 1.
+        eta: the reference GD's step: a number or 'auto'.
+        n_report_points: each curve is kept at `report_times(its iterations, n_report_points)` (None:
+            every t).
+
+    Returns:
+        {'n_problems', 'n_iters' (T), 'n_gd_steps' (G), 'eta', 'eps', 'kappa' {median, p10, p90},
+         'step_size' {...}, 'methods': {name: {'steps_per_iter', 'follows', 'n_iters', 't' [...],
+         'forward_error' {median, p10, p90: lists over t}, 'residual' {...}, 'distance_to_gd' {...},
+         'final_forward_error', 'floor',
+         'floor_over_kappa_eps', 'settled_fraction', 'contraction', 'contraction_theory',
+         'iters_to' {'1e-06', '1e-10', '1e-14': int or None}}}}; scalar statistics are medians over
+        problems (see `trajectory_statistics`).
+    """
+    names = [s.name for s in solvers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"solver names {names} are invalid: allowed are distinct names")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or n_iters < 1:
+        raise ValueError(f"n_iters={n_iters!r} is invalid: allowed values are ints >= 1")
+    a, b, x_star, x0 = (jnp.asarray(v) for v in sample)
+    n_gd_steps = n_iters * max(s.steps_per_iter for s in solvers)
+    ref = _Reference(a, b, x_star, x0, run_solver(gd_solver(eta), a, b, x0, n_gd_steps), cond_b(a),
+                     *gram_extremes(a), resolve_eta(eta_param(eta), a), float(jnp.finfo(a.dtype).eps))
+    methods = {s.name: _method_report(s, ref, n_gd_steps // s.steps_per_iter, n_report_points) for s in solvers}
+    return {
+        "n_problems": int(a.shape[0]),
+        "n_iters": int(n_iters),
+        "n_gd_steps": int(n_gd_steps),
+        "eta": eta if isinstance(eta, str) else float(eta),
+        "eps": ref.eps,
+        "kappa": quantile_dict(ref.kappa_b),
+        "step_size": quantile_dict(ref.eta_b),
+        "methods": methods,
+    }
+
+
+class _Reference(NamedTuple):
+    """The problems of an iterated report, exact GD's iterates on them (G + 1, B, D), their spectra and
+    step sizes (B,), and the dtype's eps."""
+
+    a: jax.Array
+    b: jax.Array
+    x_star: jax.Array
+    x0: jax.Array
+    x_gd: jax.Array
+    kappa_b: jax.Array
+    lam_min: jax.Array
+    lam_max: jax.Array
+    eta_b: jax.Array
+    eps: float
+
+
+def _method_report(solver: Solver, ref: _Reference, own_iters: int, n_report_points: int | None
+                   ) -> dict[str, Any]:
+    """One method's entry of `iterated_report`: its curves and statistics over `own_iters` iterations."""
+    k = solver.steps_per_iter
+    times = report_times(own_iters, n_report_points)
+    xs = run_solver(solver, ref.a, ref.b, ref.x0, own_iters)
+    errors = trajectory_errors(xs, ref.a, ref.b, ref.x_star, ref.x_gd, k=k)
+    stats = trajectory_statistics(errors["forward_error"])
+    theory = theory_b(solver.follows, k, ref.eta_b, ref.lam_min, ref.lam_max, ref.kappa_b)
+    iters_to = np.asarray(stats["iters_to"])
+    return {
+        "steps_per_iter": k,
+        "follows": solver.follows,
+        "n_iters": own_iters,
+        "t": times,
+        **{key: curves(stats["quantiles"] if key == "forward_error"
+                       else jnp.quantile(val, jnp.asarray([0.1, 0.5, 0.9], val.dtype), axis=1), times)
+           for key, val in errors.items()},
+        "final_forward_error": json_float(np.asarray(stats["quantiles"])[1, -1]),
+        "floor": json_float(np.median(np.asarray(stats["floor_b"]))),
+        "floor_over_kappa_eps": json_float(np.median(np.asarray(stats["floor_b"] / (ref.kappa_b * ref.eps)))),
+        "settled_fraction": float(np.mean(np.asarray(stats["settled_b"]))),
+        "contraction": nanmedian(stats["contraction_b"]),
+        "contraction_theory": None if theory is None else nanmedian(theory),
+        "iters_to": {threshold_key(thr): (int(it) if it >= 0 else None) for thr, it in zip(THRESHOLDS, iters_to)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single-step metrics
+
+
+def single_step_report(task: Task, apply_fn: Callable, params: Any, key: jax.Array,
+                       n_problems: int = 256) -> dict[str, Any]:
+    """Test metrics of one model application on fresh problems drawn with the task's sampler.
+
+    Always 'test_mse' (and the task's other eval metrics, e.g. the primitives' 'test_rel', 'test_rel_l2').
+    Least-squares tasks add, per problem, quantiles of the relative error of what the model predicts:
+    explicit_gradient 'relative_gradient_error' ||g_pred - g|| / ||g|| (full gradient, last position);
+    multistep_gd 'relative_step_error' ||x_pred - x_k|| / ||x_k - x0||; least_squares 'forward_error'
+    ||x_pred - x*|| / ||x*||.
+
+    Args:
+        task: a Task (make_task). apply_fn: apply_fn(params, inputs) -> outputs (B, T, width).
+        params: the model's parameters. key: data key; problem i uses fold_in(fold_in(key, 0), i).
+        n_problems: number of fresh problems.
+    """
+    batch = task.sample(example_keys(key, 0, 0, n_problems))
+    pred = jax.jit(apply_fn)(params, batch.inputs)
+    report: dict[str, Any] = {"n_problems": int(n_problems)}
+    report.update({f"test_{k}": json_float(v) for k, v in task.eval_metrics(pred, batch.targets).items()})
+    read = task.read(pred)
+    if task.name == "explicit_gradient":
+        g_pred, g = read[:, -1], batch.targets[:, -1]
+        report["relative_gradient_error"] = quantile_dict(relative_error_b(g_pred, g, g))
+    elif task.name == "multistep_gd":
+        x_pred, x_k = read[:, -1], batch.targets[:, -1]
+        report["relative_step_error"] = quantile_dict(relative_error_b(x_pred, x_k, x_k - batch.raw.x0))
+    elif task.name == "least_squares":
+        x_pred, x_star = read[:, -1], batch.targets[:, -1]
+        report["forward_error"] = quantile_dict(relative_error_b(x_pred, x_star, x_star))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-level reports
+
+
+def _classical_solvers(eta: Any) -> list[Solver]:
+    """GD with `eta`, GD with the optimal step, CG on the normal equations, lstsq."""
+    return [gd_solver(eta), optimal_gd_solver(), cg_solver(), lstsq_solver()]
+
+
+def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_iters: int,
+                        eta: Any = "auto", ood: bool = True, n_ood_problems: int | None = None,
+                        n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
+                        ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
+                        apply_fn: Callable | None = None) -> dict[str, Any]:
+    """The evaluation report of a trained model (the CLI's --mode=eval).
+
+    Single-step metrics on fresh problems for every task; for explicit_gradient and multistep_gd also
+    iterated use of the learned model next to both constructions, GD, optimal GD, CG and lstsq
+    (`iterated_report`), and the out-of-distribution grid (`ood_report`) for the learned model and the
+    BaseConv construction. For multistep_gd the step size is the task's eta (the model learned k steps
+    of GD with it) whatever `eta` says, and the model's iterate t stands for k t GD steps.
+
+    Args:
+        exp: an Experiment (lsq_jax.config.experiment): its task and model configs are used.
+        params: the model's parameters (the 'params' collection).
+        key: the run's evaluation key; single-step, iterated and OOD problems come from fold_in(key, 0),
+            fold_in(key, 1), fold_in(key, 2).
+        n_problems: problems for single-step metrics and iterated use.
+        n_iters: iterations T of iterated use (multistep_gd: T applications of the model, and the other
+            methods get the same k T GD-step equivalents).
+        eta: 'auto' or a number (explicit_gradient).
+        ood: compute the out-of-distribution grid.
+        n_ood_problems, n_ood_iters: sizes per OOD cell (default min(n_problems, 64) and min(n_iters, 250):
+            the grid has ~20 cells).
+        ood_kappas, ood_scales: the kappa x scale_target axes of the grid (`ood_cells`).
+        n_report_points: curves kept at ~2x this many t (None: every t).
+        apply_fn: apply_fn(params, inputs) -> outputs; default SequenceModel(exp.model).apply.
+
+    Returns:
+        {'kind': 'experiment', 'config': {...}, 'single_step': {...}[, 'iterated': {...}, 'ood': {...}]}.
+    """
+    task = make_task(exp.task)
+    if apply_fn is None:
+        model = SequenceModel(exp.model)
+
+        def apply_fn(p, inputs):
+            return model.apply({"params": p}, inputs)
+
+    cfg = exp.task
+    report: dict[str, Any] = {
+        "kind": "experiment",
+        "config": {"name": getattr(exp, "name", None), "task": cfg.name, "n_dims": cfg.n_dims,
+                   "n_points": cfg.n_points, "dtype": cfg.dtype, "mixer": exp.model.mixer,
+                   "n_layer": exp.model.n_layer, "n_embd": exp.model.n_embd},
+        "single_step": single_step_report(task, apply_fn, params, jax.random.fold_in(key, 0), n_problems),
+    }
+    if cfg.name not in ITERATED_TASKS:
+        return report
+
+    if cfg.name == "multistep_gd":
+        eta = float(cfg.eta)
+        learned = learned_multistep_solver(apply_fn, params, cfg.num_iters)
+    else:
+        learned = learned_gradient_solver(apply_fn, params, eta)
+    report["config"]["eta"] = eta if isinstance(eta, str) else float(eta)
+    cache: dict = {}
+    constructions = construction_solvers(cfg.n_dims, eta, cache)
+    sample = task.sample(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems)).raw
+    solvers = [learned, *_exact_weights_solver(exp, apply_fn, eta), *constructions(cfg.n_points),
+               *_classical_solvers(eta)]
+    report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta, n_report_points=n_report_points)
+    if ood:
+        n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
+        cells = ood_cells(cfg.n_dims, cfg.n_points, kappa=cfg.scale_cond, scale_target=cfg.scale_target,
+                          kappas=ood_kappas, scales=ood_scales)
+        draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=cfg.n_dims,
+                                 normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=task.dtype)
+        report["ood"] = ood_report(lambda n: [learned, constructions(n)[0]], draw, cells,
+                                   min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    return report
+
+
+def _exact_weights_solver(exp, apply_fn: Callable, eta: Any) -> list[Solver]:
+    """[the trained architecture with its exact explicit-gradient weights (lsq_jax.models.gd_weights)]
+    when the experiment's model admits them (explicit_gradient task, BaseConv of width >= D(D+5)/2 ...);
+    [] otherwise. It shows what the learned model's own form reaches."""
+    if exp.task.name != "explicit_gradient":
+        return []
+    try:
+        exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
+    except ValueError:
+        return []
+    return [learned_gradient_solver(apply_fn, exact, eta, name="exact_weights")]
+
+
+def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int,
+                           n_iters: int, eta: Any = "auto", scale_cond: float = 1.0,
+                           scale_target: float = 1.0, ood: bool = True, n_ood_problems: int | None = None,
+                           n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
+                           ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
+                           dtype: Any = jnp.float64) -> dict[str, Any]:
+    """The report of the hand-built GD models (the CLI's --mode=construct).
+
+    Both constructions (BaseConv, linear attention) next to GD, optimal GD, CG and lstsq in one
+    `iterated_report` on least-squares problems (A Gaussian with singular values mapped onto
+    [1, scale_cond], x*, x0 times scale_target); the single-step part is each construction's relative
+    step error against one exact GD step; the OOD grid (kappa x scale, fewer rows, fewer dims) holds the
+    BaseConv construction. Problems: iterated from fold_in(key, 1), OOD from fold_in(key, 2). Sizes and
+    OOD axes as in `evaluate_experiment`.
+
+    Returns:
+        {'kind': 'constructions', 'config': {...}, 'single_step': {...}, 'iterated': {...}[, 'ood': {...}]}.
+    """
+    check_eta(eta)
+    cache: dict = {}
+    constructions = construction_solvers(n_dims, eta, cache)
+    sample = samplers.least_squares(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems), n_points,
+                                    n_dims, scale_cond=scale_cond, scale_target=scale_target, dtype=dtype)
+    solvers = [*constructions(n_points), *_classical_solvers(eta)]
+    iterated = iterated_report(solvers, sample, n_iters, eta=eta, n_report_points=n_report_points)
+    x_gd1 = run_solver(gd_solver(eta), sample.a, sample.b, sample.x0, 1)[1]
+    single = {"n_problems": int(n_problems)}
+    for solver in constructions(n_points):
+        x1 = run_solver(solver, sample.a, sample.b, sample.x0, 1)[1]
+        single[f"{solver.name}_relative_step_error"] = quantile_dict(
+            relative_error_b(x1, x_gd1, x_gd1 - sample.x0))
+    report = {
+        "kind": "constructions",
+        "config": {"n_dims": n_dims, "n_points": n_points, "eta": eta if isinstance(eta, str) else float(eta),
+                   "scale_cond": float(scale_cond), "scale_target": float(scale_target),
+                   "dtype": jnp.dtype(dtype).name},
+        "single_step": single,
+        "iterated": iterated,
+    }
+    if ood:
+        n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
+        cells = ood_cells(n_dims, n_points, kappa=scale_cond, scale_target=scale_target, kappas=ood_kappas,
+                          scales=ood_scales)
+        draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=n_dims,
+                                 dtype=dtype)
+        report["ood"] = ood_report(lambda n: constructions(n)[:1], draw, cells,
+                                   min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    return report
+
+
+def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
+    """The numerical-analysis report of a learned model, or of the hand-built GD models, written to
+    <workdir>/eval/report.json with a table on the terminal and PNG plots (process 0).
+
+    Args:
+        exp: an Experiment; its train section gives the sizes (eval_problems, eval_iters).
+        params: the model's parameters (ignored with `constructions`).
+        workdir: the run's folder (local or cloud); <workdir>/metrics.jsonl, when present, is plotted too.
+        log: where the table and the written paths go.
+        constructions: report the constructions (--mode=construct) instead of the model.
+    """
+    workdir = epath.Path(workdir)
+    key = run_keys(exp.seed)["eval"]
+    sizes = {"n_problems": exp.train.eval_problems, "n_iters": exp.train.eval_iters}
+    if constructions:
+        report = evaluate_constructions(exp.task.n_dims, exp.task.n_points, key, dtype=jnp.dtype(exp.task.dtype),
+                                        **sizes)
+    else:
+        report = evaluate_experiment(exp, params, key, **sizes)
+    if jax.process_index() == 0:
+        out = workdir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        log(format_table(report))
+        metrics = workdir / "metrics.jsonl"
+        for path in plots.write_plots(report, plots.read_metrics(metrics) if metrics.exists() else [], out):
+            log(f"wrote {path}")
+        log(f"wrote {out / 'report.json'}")
+    return report

@@ -1,0 +1,71 @@
+"""The training log: JSON-lines metrics and a one-line progress report (process 0 writes, every process
+computes)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+
+def to_python(value: Any):
+    """Arrays and numpy scalars -> floats, ints, lists (non-finite floats stay float: JSON gets NaN/Infinity)."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return arr.item()
+    return arr.tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON object per call to <workdir>/metrics.jsonl; a no-op on processes other than 0."""
+
+    def __init__(self, path, enabled: bool = True):
+        self._path = path
+        self._enabled = enabled
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self._enabled:
+            return
+        line = json.dumps({"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}) + "\n"
+        path = epath.Path(self._path)
+        if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
+            path.write_text((path.read_text() if path.exists() else "") + line)
+        else:
+            with path.open("a") as f:
+                f.write(line)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Steps/s and ETA over the steps since the last report (compile time of the first step excluded)."""
+
+    def __init__(self, start_step: int, num_steps: int):
+        self._num_steps = num_steps
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+
+    def line(self, step: int, metrics: dict[str, Any]) -> str:
+        now = time.perf_counter()
+        done = step - self._last_step
+        rate = done / max(now - self._last_time, 1e-9) if done > 0 else float("nan")
+        self._last_step, self._last_time = step, now
+        eta = (self._num_steps - 1 - step) / rate if rate > 0 else float("nan")
+        loss = float(metrics["loss"])
+        parts = [f"step {step}/{self._num_steps}",
+                 f"loss {loss:.3e}" if math.isfinite(loss) else f"loss {loss} (non-finite: step skipped)",
+                 (f"lr {float(metrics['learning_rate']):.2e}" if "learning_rate" in metrics
+                  else f"damping {float(metrics['damping']):.2e}"),
+                 f"{rate:.2f} steps/s" if math.isfinite(rate) else "- steps/s", f"ETA {format_duration(eta)}",
+                 f"skipped {int(metrics['skipped_steps'])}"]
+        return " | ".join(parts)

@@ -1,0 +1,99 @@
+"""The house rules, read from the source: which package may import which, module sizes, and no references
+a reader of the repository cannot follow."""
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lsq_jax"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+# part -> the parts of lsq_jax it may import (besides itself). A part is a subpackage or a top-level module.
+MAY_IMPORT = {
+    "config": set(),
+    "data": {"config"},
+    "models": {"config"},
+    "optim": {"config"},
+    "checkpoint": {"config"},
+    "mesh": {"config"},
+    "train": {"config", "data", "models", "optim", "checkpoint", "mesh"},
+    "eval": {"config", "data", "models"},
+    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
+    "main": {"config", "checkpoint", "mesh", "train", "eval", "models"},
+}
+
+
+def part(module: str) -> str:
+    """'lsq_jax.train.loop' -> 'train'; 'lsq_jax.main' -> 'main'."""
+    return module.split(".")[1]
+
+
+def module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path: pathlib.Path) -> list[tuple[str, int]]:
+    """Every module `path` imports (at any depth of the file), with its line."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, node.lineno))
+            out += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names
+                    if node.module == "lsq_jax"]
+    return out
+
+
+def test_every_part_is_known():
+    assert {part(module_name(p)) for p in MODULES if p.parent != PACKAGE or p.name != "__init__.py"} <= set(MAY_IMPORT)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_imports_follow_the_layers(path):
+    me = part(module_name(path)) if path != PACKAGE / "__init__.py" else None
+    for name, line in imports(path):
+        if name.startswith("orbax"):
+            assert me == "checkpoint", f"{path.name}:{line} imports {name}: only checkpoint.py uses Orbax"
+        if name.startswith("lsq_jax.") and me is not None:
+            other = part(name)
+            assert other == me or other in MAY_IMPORT[me], f"{module_name(path)}:{line} imports {name}"
+
+
+def test_models_never_import_data_and_eval_never_train():
+    for path in MODULES:
+        me = part(module_name(path)) if path != PACKAGE / "__init__.py" else None
+        for name, line in imports(path):
+            assert not (me == "models" and name.startswith("lsq_jax.data")), (path, line)
+            assert not (me == "eval" and name.startswith("lsq_jax.train")), (path, line)
+
+
+def test_main_imports_train_only_for_training():
+    """main's module-level imports leave out train, so --mode=eval and --mode=construct never load it."""
+    tree = ast.parse((PACKAGE / "main.py").read_text())
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+                node.module or "", *[f"{node.module}.{a.name}" for a in node.names]]
+            assert not any(n.startswith("lsq_jax.train") for n in names), ast.dump(node)
+
+
+def test_module_sizes():
+    sizes = {module_name(p): len(p.read_text().splitlines()) for p in MODULES}
+    assert {m: n for m, n in sizes.items() if n > 400} == {}
+    assert sizes["lsq_jax.main"] <= 80
+
+
+SOURCES = [*MODULES, *sorted((ROOT / "configs").glob("*.py")), ROOT / "README.md"]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_references_a_reader_cannot_follow(path):
+    text = path.read_text()
+    assert "sys.path" not in text or path.suffix == ".md"
+    assert not re.search(r"\bSPEC\b", text), path
+    assert not re.search(r"\b(issue|task|tracker) #?\d+|(?<![\w&])#\d+\b", text, re.IGNORECASE), path

@@ -1,0 +1,31 @@
+"""OptimConfig (lsq_jax.config.optim): every field's range, checked on construction."""
+import dataclasses
+import math
+
+import pytest
+
+from lsq_jax.config.optim import OptimConfig
+
+
+@pytest.mark.parametrize("field, value", [
+    ("optimizer", "rmsprop"), ("lr", 0.0), ("lr", -1e-3), ("lr", math.nan), ("lr", "0.1"),
+    ("schedule", "cosine"), ("step_rate", 0), ("step_rate", 2.5), ("step_rate", True),
+    ("gamma", 0.0), ("gamma", 1.5), ("lr_floor", -1e-10), ("initial_decay", 1), ("metric_decay", 1.5),
+    ("metric_threshold", math.inf), ("no_increase_length", -1), ("clip_norm", 0.0), ("skip_norm", -1.0),
+    ("ema_alpha", 1.2), ("ema_lambda", -0.5), ("b1", 1.0), ("b2", -0.1), ("eps", -1e-16),
+    ("weight_decay", -1.0), ("momentum", 1.5), ("l1", -1.0),
+])
+def test_config_rejects_out_of_range(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: got ") as info:
+        OptimConfig(**{field: value})
+    assert repr(value) in str(info.value) and "allowed" in str(info.value)
+
+
+def test_config_weight_decay_only_for_adamw_and_sgd():
+    with pytest.raises(ValueError, match="weight_decay"):
+        OptimConfig(optimizer="adam", weight_decay=0.1)
+    OptimConfig(optimizer="adamw", weight_decay=0.1)
+    OptimConfig(optimizer="sgd", weight_decay=0.1)
+    cfg = OptimConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # frozen
