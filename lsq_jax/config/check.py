@@ -53,7 +53,9 @@ def check_int(field: str, value: Any, lo: int) -> None:
 def check_real(field: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
                hi_open: bool = False) -> None:
     ok = is_real(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    require(field, value, ok, f"finite numbers in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    left = "(" if lo_open or lo == -math.inf else "["
+    right = ")" if hi_open or hi == math.inf else "]"
+    require(field, value, ok, f"finite numbers in {left}{lo:g}, {hi:g}{right}")
 
 
 def check_choice(field: str, value: Any, choices) -> None:

@@ -63,9 +63,9 @@ class TaskConfig:
         for field in ("n_dims", "n_points"):
             value = getattr(self, field)
             if not is_int(value) or value <= 0:
-                fail(field, value, "ints > 0")
+                fail(field, value, "integers > 0")
         if self.name == "elementwise_multiply" and self.n_dims % 2:
-            fail("n_dims", self.n_dims, "even ints for elementwise_multiply (y = x[:D/2] * x[D/2:])")
+            fail("n_dims", self.n_dims, "even integers for elementwise_multiply (y = x[:D/2] * x[D/2:])")
         if self.name in SETTINGS:
             allowed = SETTINGS[self.name]
             if self.setting is None:
@@ -76,16 +76,16 @@ class TaskConfig:
         elif self.setting is not None:
             fail("setting", self.setting, f"None for {self.name} (only {', '.join(SETTINGS)} have one)")
         if not is_int(self.num_iters) or self.num_iters < 1:
-            fail("num_iters", self.num_iters, "ints >= 1")
+            fail("num_iters", self.num_iters, "integers >= 1")
         if not is_real(self.eta) or self.eta <= 0:
             fail("eta", self.eta, "finite numbers > 0")
         if self.sparsity is not None:
             if self.name != "linear":
                 fail("sparsity", self.sparsity, f"None for {self.name} (only linear has one)")
             if not is_int(self.sparsity) or not 1 <= self.sparsity <= self.n_dims:
-                fail("sparsity", self.sparsity, f"None or ints in [1, n_dims={self.n_dims}]")
+                fail("sparsity", self.sparsity, f"None or integers in [1, n_dims={self.n_dims}]")
         if not is_int(self.task_seed):
-            fail("task_seed", self.task_seed, "ints")
+            fail("task_seed", self.task_seed, "integers")
         for field in ("normalize", "normalize_a", "normalize_x"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
@@ -120,13 +120,13 @@ class CurriculumConfig:
 
     def __post_init__(self):
         if not is_int(self.start) or self.start < 1:
-            fail("start", self.start, "ints >= 1")
+            fail("start", self.start, "integers >= 1")
         if not is_int(self.end) or self.end < self.start:
-            fail("end", self.end, f"ints >= start={self.start}")
+            fail("end", self.end, f"integers >= start={self.start}")
         if not is_int(self.inc) or self.inc < 0:
-            fail("inc", self.inc, "ints >= 0")
+            fail("inc", self.inc, "integers >= 0")
         if not is_int(self.interval) or self.interval < 1:
-            fail("interval", self.interval, "ints >= 1")
+            fail("interval", self.interval, "integers >= 1")
 
     @classmethod
     def constant(cls, value: int) -> CurriculumConfig:

@@ -114,5 +114,5 @@ def curriculum_value(cfg: CurriculumConfig, counter: Any) -> Any:
     if isinstance(counter, jax.Array):
         return jnp.minimum(cfg.start + cfg.inc * (counter // cfg.interval), cfg.end)
     if not is_int(counter) or counter < 0:
-        fail("counter", counter, "ints >= 0 or an integer jax array")
+        fail("counter", counter, "integers >= 0 or an integer jax array")
     return min(cfg.start + cfg.inc * (counter // cfg.interval), cfg.end)
