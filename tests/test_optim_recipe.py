@@ -11,18 +11,9 @@ from lsq_jax.optim.lr_controller import applied_steps, current_lr, lr_controller
 from lsq_jax.optim.recipe import make_optimizer, optimizer_metrics
 from lsq_jax.optim.step_guard import skipped_steps
 
+from trees import assert_trees_bitwise_equal
+
 NAN = float("nan")
-
-
-def _bits(x):
-    return np.asarray(x).tobytes()
-
-
-def _assert_trees_bitwise_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        assert _bits(x) == _bits(y)
 
 
 def _quadratic():
@@ -53,14 +44,14 @@ def test_guard_skips_non_finite_and_changes_nothing(bad):
     updates, new_state = update(g_bad, state, params, grad_metric=NAN)
     for leaf in jax.tree.leaves(updates):
         assert leaf.dtype == jnp.float64 and not np.any(leaf)
-    _assert_trees_bitwise_equal(new_state.inner_state, state.inner_state)
+    assert_trees_bitwise_equal(new_state.inner_state, state.inner_state)
     assert int(skipped_steps(new_state)) == 1 and int(skipped_steps(state)) == 0
     assert int(applied_steps(new_state)) == 3
     # The next good step is exactly the step a run without the bad one would have taken.
     u1, s1 = update(grad(params), new_state, params, grad_metric=NAN)
     u2, s2 = update(grad(params), state, params, grad_metric=NAN)
-    _assert_trees_bitwise_equal(u1, u2)
-    _assert_trees_bitwise_equal(s1.inner_state, s2.inner_state)
+    assert_trees_bitwise_equal(u1, u2)
+    assert_trees_bitwise_equal(s1.inner_state, s2.inner_state)
     assert int(s1.skipped) == 1
 
 
@@ -73,7 +64,7 @@ def test_guard_counts_consecutive_skips_without_giving_up():
     for _ in range(7):
         _, state = update(jax.tree.map(lambda g: g * np.inf, grad(params)), state, params)
     assert int(skipped_steps(state)) == 7
-    _assert_trees_bitwise_equal(state.inner_state, state0.inner_state)
+    assert_trees_bitwise_equal(state.inner_state, state0.inner_state)
 
 
 def test_metric_on_a_skipped_step_is_still_absorbed():
@@ -89,8 +80,8 @@ def test_metric_on_a_skipped_step_is_still_absorbed():
     assert int(lr_state.applied_steps) == 0 and float(lr_state.lr) == float(current_lr(state))
     # Everything but the metric EMA (and the flag) is untouched.
     old = lr_controller_state(state)
-    _assert_trees_bitwise_equal(new_state.inner_state[:-1], state.inner_state[:-1])
-    assert _bits(lr_state.lr) == _bits(old.lr)
+    assert_trees_bitwise_equal(new_state.inner_state[:-1], state.inner_state[:-1])
+    assert_trees_bitwise_equal(lr_state.lr, old.lr)
 
 
 def _numpy_adam(p, grads_fn, lrs, b1=0.9, b2=0.999, eps=1e-16, ema=None, wd=0.0):
@@ -212,7 +203,7 @@ def test_extra_args_are_forwarded_and_ignored():
     state = tx.init(params)
     u1, s1 = tx.update(grad(params), state, params, grad_metric=NAN, some_other_arg=3)
     u2, s2 = tx.update(grad(params), state, params)
-    _assert_trees_bitwise_equal((u1, s1), (u2, s2))
+    assert_trees_bitwise_equal((u1, s1), (u2, s2))
 
 
 def test_optimizer_metrics_and_readers():

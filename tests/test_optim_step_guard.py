@@ -8,16 +8,7 @@ import pytest
 from lsq_jax.optim.lr_controller import scale_by_lr_controller
 from lsq_jax.optim.step_guard import step_guard
 
-
-def _bits(x):
-    return np.asarray(x).tobytes()
-
-
-def _assert_trees_bitwise_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        assert _bits(x) == _bits(y)
+from trees import assert_trees_bitwise_equal
 
 
 def test_guard_clips_and_optional_skip_norm():
@@ -62,7 +53,7 @@ def test_bare_guard_keeps_every_inner_leaf_on_a_skipped_step():
     guard = step_guard(ctrl)
     s0 = guard.init(jnp.zeros(2))
     _, s1 = guard.update(jnp.asarray([np.nan, 1.0]), s0, grad_metric=0.1)
-    _assert_trees_bitwise_equal(s1.inner_state, s0.inner_state)
+    assert_trees_bitwise_equal(s1.inner_state, s0.inner_state)
 
 
 def test_guard_validates_hyperparameters():

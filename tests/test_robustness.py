@@ -313,7 +313,6 @@ def test_first_jax_computation_comes_after_distributed_start_and_float64(tmp_pat
 def bucket(tmp_path, monkeypatch):
     """gs://bucket/... served from tmp_path/bucket through etils' fsspec backend: the code sees a non-local
     path, so any builtin open() or os call on a workdir path fails, and appending is refused."""
-    import fsspec
     from etils.epath import backend as epath_backend
     from fsspec.implementations.local import LocalFileSystem
 
