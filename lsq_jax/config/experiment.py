@@ -92,7 +92,7 @@ def _build(section: str, cls, fields: Mapping[str, Any], **extra):
 
 def _curriculum(var: str, spec: Mapping[str, Any], end: int) -> CurriculumConfig:
     if spec.get("start") is None:
-        return CurriculumConfig(start=end, end=end)
+        return CurriculumConfig.constant(end)
     return _build(f"curriculum.{var}", CurriculumConfig, {**spec, "end": end})
 
 
