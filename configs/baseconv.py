@@ -30,7 +30,9 @@ def get_config(arg=None):
                "train.checkpoint_every": 100},
         # lm: Levenberg-Marquardt from random initialisation on a size it trains in minutes on 2 cores: D = 3,
         # L = 10, width 16 (P = 3,337 parameters); one fixed batch of 4,000 problems, N x D = 12,000 residuals
-        # = 3.6 P (fewer overfit the batch: the test MSE then stalls above the training loss).
+        # = 3.6 P (fewer overfit the batch: the test MSE then stalls above the training loss); isotropic
+        # damping (the default) with geodesic acceleration (docs/performance.md compares the variants).
         lm={"task.n_dims": 3, "task.n_points": 10, "model.n_embd": 16, "optim.optimizer": "lm",
-            "train.batch_size": 4000, "train.num_steps": 150, "train.log_every": 10,
+            "optim.lm_geodesic": True,
+            "train.batch_size": 4000, "train.num_steps": 200, "train.log_every": 10,
             "train.checkpoint_every": 25, "train.grad_stats_batches": 0, "optim.schedule": "step"})

@@ -40,15 +40,15 @@ def test_step_flops_count_every_microbatch():
 
 def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
 
-    from lsq_jax import bench
+    from lsq_jax.bench import precision
 
-    r = bench.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0)
+    r = precision.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0)
     assert r["batch_size"] == 32  # the config's own batch unless one is given
     curve = r["curve"]
     assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"]}
     assert r["steps"] == curve[-1]["step"] and curve[-1]["seconds"] >= 3.0
     assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
-    for level in bench.PRECISION_LEVELS:
+    for level in precision.PRECISION_LEVELS:
         below = [p for p in curve if p["test_mse"] < level]
         crossing = r["crossings"].get(f"{level:.0e}")
         assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
@@ -58,33 +58,33 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
     """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method, the
     table's median and range are those of the runs' curves at each mark, and the plot is written."""
 
-    from lsq_jax import bench
+    from lsq_jax.bench import precision
 
     config = get_config("baseconv", "lm")
     config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
                                        "train.eval_batch_size": 64})
     methods = {"adam": {"optim.optimizer": "adam"}, "hybrid": {"optim.optimizer": "lm", "optim.lm_after": 3}}
-    r = bench.compare_optimizers(config, 2.0, methods, [0, 1], marks=(1.0, 2.0, 60.0))
+    r = precision.compare_optimizers(config, 2.0, methods, [0, 1], marks=(1.0, 2.0, 60.0))
     assert r["marks"] == [1.0, 2.0]
     for row in r["rows"]:
         runs = r["runs"][row["method"]]
         assert [x["seed"] for x in runs] == [0, 1]
         assert {x["optimizer"] for x in runs} == {"adam" if row["method"] == "adam" else "lm"}
         for mark in (1.0, 2.0):
-            at = sorted(bench.mse_at(x["curve"], mark) for x in runs)
+            at = sorted(precision.mse_at(x["curve"], mark) for x in runs)
             assert row[f"{mark:.0f}s"] == pytest.approx((at[0] + at[1]) / 2, rel=1e-15)
             assert row[f"{mark:.0f}s_range"] == f"{at[0]:.1e}..{at[1]:.1e}"
-    assert bench.plot_comparison(r, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+    assert precision.plot_comparison(r, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_mse_at_takes_the_last_measurement_at_or_before_the_mark():
-    from lsq_jax import bench
+    from lsq_jax.bench import precision
 
     curve = [{"seconds": 0.0, "test_mse": 3.0}, {"seconds": 50.0, "test_mse": 2.0}, {"seconds": 61.0, "test_mse": 1.0},
              {"seconds": 120.0, "test_mse": 0.5}]
-    assert bench.mse_at(curve, 60.0) == 1.0  # 61 s is within the 2% tolerance of a mark
-    assert bench.mse_at(curve, 100.0) == 1.0
-    assert bench.mse_at(curve, 300.0) is None  # the run ended before
+    assert precision.mse_at(curve, 60.0) == 1.0  # 61 s is within the 2% tolerance of a mark
+    assert precision.mse_at(curve, 100.0) == 1.0
+    assert precision.mse_at(curve, 300.0) is None  # the run ended before
 
 
 @pytest.mark.slow

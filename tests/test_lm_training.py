@@ -1,6 +1,7 @@
 """Levenberg-Marquardt as a trainer of the system: its step against numpy, convergence from the exact
 explicit-gradient weights plus noise, the hybrid's phases, and bit-identical resume through the CLI."""
 import io
+import json
 import pathlib
 from contextlib import redirect_stderr
 
@@ -74,7 +75,9 @@ def test_lm_residuals_mean_square_is_the_task_loss():
 
 
 def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
-    exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1})
+    exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1,
+                             "optim.lm_geodesic": False})
+    assert exp.optim.lm_scaling == "isotropic"
     params = init_state(exp).params
     keys = lm_batch(exp)
     theta, unravel = ravel_pytree(params)
@@ -82,8 +85,7 @@ def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
     r = np.asarray(residuals(exp, params, keys)).reshape(-1)
     m = r.size
     jtj, jtr = J.T @ J / m, J.T @ r / m
-    d = np.diag(jtj).copy()
-    d = np.maximum(d, max(1e-10 * d.mean(), np.finfo(float).tiny))
+    d = np.full(jtj.shape[0], np.trace(jtj) / jtj.shape[0])  # isotropic: mean(diag JtJ) I
     delta = np.linalg.solve(jtj + 1e-2 * np.diag(d), -jtr)
     trial = np.mean(np.asarray(residuals(exp, unravel(theta + delta), keys)) ** 2)
     state, history = run_lm(exp, params, 1)
@@ -162,3 +164,39 @@ def test_matrix_free_solver_trains_through_the_same_step():
     state, history = run_lm(exp, init_state(exp).params, 12)
     assert np.all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
     assert int(state.opt_state["lm"].accepted) >= 2
+
+
+def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
+    """Three starts of two LM iterations each, the second one stalled (all-zero parameters: the model's
+    output is 0 whatever the input, and only its output bias can move): it is not chosen, the start with
+    the lowest training loss goes on, and the run ends as a run from that start alone would."""
+    from lsq_jax.train import loop
+
+    def init(exp, start=0):
+        state = init_state(exp, start)
+        return state._replace(params=jax.tree.map(jnp.zeros_like, state.params)) if start == 1 else state
+
+    monkeypatch.setattr(loop, "init_state", init)
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
+    args = [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", *(f"--config.{k}={v}" for k, v in TINY.items()),
+            "--config.train.num_steps=4", "--config.train.log_every=1", "--config.optim.lm_geodesic=false"]
+    status, err = _run([*args, "--config.optim.lm_restarts=3", "--config.optim.lm_restart_steps=2",
+                        f"--workdir={tmp_path / 'w'}"])
+    assert status == 0, err
+    records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    chosen = next(r for r in records if "restart_losses" in r)
+    losses = chosen["restart_losses"]
+    assert chosen["step"] == 2 and len(losses) == 3
+    exp = tiny_experiment()
+    targets = make_task(exp.task).sample(lm_batch(exp), n_points=exp.task.n_points).targets
+    zero_output = float(jnp.mean(targets ** 2))  # the loss of the all-zero start: its output is 0
+    assert 0.99 * zero_output < losses[1] <= zero_output  # LM never raises the loss, and barely moved here
+    assert chosen["restart_chosen"] == int(np.argmin(losses)) != 1
+    # The chosen start's own run, without restarts, from its initialisation: the same final state.
+    k = chosen["restart_chosen"]
+    monkeypatch.setattr(loop, "init_state", lambda exp, start=0: init(exp, k))
+    assert _run([*args, f"--workdir={tmp_path / 'alone'}"])[0] == 0
+    a, b = final_state(tmp_path / "w"), final_state(tmp_path / "alone")
+    assert int(a.step) == int(b.step) == 4
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -22,7 +22,10 @@ TINY = ["--config.train.log_every=2", "--config.model.n_embd=8", "--config.task.
         "--config.train.grad_stats_batches=4"]
 RUNS = {"workdir_adam": [f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"],
         "workdir_lm": [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", "--config.optim.lm_after=1",
-                       "--config.train.grad_stats_batches=0"]}
+                       "--config.train.grad_stats_batches=0",
+                       # what that run was: Marquardt's scaling (its saved config predates the field) and
+                       # no geodesic acceleration (the :lm variant has it now)
+                       "--config.optim.lm_scaling=marquardt", "--config.optim.lm_geodesic=false"]}
 
 
 def run(argv):

@@ -13,7 +13,8 @@ from lsq_jax.config.optim import OptimConfig
     ("gamma", 0.0), ("gamma", 1.5), ("lr_floor", -1e-10), ("initial_decay", 1), ("metric_decay", 1.5),
     ("metric_threshold", math.inf), ("no_increase_length", -1), ("clip_norm", 0.0), ("skip_norm", -1.0),
     ("ema_alpha", 1.2), ("ema_lambda", -0.5), ("b1", 1.0), ("b2", -0.1), ("eps", -1e-16),
-    ("weight_decay", -1.0), ("momentum", 1.5), ("l1", -1.0),
+    ("weight_decay", -1.0), ("momentum", 1.5), ("l1", -1.0), ("lm_scaling", "diag"), ("lm_rule", "fast"),
+    ("lm_restarts", 0), ("lm_restart_steps", -1),
 ])
 def test_config_rejects_out_of_range(field, value):
     with pytest.raises(ValueError, match=f"^{field}: got ") as info:
@@ -29,3 +30,13 @@ def test_config_weight_decay_only_for_adamw_and_sgd():
     cfg = OptimConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0  # frozen
+
+
+def test_restarts_need_their_length_and_lm_from_the_start():
+    with pytest.raises(ValueError, match="^lm_restart_steps: got 0; allowed integers >= 1 when lm_restarts > 1"):
+        OptimConfig(optimizer="lm", lm_restarts=2)
+    with pytest.raises(ValueError, match="^lm_restarts: got 2; allowed 1 unless optimizer='lm' with lm_after=0"):
+        OptimConfig(optimizer="lm", lm_restarts=2, lm_restart_steps=5, lm_after=3)
+    with pytest.raises(ValueError, match="^lm_restarts: got 2"):
+        OptimConfig(optimizer="adam", lm_restarts=2, lm_restart_steps=5)
+    OptimConfig(optimizer="lm", lm_restarts=2, lm_restart_steps=5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax.optim import lm
+from lsq_jax.optim import lm, lm_damping
 
 EPS = np.finfo(np.float64).eps
 D_IN, HIDDEN, K_OUT, N = 3, 6, 2, 100  # P = 38 parameters, N K = 200 residuals
@@ -87,7 +87,7 @@ def test_damped_solve_matches_numpy(problem):
     _, params, batch, _ = problem
     r, J = full_jacobian(mlp_residual, params, batch)
     JtJ, Jtr, _ = lm.normal_equations(mlp_residual, params, batch, 2)
-    D = lm.update_scaling(jnp.zeros(J.shape[1]), JtJ)
+    D = lm_damping.update_scaling("marquardt", jnp.zeros(J.shape[1]), jnp.diagonal(JtJ))
     lam = 1e-2
     delta, pred, ok = jax.jit(lm.damped_solve)(JtJ, Jtr, lam, D)
     m = r.size
@@ -103,9 +103,17 @@ def test_damped_solve_flags_a_failed_cholesky():
     assert not bool(ok)
 
 
-def test_scaling_is_a_floored_running_max():
+@pytest.mark.parametrize("rows,min_rows", [(7, 7), (7, 2), (13, 3), (64, 5)])
+def test_lower_gram_is_the_full_product(rows, min_rows):
+    Jt = np.random.default_rng(rows).normal(size=(rows, 11))
+    out = jax.jit(lambda a: lm.symmetric(lm.lower_gram(a, min_rows)))(Jt)
+    np.testing.assert_allclose(out, Jt @ Jt.T, rtol=1e-14, atol=1e-13)
+    np.testing.assert_array_equal(out, np.asarray(out).T)
+
+
+def test_marquardt_scaling_is_a_floored_running_max():
     JtJ = jnp.diag(jnp.array([4.0, 0.0, 1.0]))
-    D = lm.update_scaling(jnp.array([1.0, 0.0, 3.0]), JtJ, rel_floor=1e-3)
+    D = lm_damping.update_scaling("marquardt", jnp.array([1.0, 0.0, 3.0]), jnp.diagonal(JtJ), rel_floor=1e-3)
     np.testing.assert_allclose(D, [4.0, 1e-3 * (4.0 + 0.0 + 3.0) / 3.0, 3.0], rtol=1e-15)
     # The zero column stays solvable and gets a zero step.
     delta, _, ok = lm.damped_solve(JtJ, jnp.array([1.0, 0.0, 1.0]), 1e-3, D)
@@ -134,16 +142,32 @@ def test_linear_residual_lands_on_lstsq():
     np.testing.assert_allclose(metrics["gain_ratio"], 1.0, atol=1e-10)
 
 
-def test_accepted_step_and_nielsen_update_match_numpy(problem):
+def test_isotropic_scaling_is_the_first_mean_held():
+    first = lm_damping.update_scaling("isotropic", jnp.zeros(3), jnp.array([4.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(first, [2.0, 2.0, 2.0])
+    held = lm_damping.update_scaling("isotropic", first, jnp.array([40.0, 9.0, 20.0]))
+    np.testing.assert_array_equal(held, first)
+
+
+# The first LM step's D by scaling, in numpy, and lam after an accepted step with gain ratio rho by rule.
+NUMPY_SCALING = {"marquardt": lambda JtJ: np.diag(JtJ),
+                 "isotropic": lambda JtJ: np.full(JtJ.shape[0], np.trace(JtJ) / JtJ.shape[0])}
+NUMPY_ACCEPTED = {"nielsen": lambda lam, rho: lam * max(1 / 3, 1 - (2 * rho - 1) ** 3),
+                  "delayed": lambda lam, rho: lam / 3}
+
+
+@pytest.mark.parametrize("scaling", sorted(NUMPY_SCALING))
+@pytest.mark.parametrize("rule", sorted(NUMPY_ACCEPTED))
+def test_accepted_step_and_damping_update_match_numpy(problem, scaling, rule):
     _, params, batch, unravel = problem
     r, J = full_jacobian(mlp_residual, params, batch)
     m, lam0 = r.size, 0.5
     state = lm.init_lm_state(J.shape[1], damping0=lam0)._replace(nu=jnp.asarray(8.0))
-    new_params, new_state, metrics = jax.jit(functools.partial(lm.lm_update, mlp_residual, n_chunks=2))(
-        params, batch, state)
-    # Independent step: D = diag(JtJ) (first step), numpy solve, numpy residuals at the trial point.
+    new_params, new_state, metrics = jax.jit(functools.partial(lm.lm_update, mlp_residual, n_chunks=2,
+                                                               scaling=scaling, rule=rule))(params, batch, state)
+    # Independent step: D of the first step, numpy solve, numpy residuals at the trial point.
     JtJ, Jtr = J.T @ J / m, J.T @ r / m
-    delta = np.linalg.solve(JtJ + lam0 * np.diag(np.diag(JtJ)), -Jtr)
+    delta = np.linalg.solve(JtJ + lam0 * np.diag(NUMPY_SCALING[scaling](JtJ)), -Jtr)
     pred = -2 * Jtr @ delta - delta @ JtJ @ delta
     theta = np.asarray(ravel_pytree(params)[0])
     trial = np.mean(mlp_residual_np(unravel(theta + delta), batch) ** 2)
@@ -152,20 +176,35 @@ def test_accepted_step_and_nielsen_update_match_numpy(problem):
     assert bool(metrics["accepted"])
     np.testing.assert_allclose(metrics["gain_ratio"], rho, rtol=1e-9)
     assert rel_err(ravel_pytree(new_params)[0], theta + delta) < 1e-12
-    np.testing.assert_allclose(new_state.damping, lam0 * max(1 / 3, 1 - (2 * rho - 1) ** 3), rtol=1e-9)
+    np.testing.assert_allclose(new_state.scaling, NUMPY_SCALING[scaling](JtJ), rtol=1e-12)
+    np.testing.assert_allclose(new_state.damping, NUMPY_ACCEPTED[rule](lam0, rho), rtol=1e-9)
     assert float(new_state.nu) == 2.0
     assert (int(new_state.iteration), int(new_state.accepted), int(new_state.rejected)) == (1, 1, 0)
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.25, 0.5, 0.9, 1.3])
-def test_nielsen_rule_by_hand(rho):
-    lam, nu = jax.jit(lm.nielsen_update)(0.1, 4.0, rho, True)
+def test_damping_rules_by_hand(rho):
+    nielsen = functools.partial(lm_damping.update_damping, "nielsen")
+    lam, nu = jax.jit(nielsen)(0.1, 4.0, rho, True)
     np.testing.assert_allclose(lam, 0.1 * max(1 / 3, 1 - (2 * rho - 1) ** 3), rtol=1e-15)
     assert float(nu) == 2.0
-    lam, nu = lm.nielsen_update(0.1, 4.0, rho, False)
+    lam, nu = nielsen(0.1, 4.0, rho, False)
     assert (float(lam), float(nu)) == (0.1 * 4.0, 8.0)
-    assert float(lm.nielsen_update(0.1, 4.0, rho, False, damping_max=0.2)[0]) == 0.2
-    assert float(lm.nielsen_update(1e-16, 4.0, 1.0, True, damping_min=1e-16)[0]) == 1e-16
+    assert float(nielsen(0.1, 4.0, rho, False, damping_max=0.2)[0]) == 0.2
+    assert float(nielsen(1e-16, 4.0, 1.0, True, damping_min=1e-16)[0]) == 1e-16
+    delayed = functools.partial(lm_damping.update_damping, "delayed")
+    lam, nu = jax.jit(delayed)(0.3, 4.0, rho, True)
+    np.testing.assert_allclose(lam, 0.1, rtol=1e-15)
+    assert float(nu) == 2.0
+    assert float(delayed(0.3, 4.0, rho, False)[0]) == 0.6
+    assert float(delayed(1e15, 2.0, rho, False)[0]) == 1e15
+
+
+def test_an_unknown_scaling_or_rule_is_refused():
+    with pytest.raises(ValueError, match="lm_scaling='diag'.*isotropic, marquardt"):
+        lm_damping.update_scaling("diag", jnp.zeros(2), jnp.ones(2))
+    with pytest.raises(ValueError, match="lm_rule='fast'.*nielsen, delayed"):
+        lm_damping.update_damping("fast", 1.0, 2.0, 0.5, True)
 
 
 def test_rejected_steps_raise_damping_and_keep_params():
@@ -257,8 +296,8 @@ def test_geodesic_step_matches_numpy(problem):
     m, lam0 = r.size, 1e-2
     theta, unravel = ravel_pytree(params)
     state = lm.init_lm_state(theta.size, damping0=lam0)
-    new_params, _, metrics = jax.jit(functools.partial(lm.lm_update, mlp_residual, n_chunks=4, geodesic=True))(
-        params, batch, state)
+    new_params, _, metrics = jax.jit(functools.partial(lm.lm_update, mlp_residual, n_chunks=4, geodesic=True,
+                                                          scaling="marquardt"))(params, batch, state)
     JtJ, Jtr = J.T @ J / m, J.T @ r / m
     A = JtJ + lam0 * np.diag(np.diag(JtJ))
     delta = np.linalg.solve(A, -Jtr)

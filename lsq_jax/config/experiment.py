@@ -142,10 +142,19 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     return dataclasses.asdict(exp)
 
 
+def _saved_optim(optim: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A saved optim section as it ran: LM saved before lm_scaling existed ran with Marquardt's scaling."""
+    if optim.get("optimizer") == "lm" and "lm_scaling" not in optim:
+        return {**optim, "lm_scaling": "marquardt"}
+    return optim
+
+
 def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
-    """The inverse of experiment_to_dict (validating every section again)."""
+    """The inverse of experiment_to_dict (validating every section again); a field the saved dict lacks
+    takes its default, except where that run ran otherwise (`_saved_optim`)."""
     return Experiment(name=d["name"], seed=d["seed"], task=_build("task", TaskConfig, d["task"]),
-                      model=_build("model", ModelConfig, d["model"]), optim=_build("optim", OptimConfig, d["optim"]),
+                      model=_build("model", ModelConfig, d["model"]),
+                      optim=_build("optim", OptimConfig, _saved_optim(d["optim"])),
                       train=_build("train", TrainConfig, d["train"]),
                       points=_build("points", CurriculumConfig, d["points"]),
                       dims=_build("dims", CurriculumConfig, d["dims"]),

@@ -8,6 +8,8 @@ from lsq_jax.config.check import check_choice, check_flag, check_int, check_opti
 SCHEDULES = ("constant", "step", "adaptive")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("cholesky", "cg")
+LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
+LM_RULES = ("nielsen", "delayed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +42,20 @@ class OptimConfig:
             Levenberg-Marquardt takes over (0: LM from the start).
         lm_refresh_every: LM fits the residuals of one batch of train.batch_size problems; a new batch
             every this many LM iterations (0: the same batch throughout).
-        lm_damping: LM's initial damping lambda, relative to Marquardt's diagonal scaling, > 0.
+        lm_damping: LM's initial damping lambda, relative to the scaling D, > 0.
+        lm_scaling: D of the damped system (J^T J + lambda D): ``"isotropic"`` (the mean of diag(J^T J) at
+            the first LM iteration, times I, held) or ``"marquardt"`` (diag(J^T J), Moré's running maximum).
+        lm_rule: how lambda moves after a step: ``"nielsen"`` (by the gain ratio, doubling growth on
+            consecutive rejections) or ``"delayed"`` (/3 on accept, x2 on reject).
         lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
         lm_cg_iters: conjugate-gradient iterations per LM step with ``"cg"``.
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (Cholesky path).
-        lm_chunk: problems per Jacobian chunk (0: auto, about 2^20 Jacobian entries per chunk).
+        lm_chunk: problems per Jacobian chunk (0: auto, at most 2^22 Jacobian entries per chunk).
+        lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
+            with the lowest training loss continues (1: no restarts).
+        lm_restart_steps: iterations of each start (>= 1 when lm_restarts > 1).
     """
 
     optimizer: str = "adam"
@@ -72,11 +81,15 @@ class OptimConfig:
     lm_after: int = 0
     lm_refresh_every: int = 0
     lm_damping: float = 1e-3
+    lm_scaling: str = "isotropic"
+    lm_rule: str = "nielsen"
     lm_solver: str = "cholesky"
     lm_cg_iters: int = 100
     lm_geodesic: bool = False
     lm_tries: int = 10
     lm_chunk: int = 0
+    lm_restarts: int = 1
+    lm_restart_steps: int = 0
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -105,8 +118,17 @@ class OptimConfig:
         check_int("lm_after", self.lm_after, 0)
         check_int("lm_refresh_every", self.lm_refresh_every, 0)
         check_real("lm_damping", self.lm_damping, 0.0, lo_open=True)
+        check_choice("lm_scaling", self.lm_scaling, LM_SCALINGS)
+        check_choice("lm_rule", self.lm_rule, LM_RULES)
         check_choice("lm_solver", self.lm_solver, LM_SOLVERS)
         check_int("lm_cg_iters", self.lm_cg_iters, 1)
         check_flag("lm_geodesic", self.lm_geodesic)
         check_int("lm_tries", self.lm_tries, 1)
         check_int("lm_chunk", self.lm_chunk, 0)
+        check_int("lm_restarts", self.lm_restarts, 1)
+        check_int("lm_restart_steps", self.lm_restart_steps, 0)
+        if self.lm_restarts > 1:
+            require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps >= 1,
+                    "integers >= 1 when lm_restarts > 1")
+            require("lm_restarts", self.lm_restarts, self.optimizer == "lm" and self.lm_after == 0,
+                    "1 unless optimizer='lm' with lm_after=0 (restarts compare LM's training loss)")

@@ -18,9 +18,11 @@ chunk's rows are ordinary contractions, so plain ``jax.jit`` lets XLA insert the
 emulated CPU devices: same result as 1 device; XLA all-reduces each chunk's P x P term inside the loop, so
 on many devices few, large chunks are cheaper than many small ones).
 
-References: Moré, "The Levenberg-Marquardt algorithm: implementation and theory" (1978) for the scaling D;
-Madsen, Nielsen & Tingleff, "Methods for non-linear least squares problems" (2004) §3.2 (Nielsen's damping
-update); Transtrum & Sethna, "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares
+J^T J is built from its lower block triangle alone (``GRAM_MIN_ROWS``): half the multiply-adds of the
+full product, in products large enough to run at the machine's matmul rate.
+
+The scaling D and the damping rule are lsq_jax.optim.lm_damping's. References: Moré, "The
+Levenberg-Marquardt algorithm: implementation and theory" (1978); Transtrum & Sethna, "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares
 minimization" (arXiv:1201.5885) and their geodesicLM code for the geodesic acceleration.
 """
 from __future__ import annotations
@@ -32,7 +34,14 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_factor, cho_solve
 
+from lsq_jax.optim.lm_damping import update_damping, update_scaling
+
 ResidualFn = Callable[[Any, Any], jax.Array]  # (params, batch_chunk) -> residuals (n, K)
+
+# J^T J's lower block triangle is split in halves down to blocks of at most this many rows: each split
+# computes its off-diagonal block as one product and recurses on the two diagonal ones (P = 3,337: blocks
+# of 417 rows, 1.9 s instead of 3.2 s for the full product on 2 cores; docs/performance.md).
+GRAM_MIN_ROWS = 512
 
 
 class LMState(NamedTuple):
@@ -41,7 +50,8 @@ class LMState(NamedTuple):
     Attributes:
         damping: lam, the damping the next step uses (float scalar).
         nu: Nielsen's growth factor for consecutive rejections (float scalar, 2 after an accepted step).
-        scaling: D, the (P,) diagonal scaling: Moré's running maximum of diag(JtJ), floored.
+        scaling: D, the (P,) diagonal scaling (lsq_jax.optim.lm_damping.update_scaling); zeros before the
+            first LM iteration.
         iteration, accepted, rejected: int32 counts of steps tried, accepted and rejected.
     """
 
@@ -80,6 +90,23 @@ def _chunk_sum(fn, batch, n_chunks):
     shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), init, chunks)[0]
+
+
+def lower_gram(Jt: jax.Array, min_rows: int = GRAM_MIN_ROWS):
+    """Jt Jt^T's lower block triangle as a tree: a leaf is a whole diagonal block Jt_i Jt_i^T (at most
+    `min_rows` rows), a node (top, Jt_b Jt_t^T, bottom) halves the rows. Trees of the same Jt shape add."""
+    if Jt.shape[0] <= min_rows:
+        return Jt @ Jt.T
+    h = Jt.shape[0] // 2
+    return lower_gram(Jt[:h], min_rows), Jt[h:] @ Jt[:h].T, lower_gram(Jt[h:], min_rows)
+
+
+def symmetric(tree) -> jax.Array:
+    """The full symmetric matrix of a :func:`lower_gram` tree."""
+    if not isinstance(tree, tuple):
+        return tree
+    top, off, bottom = tree
+    return jnp.block([[symmetric(top), off.T], [off, symmetric(bottom)]])
 
 
 def _flat(residual_fn, params, batch):
@@ -137,10 +164,10 @@ def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, 
 
     def terms(chunk):
         r, Jt = _chunk_jacobian(f, theta, chunk, per_problem)
-        return Jt @ Jt.T, Jt @ r, r @ r
+        return lower_gram(Jt), Jt @ r, r @ r
 
     JtJ, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
-    return JtJ / m, Jtr / m, ss / m
+    return symmetric(JtJ) / m, Jtr / m, ss / m
 
 
 def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int = 1) -> jax.Array:
@@ -151,16 +178,6 @@ def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int 
 
 # --------------------------------------------------------------------------------------------------
 # The damped step, its scaling and the damping update.
-
-
-def update_scaling(scaling: jax.Array, JtJ: jax.Array, rel_floor: float = 1e-10) -> jax.Array:
-    """Marquardt's D with Moré's rule: D <- max(D, diag(JtJ), rel_floor * mean(D), tiny).
-
-    The running maximum keeps the scaling from shrinking as the fit improves; the floor keeps a zero
-    column (a parameter the loss does not see) solvable, where it simply gets a zero step.
-    """
-    d = jnp.maximum(scaling, jnp.diagonal(JtJ))
-    return jnp.maximum(d, jnp.maximum(rel_floor * jnp.mean(d), jnp.finfo(d.dtype).tiny))
 
 
 def _solve(JtJ, Jtr, damping, scaling):
@@ -181,22 +198,12 @@ def damped_solve(JtJ: jax.Array, Jtr: jax.Array, damping, scaling: jax.Array):
     return _solve(JtJ, Jtr, damping, scaling)[:3]
 
 
-def nielsen_update(damping, nu, gain_ratio, accepted, damping_min: float = 1e-15, damping_max: float = 1e15):
-    """Nielsen's rule (Madsen, Nielsen & Tingleff 2004, eq. 3.16).
-
-    accepted: lam <- lam max(1/3, 1 - (2 rho - 1)^3), nu <- 2;  rejected: lam <- lam nu, nu <- 2 nu.
-    lam is then clamped into [damping_min, damping_max].
-    """
-    factor = jnp.where(accepted, jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * gain_ratio - 1.0) ** 3), nu)
-    return jnp.clip(damping * factor, damping_min, damping_max), jnp.where(accepted, 2.0, 2.0 * nu)
-
-
-def _finish(state, theta, step, loss, trial, pred, ok, scaling, damping_min, damping_max):
+def _finish(state, theta, step, loss, trial, pred, ok, scaling, rule, damping_min, damping_max):
     """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics;
     returns the flat parameters."""
     rho = (loss - trial) / pred
     accepted = ok & jnp.isfinite(trial) & (pred > 0) & (rho > 0)
-    damping, nu = nielsen_update(state.damping, state.nu, rho, accepted, damping_min, damping_max)
+    damping, nu = update_damping(rule, state.damping, state.nu, rho, accepted, damping_min, damping_max)
     new_state = LMState(damping, nu.astype(state.nu.dtype), scaling, state.iteration + 1,
                         state.accepted + accepted, state.rejected + (~accepted))
     metrics = dict(loss=loss, trial_loss=trial, gain_ratio=rho, predicted_reduction=pred,
@@ -205,14 +212,15 @@ def _finish(state, theta, step, loss, trial, pred, ok, scaling, damping_min, dam
 
 
 def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
-              geodesic: bool = False, alpha: float = 0.75, per_problem: bool = True, max_tries: int = 1,
-              damping_min: float = 1e-15, damping_max: float = 1e15, rel_floor: float = 1e-10):
+              scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
+              per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15, damping_max: float = 1e15,
+              rel_floor: float = 1e-10):
     """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
 
-    D <- update_scaling(D, JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at theta + step on
-    the SAME batch; accept iff the solve was finite, the trial loss is finite and rho > 0; update lam, nu
-    by :func:`nielsen_update`. Rejection leaves params unchanged (selected with ``jnp.where``). With
-    ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing JtJ and Jtr (the
+    D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
+    theta + step on the SAME batch; accept iff the solve was finite, the trial loss is finite and rho > 0;
+    update lam, nu by `rule` (lsq_jax.optim.lm_damping). Rejection leaves params unchanged (selected with
+    ``jnp.where``). With ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing JtJ and Jtr (the
     Jacobian, the expensive part, does not change until a step is accepted), up to max_tries solves.
 
     Geodesic acceleration (Transtrum & Sethna): with r'' = d^2/dt^2 r(theta + t delta) at t = 0 (exact, by
@@ -225,11 +233,13 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     Args:
         residual_fn, params, batch, n_chunks, per_problem: as in :func:`normal_equations`.
         state: the :class:`LMState`.
+        scaling: ``"isotropic"`` or ``"marquardt"`` (lsq_jax.optim.lm_damping).
+        rule: the damping rule, ``"nielsen"`` or ``"delayed"`` (lsq_jax.optim.lm_damping).
         geodesic: add the geodesic acceleration.
         alpha: the acceleration-to-velocity bound (0.75).
         max_tries: damped solves per iteration (each rejection raises lam and solves again).
         damping_min, damping_max: clamp of lam after the update.
-        rel_floor: floor of D relative to its mean (:func:`update_scaling`).
+        rel_floor: floor of D relative to its mean (lsq_jax.optim.lm_damping.update_scaling).
 
     Returns:
         (new_params, new_state, metrics) with metrics loss, trial_loss, gain_ratio, predicted_reduction,
@@ -239,10 +249,10 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     """
     theta, unravel, f, m = _flat(residual_fn, params, batch)
     JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem)
-    scaling = update_scaling(state.scaling, JtJ, rel_floor)
+    D = update_scaling(scaling, state.scaling, jnp.diagonal(JtJ), rel_floor)
 
     def attempt(damping):
-        delta, pred, ok, factor = _solve(JtJ, Jtr, damping, scaling)
+        delta, pred, ok, factor = _solve(JtJ, Jtr, damping, D)
         step, accel_ratio = delta, jnp.zeros_like(loss)
         if geodesic:
             def rhs(chunk):
@@ -250,7 +260,7 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
                 return jax.vjp(g, theta)[1](_rvv(g, theta, delta))[0]
 
             accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks) / m)
-            d_norm = lambda x: jnp.sqrt(x @ (scaling * x))
+            d_norm = lambda x: jnp.sqrt(x @ (D * x))
             accel_ratio = 2.0 * d_norm(accel) / d_norm(delta)
             ok = ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
             step = delta + accel
@@ -259,7 +269,7 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     def body(carry):
         s, _, _ = carry
         step, trial, pred, ok, accel_ratio = attempt(s.damping)
-        new_theta, new_s, metrics = _finish(s, theta, step, loss, trial, pred, ok, scaling, damping_min,
+        new_theta, new_s, metrics = _finish(s, theta, step, loss, trial, pred, ok, D, rule, damping_min,
                                             damping_max)
         return new_s, new_theta, {**metrics, "accel_ratio": accel_ratio}
 
@@ -319,11 +329,12 @@ def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, da
 
 
 def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
-                 tol: float = 1e-10, maxiter: int = 100, n_probes: int = 4,
-                 damping_min: float = 1e-15, damping_max: float = 1e15):
+                 scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
+                 n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15):
     """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_update`.
 
-    D = s I, with s the running maximum (Moré) of an estimate of mean(diag(JtJ)) = tr(JtJ) / P by
+    D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
+    the first iteration's estimate, held; marquardt: its running maximum), the estimate by
     Hutchinson's estimator tr(JtJ) ~ (1/S) sum_k ||J z_k||^2 / M over S = ``n_probes`` Rademacher
     vectors z_k (keyed by the iteration count, so a run is reproducible). It costs S JVPs sharing the
     linearisation that gives Jtr, and makes lam comparable to the Cholesky path's lam; a per-parameter
@@ -348,10 +359,10 @@ def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     Jtr, ss, probed = _chunk_sum(terms, batch, n_chunks)
     Jtr, loss = Jtr / m, ss / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
-    scaling = jnp.maximum(state.scaling, mean_diag)
+    D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
     matvec = lambda v: _jtj_matvec(f, theta, batch, v, n_chunks) / m
-    delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, scaling, tol=tol, maxiter=maxiter)
+    delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, D, tol=tol, maxiter=maxiter)
     trial = _loss(f, theta + delta, batch, n_chunks, m)
-    new_theta, new_state, metrics = _finish(state, theta, delta, loss, trial, pred, ok, scaling, damping_min,
+    new_theta, new_state, metrics = _finish(state, theta, delta, loss, trial, pred, ok, D, rule, damping_min,
                                             damping_max)
     return unravel(new_theta), new_state, metrics

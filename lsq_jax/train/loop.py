@@ -88,9 +88,15 @@ def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: boo
         if is_main:
             (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         ckpt.watch_preemption()
-        state, preempted = _train_loop(exp, state, mesh, ckpt, config,
-                                       MetricsWriter(workdir / "metrics.jsonl", is_main),
-                                       log if is_main else (lambda line: None))
+        writer, main_log = MetricsWriter(workdir / "metrics.jsonl", is_main), log if is_main else (lambda line: None)
+        fns: dict[tuple, StepFns] = {}
+        if int(state.step) == 0 and exp.optim.lm_restarts > 1:
+            state = best_start(exp, state, mesh, fns, writer, main_log, ckpt.preempted)
+            if state is None:
+                log("preempted during the restarts, before any checkpoint; run the same command to start again")
+                return Trained(init_state(exp), None, True)
+            ckpt.save(int(state.step), state, config, force=True)
+        state, preempted = _train_loop(exp, state, mesh, ckpt, config, writer, main_log, fns)
         if preempted:
             log(f"preempted: saved step {int(state.step)}; run the same command to resume")
             return Trained(state, None, True)
@@ -115,17 +121,44 @@ def training(exp: Experiment, workdir, *, log=print, allow_config_change: bool =
         yield train(exp, workdir, mesh, log=log, allow_config_change=allow_config_change)
 
 
-def _train_loop(exp, state, mesh, ckpt, config, writer, log):
+def _step_fns(fns: dict, exp: Experiment, mesh, step: int) -> StepFns:
+    """The jitted functions of iteration `step`, compiled once per curriculum size and phase."""
+    key = (*sizes_at(exp, step), in_lm_phase(exp, step))
+    if key not in fns:
+        fns[key] = make_step_fns(exp, mesh, *key)
+    return fns[key]
+
+
+def best_start(exp: Experiment, state: TrainState, mesh, fns: dict, writer, log, preempted) -> TrainState | None:
+    """optim.lm_restarts starts (`state`, the run's own initialisation, then init_state(exp, k) for k >= 1),
+    each trained optim.lm_restart_steps iterations; the one whose LM training loss is then the lowest (a
+    non-finite loss never wins) goes on. None when `preempted(step)` turns true meanwhile: nothing is saved
+    before the choice, so the run starts over, choosing the same start."""
+    n = min(exp.optim.lm_restart_steps, exp.train.num_steps)
+    best, best_loss, losses = None, math.inf, []
+    for k in range(exp.optim.lm_restarts):
+        s = state if k == 0 else place_state(jax.jit(lambda k=k: init_state(exp, k))(), mesh)
+        for step in range(n):
+            s = advance(_step_fns(fns, exp, mesh, step), s, step)[0]
+            if preempted(step + 1):
+                return None
+        losses.append(float(_step_fns(fns, exp, mesh, n).lm_loss(s)))
+        log(f"start {k}: LM training loss {losses[-1]:.3e} after {n} iterations")
+        loss = losses[-1] if math.isfinite(losses[-1]) else math.inf
+        if best is None or loss < best_loss:
+            best, best_loss = (k, s), loss
+    writer.write(n, {"restart_losses": losses, "restart_chosen": best[0]})
+    log(f"start {best[0]} goes on")
+    return best[1]
+
+
+def _train_loop(exp, state, mesh, ckpt, config, writer, log, fns):
     """Steps from state.step to num_steps; (final state, whether it stopped for preemption)."""
     start, num_steps, every = int(state.step), exp.train.num_steps, exp.train.log_every
     progress = Progress(start, num_steps)
-    fns: dict[tuple, StepFns] = {}
     pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
     for step in range(start, num_steps):
-        key = (*sizes_at(exp, step), in_lm_phase(exp, step))
-        if key not in fns:
-            fns[key] = make_step_fns(exp, mesh, *key)
-        state, metrics = advance(fns[key], state, step)
+        state, metrics = advance(_step_fns(fns, exp, mesh, step), state, step)
         if pending is not None:
             _report(writer, progress, log, *pending)
             pending = None

@@ -34,10 +34,12 @@ def uses_lm(exp: Experiment) -> bool:
     return exp.optim.optimizer == "lm"
 
 
-def init_state(exp: Experiment) -> TrainState:
+def init_state(exp: Experiment, start: int = 0) -> TrainState:
     """Parameters, step 0 and the optimizer state: the recipe's, or with optimizer 'lm' {'adam': the
-    recipe's (its phase of a hybrid), 'lm': lm.LMState}."""
-    params = init_params(exp.model, run_keys(exp.seed)["params"])
+    recipe's (its phase of a hybrid), 'lm': lm.LMState}. `start` k > 0 draws the parameters of the run's
+    k-th other initialisation (optim.lm_restarts) from the parameter key folded with k."""
+    key = run_keys(exp.seed)["params"]
+    params = init_params(exp.model, jax.random.fold_in(key, start) if start else key)
     opt_state = recipe.make_optimizer(exp.optim).init(params)
     if uses_lm(exp):
         opt_state = {"adam": opt_state,

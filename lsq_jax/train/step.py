@@ -143,6 +143,20 @@ def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: in
     return (task.read(pred) - batch.targets).reshape(keys.shape[0], -1)
 
 
+def _lm_keys(exp: Experiment, step, sharding):
+    o = exp.optim
+    index = (step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
+    return _placed(example_keys(run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size), sharding)
+
+
+def lm_loss(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None, sharding=None,
+            n_chunks: int = 1) -> jax.Array:
+    """The loss LM's next iteration fits: the mean square of the residuals of its batch at state.params."""
+    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
+                                  n_points=n_points, n_dims=n_dims)
+    return lm.mean_squared_residual(residuals, state.params, _lm_keys(exp, state.step, sharding), n_chunks)
+
+
 def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
             sharding=None, n_chunks: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Levenberg-Marquardt iteration (lsq_jax.optim.lm) on the residuals of train.batch_size problems.
@@ -154,16 +168,16 @@ def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: i
     """
     del grad_metric
     o = exp.optim
-    index = (state.step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
-    keys = _placed(example_keys(run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size), sharding)
+    keys = _lm_keys(exp, state.step, sharding)
     residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
                                   n_points=n_points, n_dims=n_dims)
+    damping = dict(scaling=o.lm_scaling, rule=o.lm_rule)
     if o.lm_solver == "cg":
         params, lm_state, m = lm.lm_update_cg(residuals, state.params, keys, state.opt_state["lm"], n_chunks,
-                                              maxiter=o.lm_cg_iters)
+                                              maxiter=o.lm_cg_iters, **damping)
     else:
         params, lm_state, m = lm.lm_update(residuals, state.params, keys, state.opt_state["lm"], n_chunks,
-                                           geodesic=o.lm_geodesic, max_tries=o.lm_tries)
+                                           geodesic=o.lm_geodesic, max_tries=o.lm_tries, **damping)
     metrics = {"loss": m["loss"], "trial_loss": m["trial_loss"], "damping": m["damping"],
                "gain_ratio": m["gain_ratio"], "step_norm": m["step_norm"],
                "skipped_steps": lm_state.rejected, "lm_accepted": lm_state.accepted}
@@ -189,13 +203,14 @@ def measure_grad_stats(state: TrainState, *, exp: Experiment, n_points: int, n_d
 class StepFns(NamedTuple):
     """The jitted functions of one curriculum size: the (donating) train step, the gradient statistics
     (None when grad_stats_batches = 0), the NaN "no measurement" metric, placed like the statistics'
-    output (replicated) so that both kinds of iteration share one compiled step, and the measurement
-    interval."""
+    output (replicated) so that both kinds of iteration share one compiled step, the measurement
+    interval, and in the LM phase the loss of LM's batch at a state (`lm_loss`; None otherwise)."""
 
     train: Any
     stats: Any
     no_metric: jax.Array
     log_every: int
+    lm_loss: Any = None
 
 
 def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_phase: bool = False) -> StepFns:
@@ -206,11 +221,11 @@ def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_p
     no_metric = jax.jit(lambda: jnp.full((), jnp.nan, jnp.dtype(exp.task.dtype)),
                         out_shardings=replicated(mesh))()
     if lm_phase:
-        n_params = count_params(exp)
-        step = functools.partial(lm_step, exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
-                                 n_chunks=lm_chunks(exp, n_params, mesh.devices.size))
-        return StepFns(train=jax.jit(step, donate_argnums=0), stats=None, no_metric=no_metric,
-                       log_every=exp.train.log_every)
+        sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
+                     n_chunks=lm_chunks(exp, count_params(exp), mesh.devices.size))
+        return StepFns(train=jax.jit(functools.partial(lm_step, **sizes), donate_argnums=0), stats=None,
+                       no_metric=no_metric, log_every=exp.train.log_every,
+                       lm_loss=jax.jit(functools.partial(lm_loss, **sizes)))
     sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
                  n_microbatches=microbatches(exp, n_points, mesh.devices.size))
     stats = jax.jit(functools.partial(measure_grad_stats, **sizes)) if exp.train.grad_stats_batches else None

@@ -2,7 +2,9 @@
 
     python -m lsq_jax.bench                                   # all three, explicit-gradient BaseConv config
     python -m lsq_jax.bench --bench=throughput --config=configs/multistep_gd.py
-    python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:lm
+    python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:lm \
+        --optimizers=lm_marquardt,lm_isotropic,lm,lm_delayed     # LM's damping variants (bench/lm.py)
+    python -m lsq_jax.bench --bench=lm_iteration --config=configs/baseconv.py:lm
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
 time is reported apart, FLOPs come from XLA's cost analysis, and the roofline ratio divides the achieved
@@ -19,11 +21,15 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from lsq_jax.bench.lm import lm_iteration
+from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
-_BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"], "Sub-benchmarks to run.")
+_BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
+                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
@@ -35,20 +41,6 @@ _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the 
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CHILD = flags.DEFINE_integer("scaling_child", 0,
                               "Internal: one scaling measurement on this many devices, in a subprocess.")
-
-PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
-HYBRID_ADAM_STEPS = 500
-# Time-to-precision methods as config overrides: Adam, LM from the start, Adam then LM (the hybrid).
-PRECISION_METHODS = {"adam": {"optim.optimizer": "adam"}, "lm": {"optim.optimizer": "lm"},
-                     "hybrid": {"optim.optimizer": "lm", "optim.lm_after": HYBRID_ADAM_STEPS}}
-
-
-def _experiment(config, **overrides):
-    from lsq_jax.config.experiment import experiment_from_config
-
-    c = config.copy_and_resolve_references()
-    c.update_from_flattened_dict(overrides)
-    return experiment_from_config(c)
 
 
 def _timed_windows(fn, state, n_windows: int, window_s: float):
@@ -131,7 +123,7 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import make_step_fns
 
-    exp = _experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
+    exp = experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
     mesh = make_mesh(n_devices)
     state = place_state(init_state(exp), mesh)
     fns = make_step_fns(exp, mesh, exp.task.n_points, None)
@@ -163,124 +155,6 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
             "roofline_ratio": flops * median / mm, "peak_matmul_gflops": peak / 1e9,
             "peak_ratio": flops * median / peak,
             "host_dispatch_fraction": dispatch * median}
-
-
-def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | None = None,
-                      **overrides) -> dict:
-    """Train for a wall-clock budget; the test MSE against training seconds, and the time and step at
-    which it first falls below 10^-k.
-
-    After every second of training (one step when a step takes longer: an LM iteration takes seconds, an
-    Adam step milliseconds) the test MSE is measured on a fixed batch of fresh problems, outside the
-    training time, so methods are compared at equal training wall-clock. `batch_size` 0 keeps
-    the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from lsq_jax.config.check import ConfigError
-    from lsq_jax.mesh import batch_sharded, make_mesh
-    from lsq_jax.train.memory import check_memory
-    from lsq_jax.train.state import init_state, place_state
-    from lsq_jax.train.step import advance, evaluate_loss, in_lm_phase, make_step_fns
-
-    overrides.setdefault("train.num_steps", 10**9)  # the budget ends the run, not the config's step count
-    if batch_size:
-        overrides["train.batch_size"] = batch_size
-    if seed is not None:
-        overrides["seed"] = seed
-    exp = _experiment(config, **overrides)
-    mesh = make_mesh()
-    try:
-        check_memory(exp, mesh)
-    except ConfigError as err:
-        return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
-    state = place_state(init_state(exp), mesh)
-    fns = {}
-
-    def step_fns(state, step):
-        """The step of iteration `step`, compiled (and run once on a copy) before its time is counted."""
-        key = (exp.task.n_points, None, in_lm_phase(exp, step))
-        if key not in fns:
-            fns[key] = make_step_fns(exp, mesh, *key)
-            copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-            jax.block_until_ready(advance(fns[key], copy, step))
-        return fns[key]
-
-    evaluate = jax.jit(lambda p: evaluate_loss(p, exp, sharding=batch_sharded(mesh))["mse"])
-    curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
-    crossings, trained_s, steps = {}, 0.0, 0
-    while trained_s < budget_s and steps < exp.train.num_steps:
-        while trained_s - curve[-1]["seconds"] < 1.0 and trained_s < budget_s and steps < exp.train.num_steps:
-            fn = step_fns(state, steps)
-            t0 = time.perf_counter()
-            state = advance(fn, state, steps)[0]
-            jax.block_until_ready(state)
-            trained_s += time.perf_counter() - t0
-            steps += 1
-        mse = float(evaluate(state.params))
-        curve.append({"step": steps, "seconds": trained_s, "test_mse": mse})
-        for level in PRECISION_LEVELS:
-            if mse < level and f"{level:.0e}" not in crossings:
-                crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": steps}
-    return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
-            "budget_s": budget_s, "steps": steps, "final_test_mse": curve[-1]["test_mse"], "crossings": crossings,
-            "curve": curve}
-
-
-def mse_at(curve: list[dict], seconds: float) -> float | None:
-    """The test MSE of the last measurement at or before `seconds` of training (None past the run)."""
-    if curve[-1]["seconds"] < seconds * 0.98:
-        return None
-    return [p for p in curve if p["seconds"] <= seconds * 1.02][-1]["test_mse"]
-
-
-def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds: list[int],
-                       marks: tuple[float, ...] = (60.0, 300.0, 600.0)) -> dict:
-    """time_to_precision of each method (config overrides) and seed; per method the median and range over
-    seeds of the test MSE at each mark of training seconds within the budget, and at the budget."""
-    marks = tuple(sorted({m for m in marks if m <= budget_s} | {budget_s}))  # and the budget's end
-    runs = {name: [time_to_precision(config, budget_s, seed=seed, **dict(overrides)) for seed in seeds]
-            for name, overrides in methods.items()}
-    skipped = {name: r[0]["skipped"] for name, r in runs.items() if "skipped" in r[0]}
-    runs = {name: r for name, r in runs.items() if name not in skipped}
-    rows = []
-    for name, method_runs in runs.items():
-        row = {"method": name, "seeds": len(method_runs)}
-        for mark in marks:
-            values = sorted(v for v in (mse_at(r["curve"], mark) for r in method_runs) if v is not None)
-            if values:
-                row[f"{mark:.0f}s"] = statistics.median(values)
-                row[f"{mark:.0f}s_range"] = f"{values[0]:.1e}..{values[-1]:.1e}"
-        rows.append(row)
-    return {"budget_s": budget_s, "marks": list(marks), "rows": rows, "runs": runs,
-            "skipped": skipped}
-
-
-def plot_comparison(result: dict, path: str) -> str | None:
-    """Test MSE against training seconds, one line per method and seed (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not result["runs"]:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, runs) in enumerate(result["runs"].items()):
-        for j, run in enumerate(runs):
-            ax.semilogy([p["seconds"] for p in run["curve"]], [p["test_mse"] for p in run["curve"]],
-                        color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("test MSE")
-    ax.set_title(f"{runs[0]['config']}: {len(runs)} seeds per method")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def config_argv(argv: list[str]) -> list[str]:
@@ -378,6 +252,8 @@ def main(argv):
         columns = [("method", "method", "")]
         for mark in r["marks"]:
             columns += [(f"at {mark:.0f} s", f"{mark:.0f}s", ".2e"), ("range", f"{mark:.0f}s_range", "")]
+        columns += [(f"iterated {key.split('_', 1)[1].replace('_', ' ')}", key, ".2e" if "error" in key else ".3f")
+                    for key in ("learned_forward_error", "learned_contraction", "gd_contraction")]
         print(_table(r["rows"], columns), flush=True)
         for name, runs in r["runs"].items():
             print(f"  {name}: " + "; ".join(
@@ -386,6 +262,13 @@ def main(argv):
                    else "1e-12 not reached") for x in runs))
         plot = plot_comparison(r, os.path.splitext(_OUT.value)[0] + "_precision.png")
         print(f"wrote {plot}\n" if plot else "", flush=True)
+    if "lm_iteration" in _BENCH.value:
+        row = results["lm_iteration"] = lm_iteration(experiment(config, **{"optim.optimizer": "lm"}))
+        print(f"LM iteration ({row['config']}, P = {row['params']}, {row['residuals']} residuals, geodesic "
+              f"{row['geodesic']}): {row['iteration_s']:.2f} s ({row['tries_mean']:.1f} solves), of which normal "
+              f"equations {row['normal_equations_s']:.2f} s; scipy dsyrk + cho_factor on the same J: "
+              f"{row['scipy_syrk_s']:.2f} + {row['scipy_cho_factor_s']:.2f} s; ratio {row['ratio_to_scipy']:.2f}\n",
+              flush=True)
     if "scaling" in _BENCH.value:
         results["scaling"] = scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _WINDOWS.value,
                                      _WINDOW_S.value)
@@ -395,6 +278,3 @@ def main(argv):
         json.dump(results, f, indent=2)
     print(f"wrote {_OUT.value}")
 
-
-if __name__ == "__main__":
-    app.run(main)

@@ -1,0 +1,114 @@
+"""Levenberg-Marquardt in the benchmarks: the damping variants that time to precision compares, one LM
+iteration timed against LAPACK's own normal equations on the same Jacobian, and the learned model's
+iterated use at the end of a run."""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+# Damping variants as config overrides; "lm" is the config's own LM (configs/baseconv.py:lm: isotropic,
+# Nielsen, geodesic acceleration).
+LM_VARIANTS = {
+    "lm": {"optim.optimizer": "lm"},
+    "lm_marquardt": {"optim.optimizer": "lm", "optim.lm_scaling": "marquardt", "optim.lm_rule": "nielsen",
+                     "optim.lm_geodesic": False},
+    "lm_isotropic": {"optim.optimizer": "lm", "optim.lm_scaling": "isotropic", "optim.lm_rule": "nielsen",
+                     "optim.lm_geodesic": False},
+    "lm_geodesic": {"optim.optimizer": "lm", "optim.lm_scaling": "isotropic", "optim.lm_rule": "nielsen",
+                    "optim.lm_geodesic": True},
+    "lm_delayed": {"optim.optimizer": "lm", "optim.lm_scaling": "isotropic", "optim.lm_rule": "delayed",
+                   "optim.lm_geodesic": True},
+}
+
+
+def iterated_use(exp, params) -> dict:
+    """The learned one-step solver applied train.eval_iters times to train.eval_problems problems (those of
+    the run's report), next to exact GD: median final forward error, floor and contraction of each
+    ({} for a task whose model is not a one-step solver)."""
+    import jax
+
+    from lsq_jax.data.keys import run_keys
+    from lsq_jax.data.samplers import example_keys
+    from lsq_jax.data.tasks import make_task
+    from lsq_jax.eval.report import iterated_report
+    from lsq_jax.eval.solvers import gd_solver, learned_gradient_solver
+    from lsq_jax.models.backbone import SequenceModel
+
+    if exp.task.name != "explicit_gradient":
+        return {}
+    model = SequenceModel(exp.model)
+    learned = learned_gradient_solver(lambda p, x: model.apply({"params": p}, x), params)
+    keys = example_keys(jax.random.fold_in(run_keys(exp.seed)["eval"], 1), 0, 0, exp.train.eval_problems)
+    report = iterated_report([learned, gd_solver()], make_task(exp.task).sample(keys).raw, exp.train.eval_iters,
+                             n_report_points=4)
+    out = {"iterated_steps": exp.train.eval_iters}
+    for name, m in report["methods"].items():
+        out.update({f"{name}_forward_error": m["final_forward_error"], f"{name}_floor": m["floor"],
+                    f"{name}_contraction": m["contraction"]})
+    return out
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def lm_iteration(exp, repeats: int = 5) -> dict:
+    """Seconds of one LM iteration of `exp` (from its initialisation, `repeats` iterations, median; every
+    damped solve it tries included) and of its normal equations alone, against scipy's dsyrk + cho_factor
+    (LAPACK on every core) on the same batch's whole Jacobian: the cost of forming and factoring J^T J
+    outside JAX."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import scipy.linalg
+    from jax.flatten_util import ravel_pytree
+
+    from lsq_jax.data.tasks import make_task
+    from lsq_jax.mesh import batch_sharded, make_mesh
+    from lsq_jax.models.backbone import SequenceModel
+    from lsq_jax.optim import lm
+    from lsq_jax.train.memory import lm_chunks
+    from lsq_jax.train.state import count_params, init_state, place_state
+    from lsq_jax.train.step import _lm_keys, lm_residuals, make_step_fns
+
+    mesh = make_mesh()
+    state = place_state(init_state(exp), mesh)
+    fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
+    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
+                                  n_points=exp.task.n_points, n_dims=None)
+    keys = _lm_keys(exp, 0, batch_sharded(mesh))
+    n_chunks = lm_chunks(exp, count_params(exp), mesh.devices.size)
+    normal = jax.jit(lambda p: lm.normal_equations(residuals, p, keys, n_chunks))
+    jax.block_until_ready(normal(state.params))
+    normal_s = _median_seconds(lambda: jax.block_until_ready(normal(state.params)), repeats)
+
+    step = fns.train.lower(state, fns.no_metric).compile()
+    times, tries = [], []
+    for _ in range(repeats + 1):  # the first iteration warms up
+        before = int(state.opt_state["lm"].iteration)
+        t = time.perf_counter()
+        state = jax.block_until_ready(step(state, fns.no_metric)[0])
+        times.append(time.perf_counter() - t)
+        tries.append(int(state.opt_state["lm"].iteration) - before)
+
+    theta = ravel_pytree(state.params)[0]
+    f = lambda t, b: residuals(ravel_pytree(state.params)[1](t), b).reshape(-1)  # noqa: E731
+    Jt = jax.jit(lambda t: lm._chunk_jacobian(f, t, keys, True)[1])(theta)
+    J = np.asfortranarray(np.asarray(Jt).T)  # (M, P), the layout LAPACK reads without a copy
+    del Jt
+    syrk_s = _median_seconds(lambda: scipy.linalg.blas.dsyrk(1.0 / J.shape[0], J, trans=1, lower=1), repeats)
+    JtJ = scipy.linalg.blas.dsyrk(1.0 / J.shape[0], J, trans=1, lower=1)
+    JtJ[np.diag_indices_from(JtJ)] += 1e-3 * np.mean(np.diag(JtJ))
+    chol_s = _median_seconds(lambda: scipy.linalg.cho_factor(JtJ, lower=True, check_finite=False), repeats)
+    iteration_s = statistics.median(times[1:])
+    return {"config": exp.name, "params": int(theta.size), "residuals": int(J.shape[0]),
+            "geodesic": exp.optim.lm_geodesic, "iteration_s": iteration_s, "tries_mean": float(np.mean(tries[1:])),
+            "normal_equations_s": normal_s, "scipy_syrk_s": syrk_s, "scipy_cho_factor_s": chol_s,
+            "ratio_to_scipy": iteration_s / (syrk_s + chol_s), "device_count": int(mesh.devices.size),
+            "jnp_dtype": str(jnp.dtype(exp.task.dtype))}
