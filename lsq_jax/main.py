@@ -21,9 +21,8 @@ def execute(log=print) -> None:
     from lsq_jax.eval import report
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
-    jax.config.update("jax_enable_x64", True)
     try:
-        jax.config.update("jax_default_matmul_precision", matmul_precision_of(FLAGS.config))
+        mesh.setup_jax(matmul_precision_of(FLAGS.config))
         mesh.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
         exp = experiment_from_config(FLAGS.config) if FLAGS.mode != "eval" else None
@@ -46,7 +45,7 @@ def execute(log=print) -> None:
                                                       log=log)
         if jax.process_index() == 0:
             checkpoint.check_writable(workdir / "eval")  # before the evaluation's minutes, not after
-        jax.config.update("jax_default_matmul_precision", exp.matmul_precision)
+        mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
         report.write_evaluation(exp, params, workdir, log=log)
     else:

@@ -16,6 +16,13 @@ from lsq_jax.config.check import one_line
 DATA_AXIS = "data"
 
 
+def setup_jax(matmul_precision: str) -> None:
+    """Every run's JAX settings, before its first computation: float64 on (a config's dtype picks float32
+    per array), and every matmul at `matmul_precision` (Experiment.matmul_precision): main and the bench."""
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", matmul_precision)
+
+
 def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
     """A mesh along one axis 'data' over all devices of all processes, or over the first `n_devices`
     (the scaling benchmark's subsets of one machine's devices).

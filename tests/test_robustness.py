@@ -221,13 +221,14 @@ def test_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
 
 # -- bad input -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source, needle", [
-    ("def get_config(:\n    pass\n", "line 1"),
-    ("def get_config(arg=None):\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
-    ("x = 1\n", "has no get_config() function"),
+@pytest.mark.parametrize("name, source, needle", [
+    ("config.py", "def get_config(:\n    pass\n", "line 1"),
+    ("config.py", "def get_config(arg=None):\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("config.py", "x = 1\n", "has no get_config() function"),
+    ("passwd", "root:x:0:0:root:/root:/bin/bash\n", "is not a Python file"),
 ])
-def test_a_broken_config_file_is_one_line(tmp_path, source, needle, no_report):
-    path = tmp_path / "config.py"
+def test_a_broken_config_file_is_one_line(tmp_path, name, source, needle, no_report):
+    path = tmp_path / name
     path.write_text(source)
     import io
     from contextlib import redirect_stderr
@@ -360,3 +361,19 @@ def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
     status, out, err = run("--workdir=gs://bucket/w", steps=30)
     assert status == 0, err
     assert "resumed from step 20" in out and params_of(local)[1] == 30
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.seed=1180591620717411303424", "seed: got 1180591620717411303424; allowed integers >= 0 and < 2^63"),
+    ("--config.train.num_steps=100000000000000000000", "train.num_steps: got 100000000000000000000"),
+    ("--config.name=../../x", "name: got '../../x'; allowed non-empty strings without a path separator"),
+])
+def test_integers_fit_int64_and_the_name_stays_in_runs(tmp_path, monkeypatch, override, needle, no_report):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run(override)
+    assert_bad_input(status, err, needle)
+    assert not list(tmp_path.iterdir())  # no runs/ (the default workdir) and nothing outside it
+
+
+def test_the_largest_seed_is_a_usable_key():
+    assert jax.random.key(2**63 - 1).shape == ()

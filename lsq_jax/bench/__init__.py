@@ -229,8 +229,11 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # JAX reports at INFO each backend it fails to find (tpu, cuda)
-    jax.config.update("jax_enable_x64", True)
+    from lsq_jax.config.experiment import matmul_precision_of
+    from lsq_jax.mesh import setup_jax
+
     config = _CONFIG.value
+    setup_jax(matmul_precision_of(config))  # the same JAX settings as main
     if _CHILD.value:
         print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, _CHILD.value)))
         return
@@ -252,8 +255,8 @@ def main(argv):
         columns = [("method", "method", "")]
         for mark in r["marks"]:
             columns += [(f"at {mark:.0f} s", f"{mark:.0f}s", ".2e"), ("range", f"{mark:.0f}s_range", "")]
-        columns += [(f"iterated {key.split('_', 1)[1].replace('_', ' ')}", key, ".2e" if "error" in key else ".3f")
-                    for key in ("learned_forward_error", "learned_contraction", "gd_contraction")]
+        columns += [("iterated forward error", "learned_forward_error", ".2e"),
+                    ("contraction", "learned_contraction", ".3f"), ("GD's", "gd_contraction", ".3f")]
         print(_table(r["rows"], columns), flush=True)
         for name, runs in r["runs"].items():
             print(f"  {name}: " + "; ".join(

@@ -46,8 +46,11 @@ def require(field: str, value: Any, ok: bool, allowed: str) -> None:
         fail(field, value, allowed)
 
 
+INT_LIMIT = 2**63  # every integer field ends up an int64 somewhere: a step counter, a seed, an array size
+
+
 def check_int(field: str, value: Any, lo: int) -> None:
-    require(field, value, is_int(value) and value >= lo, f"integers >= {lo}")
+    require(field, value, is_int(value) and lo <= value < INT_LIMIT, f"integers >= {lo} and < 2^63")
 
 
 def check_real(field: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,

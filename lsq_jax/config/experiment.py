@@ -123,6 +123,9 @@ def experiment_from_config(config) -> Experiment:
     check_choice("dtype", dtype, DTYPES)
     seed = c.get("seed", 0)
     check_int("seed", seed, 0)
+    name = c.get("name", "run")
+    require("name", name, isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\\"} & set(name),
+            "non-empty strings without a path separator (the workdir is runs/<name>-<timestamp>)")
     task = _build("task", TaskConfig, c["task"], dtype=dtype)
     optim = _build("optim", OptimConfig, c["optim"])
     train = _build("train", TrainConfig, c["train"])

@@ -56,8 +56,10 @@ def check_config_file(path: str, variant: str | None) -> None:
     """Load the config file and call its get_config(variant), or raise ConfigError saying what is wrong."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("lsq_jax_config_check", path)
+    if spec is None or spec.loader is None:  # a name Python does not load as source, e.g. no .py
+        raise ConfigError(f"--config: {path} is not a Python file (a config file is FILE.py defining get_config)")
     try:
-        spec = importlib.util.spec_from_file_location("lsq_jax_config_check", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except SyntaxError as err:
