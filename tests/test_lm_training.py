@@ -200,3 +200,16 @@ def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
     assert int(a.step) == int(b.step) == 4
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_preemption_during_the_restarts_saves_nothing(tmp_path):
+    """best_start gives up (None) at the first preemption check; train then ends preempted with no checkpoint,
+    so the rerun starts over and makes the same choice."""
+    from lsq_jax.train import loop
+
+    exp = tiny_experiment(**{"optim.lm_restarts": 2, "optim.lm_restart_steps": 3, "optim.lm_geodesic": False})
+    mesh = make_mesh()
+    checks = []
+    out = loop.best_start(exp, place_state(init_state(exp), mesh), mesh, {}, writer=None, log=lambda _: None,
+                          preempted=lambda step: checks.append(step) or True)
+    assert out is None and checks == [1]

@@ -75,14 +75,14 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
     from lsq_jax.optim import lm
     from lsq_jax.train.memory import lm_chunks
     from lsq_jax.train.state import count_params, init_state, place_state
-    from lsq_jax.train.step import _lm_keys, lm_residuals, make_step_fns
+    from lsq_jax.train.step import lm_keys, lm_residuals, make_step_fns
 
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
     fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
     residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
                                   n_points=exp.task.n_points, n_dims=None)
-    keys = _lm_keys(exp, 0, batch_sharded(mesh))
+    keys = lm_keys(exp, 0, batch_sharded(mesh))
     n_chunks = lm_chunks(exp, count_params(exp), mesh.devices.size)
     normal = jax.jit(lambda p: lm.normal_equations(residuals, p, keys, n_chunks))
     jax.block_until_ready(normal(state.params))
@@ -97,9 +97,12 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
         times.append(time.perf_counter() - t)
         tries.append(int(state.opt_state["lm"].iteration) - before)
 
-    theta = ravel_pytree(state.params)[0]
-    f = lambda t, b: residuals(ravel_pytree(state.params)[1](t), b).reshape(-1)  # noqa: E731
-    Jt = jax.jit(lambda t: lm._chunk_jacobian(f, t, keys, True)[1])(theta)
+    theta, unravel = ravel_pytree(state.params)
+
+    def flat_residuals(t, batch):
+        return residuals(unravel(t), batch).reshape(-1)
+
+    Jt = jax.jit(lambda t: lm.chunk_jacobian(flat_residuals, t, keys, True)[1])(theta)
     J = np.asfortranarray(np.asarray(Jt).T)  # (M, P), the layout LAPACK reads without a copy
     del Jt
     syrk_s = _median_seconds(lambda: scipy.linalg.blas.dsyrk(1.0 / J.shape[0], J, trans=1, lower=1), repeats)

@@ -22,8 +22,9 @@ J^T J is built from its lower block triangle alone (``GRAM_MIN_ROWS``): half the
 full product, in products large enough to run at the machine's matmul rate.
 
 The scaling D and the damping rule are lsq_jax.optim.lm_damping's. References: Moré, "The
-Levenberg-Marquardt algorithm: implementation and theory" (1978); Transtrum & Sethna, "Improvements to the Levenberg-Marquardt algorithm for nonlinear least-squares
-minimization" (arXiv:1201.5885) and their geodesicLM code for the geodesic acceleration.
+Levenberg-Marquardt algorithm: implementation and theory" (1978); Transtrum & Sethna, "Improvements to the
+Levenberg-Marquardt algorithm for nonlinear least-squares minimization" (arXiv:1201.5885) and their
+geodesicLM code for the geodesic acceleration.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _flat(residual_fn, params, batch):
     return theta, unravel, f, jax.eval_shape(f, theta, batch).shape[0]
 
 
-def _chunk_jacobian(f, theta, chunk, per_problem):
+def chunk_jacobian(f, theta, chunk, per_problem):
     """(r, Jt) of one chunk: residuals (m,) and the TRANSPOSED Jacobian (P, m), by reverse mode.
 
     Reverse mode because P (up to ~50k) >> a chunk's residual count: a row of J costs one VJP whatever P,
@@ -163,7 +164,7 @@ def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, 
     theta, _, f, m = _flat(residual_fn, params, batch)
 
     def terms(chunk):
-        r, Jt = _chunk_jacobian(f, theta, chunk, per_problem)
+        r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
         return lower_gram(Jt), Jt @ r, r @ r
 
     JtJ, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
@@ -220,8 +221,9 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
     theta + step on the SAME batch; accept iff the solve was finite, the trial loss is finite and rho > 0;
     update lam, nu by `rule` (lsq_jax.optim.lm_damping). Rejection leaves params unchanged (selected with
-    ``jnp.where``). With ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing JtJ and Jtr (the
-    Jacobian, the expensive part, does not change until a step is accepted), up to max_tries solves.
+    ``jnp.where``). With ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing
+    JtJ and Jtr (the Jacobian, the expensive part, does not change until a step is accepted), up to
+    max_tries solves.
 
     Geodesic acceleration (Transtrum & Sethna): with r'' = d^2/dt^2 r(theta + t delta) at t = 0 (exact, by
     nested ``jax.jvp``, chunked) the residual along the step is r + J delta + r''/2 + O(delta^3), so the

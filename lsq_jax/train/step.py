@@ -143,7 +143,8 @@ def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: in
     return (task.read(pred) - batch.targets).reshape(keys.shape[0], -1)
 
 
-def _lm_keys(exp: Experiment, step, sharding):
+def lm_keys(exp: Experiment, step, sharding=None):
+    """The per-problem keys of the batch LM fits at iteration `step` (a new batch every lm_refresh_every)."""
     o = exp.optim
     index = (step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
     return _placed(example_keys(run_keys(exp.seed)["lm"], index, 0, exp.train.batch_size), sharding)
@@ -154,7 +155,7 @@ def lm_loss(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | 
     """The loss LM's next iteration fits: the mean square of the residuals of its batch at state.params."""
     residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
                                   n_points=n_points, n_dims=n_dims)
-    return lm.mean_squared_residual(residuals, state.params, _lm_keys(exp, state.step, sharding), n_chunks)
+    return lm.mean_squared_residual(residuals, state.params, lm_keys(exp, state.step, sharding), n_chunks)
 
 
 def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
@@ -168,7 +169,7 @@ def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: i
     """
     del grad_metric
     o = exp.optim
-    keys = _lm_keys(exp, state.step, sharding)
+    keys = lm_keys(exp, state.step, sharding)
     residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
                                   n_points=n_points, n_dims=n_dims)
     damping = dict(scaling=o.lm_scaling, rule=o.lm_rule)
