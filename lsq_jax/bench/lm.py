@@ -3,7 +3,6 @@ iteration timed against LAPACK's own normal equations on the same Jacobian, and 
 iterated use at the end of a run."""
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
@@ -69,19 +68,16 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
     import scipy.linalg
     from jax.flatten_util import ravel_pytree
 
-    from lsq_jax.data.tasks import make_task
     from lsq_jax.mesh import batch_sharded, make_mesh
-    from lsq_jax.models.backbone import SequenceModel
     from lsq_jax.optim import lm
     from lsq_jax.train.memory import lm_chunks
     from lsq_jax.train.state import count_params, init_state, place_state
-    from lsq_jax.train.step import lm_keys, lm_residuals, make_step_fns
+    from lsq_jax.train.step import lm_keys, lm_residual_fn, make_step_fns
 
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
     fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
-    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
-                                  n_points=exp.task.n_points, n_dims=None)
+    residuals = lm_residual_fn(exp, exp.task.n_points, None)
     keys = lm_keys(exp, 0, batch_sharded(mesh))
     n_chunks = lm_chunks(exp, count_params(exp), mesh.devices.size)
     normal = jax.jit(lambda p: lm.normal_equations(residuals, p, keys, n_chunks))

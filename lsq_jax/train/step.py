@@ -143,6 +143,12 @@ def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: in
     return (task.read(pred) - batch.targets).reshape(keys.shape[0], -1)
 
 
+def lm_residual_fn(exp: Experiment, n_points: int, n_dims: int | None):
+    """(params, keys) -> the (problems, K) residuals LM fits, at one curriculum size."""
+    return functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
+                             n_points=n_points, n_dims=n_dims)
+
+
 def lm_keys(exp: Experiment, step, sharding=None):
     """The per-problem keys of the batch LM fits at iteration `step` (a new batch every lm_refresh_every)."""
     o = exp.optim
@@ -153,9 +159,8 @@ def lm_keys(exp: Experiment, step, sharding=None):
 def lm_loss(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None, sharding=None,
             n_chunks: int = 1) -> jax.Array:
     """The loss LM's next iteration fits: the mean square of the residuals of its batch at state.params."""
-    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
-                                  n_points=n_points, n_dims=n_dims)
-    return lm.mean_squared_residual(residuals, state.params, lm_keys(exp, state.step, sharding), n_chunks)
+    return lm.mean_squared_residual(lm_residual_fn(exp, n_points, n_dims), state.params,
+                                    lm_keys(exp, state.step, sharding), n_chunks)
 
 
 def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
@@ -170,8 +175,7 @@ def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: i
     del grad_metric
     o = exp.optim
     keys = lm_keys(exp, state.step, sharding)
-    residuals = functools.partial(lm_residuals, model=SequenceModel(exp.model), task=make_task(exp.task),
-                                  n_points=n_points, n_dims=n_dims)
+    residuals = lm_residual_fn(exp, n_points, n_dims)
     damping = dict(scaling=o.lm_scaling, rule=o.lm_rule)
     if o.lm_solver == "cg":
         params, lm_state, m = lm.lm_update_cg(residuals, state.params, keys, state.opt_state["lm"], n_chunks,
