@@ -1,5 +1,5 @@
 """The workdir and its checkpoints (the only module that imports Orbax): where a workdir is, who uses it,
-save, retain, restore with fallback, preemption.
+save, retain, restore with fallback, Orbax's multi-process preemption point.
 
 A checkpoint holds the whole training state (parameters, optimizer state with the EMA, the LR controller
 and the skip counter, and the step) plus the resolved configuration as JSON. Layout:
@@ -11,9 +11,11 @@ abstract state, or for evaluation the abstract parameters alone): this module kn
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
-import signal
+import shutil
 import socket
 import threading
 import time
@@ -23,10 +25,21 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lsq_jax import preemption
 from lsq_jax.config.check import one_line
 from lsq_jax.config.experiment import Experiment, experiment_from_dict
 
 _POLICIES = ocp.checkpoint_managers
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk or quota
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save from each of its threads, with tracebacks: the failure reaches
+    the user once, as this module's WorkdirError (or the exception of the next save)."""
+    return "orbax" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_not_from_orbax)
 
 
 class CheckpointError(Exception):
@@ -59,23 +72,6 @@ def check_writable(directory) -> None:
         probe.unlink()
     except OSError as err:
         raise WorkdirError(f"{directory} is not writable ({err.strerror or type(err).__name__})") from None
-
-
-class Preempted(Exception):
-    """SIGTERM outside the training loop (start-up, evaluation): nothing to save, resume by rerunning."""
-
-
-def raise_on_sigterm() -> None:
-    """Make SIGTERM raise Preempted wherever the program is (the training loop narrows this to a flag
-    checked between steps). Single-process runs only, as `Checkpointer.watch_preemption`."""
-    if jax.process_count() > 1:
-        return
-
-    def handler(signum, frame):
-        del signum, frame
-        raise Preempted
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 LOCK_NAME = "lock"
@@ -211,8 +207,7 @@ class Checkpointer:
             save_interval_steps=save_every, read_only=read_only, create=not read_only,
             preservation_policy=_POLICIES.AnyPreservationPolicy(policies))
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
-        self._sigterm = False
-        self._previous_handler = None
+        self._state_bytes = 0
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
@@ -220,39 +215,47 @@ class Checkpointer:
         (a preemption right after a regular save). Every process must call it."""
         if step == self._manager.latest_step():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=force)
+        self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=force)
+        except Exception as err:  # noqa: BLE001 -- a failed asynchronous save surfaces at the next one
+            raise self._save_error(err) from None
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until every save in flight is written."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(err) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def _save_error(self, err: Exception) -> Exception:
+        """WorkdirError for a save that failed on a full disk (or quota), naming the workdir, what a
+        checkpoint needs and what is free; other failures unchanged. The half-written checkpoint stays
+        a temporary directory that restoring skips, so the previous checkpoints remain restorable."""
+        text = str(err)
+        if not (getattr(err, "errno", None) in FULL_DISK or "No space left" in text
+                or "RESOURCE_EXHAUSTED" in text or "quota" in text.lower()):
+            return err
+        mib = 2.0**20
+        try:
+            free = f"{shutil.disk_usage(os.fspath(self.directory)).free / mib:.1f} MiB free"
+        except (OSError, TypeError, ValueError):
+            free = "free space unknown"
+        return WorkdirError(f"{self.directory.parent} is full: a checkpoint needs about "
+                            f"{self._state_bytes / mib:.1f} MiB, {free}; free some space or use another --workdir "
+                            "(the checkpoints already saved are intact)")
 
     # -- preemption ----------------------------------------------------------------------------------
-    def watch_preemption(self) -> None:
-        """After this, SIGTERM (a preemption notice) makes `preempted(step)` true instead of killing.
-
-        Single-process runs only: in a multi-process run JAX's own preemption notifier (started by
-        jax.distributed.initialize) must see the signal, so that every process agrees on the step at which
-        to stop; a Python handler here would make the signalled process stop alone and hang the others.
-        """
-        if jax.process_count() > 1:
-            return
-
-        def handler(signum, frame):
-            del signum, frame
-            self._sigterm = True
-
-        self._previous_handler = signal.signal(signal.SIGTERM, handler)
-
     def preempted(self, step: int) -> bool:
-        """True once a SIGTERM arrived, or (multi-process runs) Orbax's preemption sync point is reached."""
-        if self._sigterm:
-            return True
+        """Multi-process runs: whether Orbax's preemption sync point is reached at `step` (every process
+        agrees on it; lsq_jax.preemption handles SIGTERM in a single process)."""
         try:
             return bool(self._manager.reached_preemption(step))
         except Exception:  # noqa: BLE001 -- only available after jax.distributed.initialize
@@ -382,6 +385,7 @@ def claimed(workdir, log=print):
         check_writable(workdir)
         lock.acquire(log)
     try:
-        yield
+        with preemption.on_exit(lock.release):
+            yield
     finally:
         lock.release()

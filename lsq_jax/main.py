@@ -1,12 +1,10 @@
 """Entrypoint: python -m lsq_jax.main --config=configs/baseconv.py[:variant] [--config.a.b=v] [--workdir=W].
-Parses flags, turns on float64 and the matmul precision, starts multi-process JAX, then converts the config
-once into validated dataclasses and calls the library (the first JAX computation comes after all three).
-Bad input (an unknown or ill-typed field, contradictory settings, a broken config file, an unusable workdir,
-sizes that cannot fit in memory) is ONE line on stderr with exit status 2, before anything is written.
-"""
-import signal
+Parses flags, sets up JAX (float64, matmul precision, multi-process), converts the config once into validated
+dataclasses and calls the library. Bad input (an unknown or ill-typed field, contradictory settings, a broken
+config file, an unusable or full workdir, sizes that cannot fit in memory) is ONE line on stderr, status 2."""
 import sys
 
+from lsq_jax import preemption
 from lsq_jax.config.check import ConfigError, one_line
 from lsq_jax.config.load import FLAGS, default_workdir, parse_flags
 
@@ -18,7 +16,7 @@ def execute(log=print) -> None:
 
     from lsq_jax import checkpoint, mesh
     from lsq_jax.config.experiment import experiment_from_config, matmul_precision_of
-    from lsq_jax.eval import report
+    from lsq_jax.eval import memory, report
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -28,10 +26,11 @@ def execute(log=print) -> None:
         exp = experiment_from_config(FLAGS.config) if FLAGS.mode != "eval" else None
     except ValueError as err:
         raise ConfigError(one_line(err)) from None
+    if exp is not None:  # the report's memory before the run (eval: once the checkpoint gives the experiment)
+        memory.check_report_memory(exp, constructions_only=FLAGS.mode == "construct")
     log = (lambda line, log=log: log(line) if jax.process_index() == 0 else None)  # process 0 prints  # noqa: E731
-    checkpoint.raise_on_sigterm()
-    suffix = "-construct" if FLAGS.mode == "construct" else ""
-    workdir = checkpoint.resolve_workdir(FLAGS.workdir or default_workdir(exp.name + suffix))
+    preemption.install(log)
+    workdir = checkpoint.resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
     log(f"workdir: {workdir}")
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
@@ -43,6 +42,7 @@ def execute(log=print) -> None:
         shape = lambda e: jax.eval_shape(lambda: init_params(e.model, jax.random.key(0)))  # noqa: E731
         exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, shape, mesh.replicated(mesh.make_mesh()),
                                                       log=log)
+        memory.check_report_memory(exp)
         if jax.process_index() == 0:
             checkpoint.check_writable(workdir / "eval")  # before the evaluation's minutes, not after
         mesh.setup_jax(exp.matmul_precision)
@@ -55,25 +55,26 @@ def execute(log=print) -> None:
 
 def run(argv: list[str], log=print) -> int:
     """The whole command in this process; returns the exit status (2 and one stderr line for bad input)."""
-    from lsq_jax.checkpoint import CheckpointError, Preempted, WorkdirError
+    from lsq_jax.checkpoint import FULL_DISK, CheckpointError, WorkdirError
 
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
         return 0
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         parse_flags(argv)
         execute(log)
-    except (CheckpointError, ConfigError, WorkdirError) as err:
+    except (CheckpointError, ConfigError, WorkdirError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in FULL_DISK:  # any other OSError is a bug to show
+            raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except Preempted:
-        log("preempted (SIGTERM) outside the training steps; run the same command to resume")
+    except preemption.Preempted:
+        log(preemption.NOTHING_TO_SAVE)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        preemption.uninstall()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv))
+    preemption.exit(run(sys.argv))

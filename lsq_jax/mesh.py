@@ -11,7 +11,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lsq_jax.config.check import one_line
+from lsq_jax.config.check import ConfigError, one_line
 
 DATA_AXIS = "data"
 
@@ -51,6 +51,34 @@ def check_batch_size(field: str, batch_size: int, mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"{field}={batch_size} is not allowed: must be a multiple of the device count {n}")
+
+
+def device_memory(device, *, whole_host: bool = False) -> int | None:
+    """Bytes one device can hold: the accelerator's limit, or on CPU the machine's physical memory shared
+    by this process's devices (all of it with `whole_host`: a computation on one CPU device alone)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend reports
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return physical if whole_host else physical // max(jax.local_device_count(), 1)
+    return None
+
+
+def check_fits(parts: dict[str, int], limit: int | None, platform: str, what: str, fields: dict[str, str]) -> None:
+    """ConfigError when the lower-bound bytes `parts` (by part) of `what` exceed `limit`, naming the fields
+    that shrink the largest part (`fields[part]`); nothing when the limit is unknown."""
+    total = sum(parts.values())
+    if limit is None or total <= limit:
+        return
+    largest = max(parts, key=parts.get)
+    gib = 2.0**30
+    detail = ", ".join(f"{k} {v / gib:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
+    raise ConfigError(f"{what} needs at least {total / gib:.3g} GiB per device ({detail} GiB) but a {platform} "
+                     f"device has {limit / gib:.3g} GiB: reduce {fields[largest]}")
 
 
 DISTRIBUTED_MODES = ("off", "auto", "explicit")

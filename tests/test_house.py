@@ -16,12 +16,13 @@ MAY_IMPORT = {
     "data": {"config"},
     "models": {"config"},
     "optim": {"config"},
-    "checkpoint": {"config"},
+    "preemption": set(),
+    "checkpoint": {"config", "preemption"},
     "mesh": {"config"},
-    "train": {"config", "data", "models", "optim", "checkpoint", "mesh"},
-    "eval": {"config", "data", "models"},
+    "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption"},
+    "eval": {"config", "data", "models", "mesh"},
     "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
-    "main": {"config", "checkpoint", "mesh", "train", "eval", "models"},
+    "main": {"config", "checkpoint", "mesh", "preemption", "train", "eval", "models"},
 }
 
 

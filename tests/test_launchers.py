@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-LAUNCHERS = [LAUNCH / "tpu_pod.sh", LAUNCH / "slurm_gpu.sbatch", LAUNCH / "local_multiprocess.sh"]
+LAUNCHERS = [LAUNCH / "tpu_pod.sh", LAUNCH / "slurm_gpu.sbatch", LAUNCH / "local_multiprocess.sh",
+             LAUNCH / "gpu_check.sh"]
 FAMILIES = {  # script -> runs (the reference's and the published replication scripts)
     "explicit_gradient": 8 + 4 + 4 + 4 + 2,
     "kstep_gd": 1,
@@ -348,3 +349,24 @@ def test_replication_rejects_unknown_options():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- the GPU check ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [(["--bogus"], "unknown argument"), (["--steps=0"], "--steps=0"),
+                                          (["--out="], "--out")])
+def test_gpu_check_bad_arguments(args, needle):
+    proc = _bash([LAUNCH / "gpu_check.sh", *args])
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_fallback_prints_every_figure(tmp_path):
+    proc = _bash([LAUNCH / "gpu_check.sh", f"--out={tmp_path / 'check'}"], env_extra={"PYTHON": sys.executable},
+                 timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the CPU fallback" in proc.stdout
+    assert re.search(r"^throughput float64: [0-9.]+ steps/s$", proc.stdout, re.M), proc.stdout[-2000:]
+    for run, steps in (("lm", 2), ("published", 10)):
+        assert re.search(rf"^{run}: \d+ s in all, steps {steps}, test MSE [0-9.e+-]+, iterated final error ",
+                         proc.stdout, re.M), proc.stdout[-2000:]

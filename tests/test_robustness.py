@@ -2,6 +2,7 @@
 workdirs, preemption during a save, damaged checkpoints, a non-finite loss, two runs in one workdir, broken
 config files, unusable workdirs, sizes that cannot fit in memory. Each ends in exit status 0 and a run
 that resumes and finishes, or exit status 2 with one line on stderr and the workdir untouched."""
+import errno
 import json
 import os
 import pathlib
@@ -243,6 +244,12 @@ def test_a_broken_config_file_is_one_line(tmp_path, name, source, needle, no_rep
     ("--config.train.batch_size=1000000000000", "train.batch_size"),
     ("--config.model.n_embd=100000", "model.n_embd"),
     ("--config.model.n_embd=1000000000", "model.n_embd"),
+    ("--config.train.eval_problems=1000000000", "train.eval_problems"),
+    ("--config.train.eval_iters=1000000000", "train.eval_iters"),
+    ("--config.train.eval_batch_size=100000000", "train.eval_batch_size"),
+    ("--config.task.n_dims=100000", "task.n_dims"),
+    ("--config.task.n_points=100000", "task.n_points"),
+    ("--config.task.n_points=3000", "task.n_points"),
 ])
 def test_sizes_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, override, needle, no_report):
     started = time.perf_counter()
@@ -257,7 +264,8 @@ def test_memory_estimate_counts_the_parameters_and_the_batch():
     n_params = sum(x.size for x in jax.tree.leaves(init_params(exp.model, jax.random.key(0))))
     parts = memory_estimate(exp, 1, "gpu")
     assert parts["state"] == 6 * n_params * 8
-    assert parts["data"] == exp.train.batch_size * (21 * 6 * 8 + 8)  # T = 21 tokens of width D + 1 = 6
+    # T = 21 tokens of width D + 1 = 6, the L x D = 20 x 5 matrix A, a key
+    assert parts["data"] == exp.train.batch_size * ((21 * 6 + 20 * 5) * 8 + 8)
     assert parts["activations"] == 2 * 4 * exp.train.batch_size * 21 * 64 * 8  # one microbatch on GPU
 
 
@@ -377,3 +385,82 @@ def test_integers_fit_int64_and_the_name_stays_in_runs(tmp_path, monkeypatch, ov
 
 def test_the_largest_seed_is_a_usable_key():
     assert jax.random.key(2**63 - 1).shape == ()
+
+
+def test_report_estimate_counts_what_the_report_allocates():
+    """Each part of the report's estimate against the arrays the report really makes, at a small size."""
+    from lsq_jax.data import samplers
+    from lsq_jax.eval.memory import report_estimate
+    from lsq_jax.eval.solvers import gd_solver, run_solver
+    from lsq_jax.models import gd_weights
+    from lsq_jax.models.backbone import mixing_bytes
+    from lsq_jax.models.baseconv import shift_tensor
+
+    exp = main_experiment()
+    d, n, problems, iters = exp.task.n_dims, exp.task.n_points, exp.train.eval_problems, exp.train.eval_iters
+    parts = report_estimate(exp)
+    sample = samplers.least_squares(samplers.example_keys(jax.random.key(0), 0, 0, problems), n, d)
+    xs = run_solver(gd_solver("auto"), sample.a, sample.b, sample.x0, iters)
+    assert parts["report_trajectories"] == 2 * xs.nbytes  # exact GD's iterates and one method's
+    built = gd_weights.baseconv_gd_config(d, n)
+    weights = gd_weights.baseconv_gd_params(built, d, n, 0.1)
+    toeplitz = built.n_embd * n * n * 8
+    assert parts["constructions"] == (sum(x.nbytes for x in jax.tree.leaves(weights)) + shift_tensor(n, n).nbytes
+                                      + toeplitz + problems * n * built.n_embd * 8)
+    t = n + 1  # the learned model's tokens: [x0, 0] then one per row
+    assert mixing_bytes(exp.model, t, problems) == shift_tensor(exp.model.n_positions, t).nbytes + 64 * t * t * 8
+    assert parts["report_problems"] == problems * (t * (d + 1) + n * d) * 8
+
+
+# -- a full disk ---------------------------------------------------------------------------------------------
+
+def assert_full_disk_refused(status, err, workdir):
+    """One line naming the workdir and the sizes, the lock released, the newest complete checkpoint restorable."""
+    assert_bad_input(status, err, "is full")
+    assert str(workdir) in err and "MiB" in err
+    assert not (workdir / "lock").exists()
+    assert params_of(workdir)[1] >= 1
+
+
+@pytest.mark.slow
+def test_a_full_tmpfs_workdir_is_one_line_and_the_saved_checkpoints_stay(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode:
+        pytest.skip("no tmpfs can be mounted here; the patched-write test stands in")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", *SMALL, "--config.train.num_steps=100",
+                               f"--workdir={disk / 'w'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert_full_disk_refused(proc.returncode, proc.stderr, disk / "w")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_save_that_finds_the_disk_full_is_one_line_and_the_saved_checkpoints_stay(tmp_path, no_report,
+                                                                                   monkeypatch):
+    real_save, saves = checkpoint.ocp.CheckpointManager.save, []
+
+    def full_after_the_first(self, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) > 1:
+            raise ValueError(f"RESOURCE_EXHAUSTED: Error writing in OCDBT database: Failed writing: "
+                             f"No space left on device [os_error_code='{errno.ENOSPC}']")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full_after_the_first)
+    status, _, err = run(f"--workdir={tmp_path}")
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", real_save)
+    assert_full_disk_refused(status, err, tmp_path)
+
+
+def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_report, monkeypatch):
+    from lsq_jax.train.log import MetricsWriter
+
+    def full(self, step, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(MetricsWriter, "write", full)
+    status, _, err = run(f"--workdir={tmp_path}", steps=20)
+    assert_bad_input(status, err, "No space left on device")
+    assert "metrics.jsonl" in err and not (tmp_path / "lock").exists()

@@ -109,6 +109,8 @@ def parse_flags(argv: list[str]) -> None:
         raise ConfigError("--config is required, e.g. --config=configs/baseconv.py:cpu")
 
 
-def default_workdir(name: str) -> str:
-    """runs/<name>-<timestamp>: the workdir when --workdir is not given."""
+def default_workdir(name: str, mode: str = "train") -> str:
+    """runs/<name>-<timestamp> (runs/<name>-construct-<timestamp> for --mode=construct): the workdir when
+    --workdir is not given."""
+    name += "-construct" if mode == "construct" else ""
     return f"runs/{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"

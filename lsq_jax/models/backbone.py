@@ -121,3 +121,16 @@ def init_params(cfg: ModelConfig, key, seq_len: int | None = None):
     """Parameters of a fresh model with the reference's initialisation (a pure function of the key)."""
     x = jnp.zeros((1, seq_len or cfg.n_positions, cfg.in_dims), cfg.jnp_dtype)
     return SequenceModel(cfg).init(key, x)["params"]
+
+
+def mixing_bytes(cfg: ModelConfig, seq_len: int, n_sequences: int) -> int:
+    """A lower bound of the bytes one block's sequence mixer materialises on `n_sequences` sequences of
+    `seq_len` tokens, from the config alone (tracing the model would allocate the first term on the host):
+    BaseConv's short convolution builds a (K, T, T) float64 shift tensor (K = n_positions) and an (E, T, T)
+    Toeplitz matrix; softmax attention holds (n, heads, T, T) scores. Zero for the others."""
+    t, itemsize = seq_len, cfg.jnp_dtype.itemsize
+    if cfg.mixer == "baseconv" and cfg.conv_type == "short":
+        return cfg.n_positions * t * t * 8 + cfg.n_embd * t * t * itemsize
+    if cfg.mixer == "attention":
+        return n_sequences * cfg.n_head * t * t * itemsize
+    return 0

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lsq_jax import preemption
 from lsq_jax.checkpoint import Checkpointer, abstract_like, claimed, saved_experiment
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import RESUMABLE_CHANGES, Experiment, config_differences, experiment_to_dict
@@ -42,11 +43,11 @@ def checked_mesh(exp: Experiment):
         check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
         microbatches(exp, exp.task.n_points, mesh.devices.size)  # an explicit size must divide the device share
+        check_memory(exp, mesh)
         if uses_lm(exp):
             lm_chunks(exp, count_params(exp), mesh.devices.size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    check_memory(exp, mesh)
     return mesh
 
 
@@ -77,8 +78,9 @@ def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: boo
     (lsq_jax.checkpoint.claimed).
 
     Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
-    checkpoint_every steps and at the end. On SIGTERM (or Orbax's preemption signal in a multi-process
-    run) it saves at the next step and returns with `preempted` true.
+    checkpoint_every steps and at the end. On SIGTERM while steps are unsaved (or at Orbax's preemption
+    point in a multi-process run) it saves at the next step and returns with `preempted` true; on SIGTERM
+    with nothing unsaved, lsq_jax.preemption.Preempted propagates.
     """
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
@@ -87,17 +89,21 @@ def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: boo
         config = experiment_to_dict(exp)
         if is_main:
             (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        ckpt.watch_preemption()
         writer, main_log = MetricsWriter(workdir / "metrics.jsonl", is_main), log if is_main else (lambda line: None)
         fns: dict[tuple, StepFns] = {}
-        if int(state.step) == 0 and exp.optim.lm_restarts > 1:
-            state = best_start(exp, state, mesh, fns, writer, main_log, ckpt.preempted)
-            if state is None:
-                log("preempted during the restarts, before any checkpoint; run the same command to start again")
-                return Trained(init_state(exp), None, True)
-            ckpt.save(int(state.step), state, config, force=True)
-        state, preempted = _train_loop(exp, state, mesh, ckpt, config, writer, main_log, fns)
-        if preempted:
+        with preemption.on_exit(ckpt.wait):
+
+            def preempted(step: int) -> bool:
+                return preemption.requested() or ckpt.preempted(step)
+
+            if int(state.step) == 0 and exp.optim.lm_restarts > 1:
+                state = best_start(exp, state, mesh, fns, writer, main_log, preempted)
+                if state is None:
+                    log("preempted during the restarts, before any checkpoint; run the same command to start again")
+                    return Trained(init_state(exp), None, True)
+                ckpt.save(int(state.step), state, config, force=True)
+            state, stopped = _train_loop(exp, state, mesh, ckpt, config, writer, main_log, fns, preempted)
+        if stopped:
             log(f"preempted: saved step {int(state.step)}; run the same command to resume")
             return Trained(state, None, True)
     finally:
@@ -152,24 +158,33 @@ def best_start(exp: Experiment, state: TrainState, mesh, fns: dict, writer, log,
     return best[1]
 
 
-def _train_loop(exp, state, mesh, ckpt, config, writer, log, fns):
-    """Steps from state.step to num_steps; (final state, whether it stopped for preemption)."""
+def _train_loop(exp, state, mesh, ckpt, config, writer, log, fns, preempted):
+    """Steps from state.step to num_steps; (final state, whether it stopped for preemption). It tells
+    lsq_jax.preemption whether it holds work that is not saved yet: steps past the last checkpoint, or a
+    measurement not yet written."""
     start, num_steps, every = int(state.step), exp.train.num_steps, exp.train.log_every
     progress = Progress(start, num_steps)
     pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
+    saved = start  # the state at `start` is restored or drawn again the same by a rerun
     for step in range(start, num_steps):
         state, metrics = advance(_step_fns(fns, exp, mesh, step), state, step)
+        preemption.unsaved(True)
         if pending is not None:
             _report(writer, progress, log, *pending)
             pending = None
         if step % every == 0 or step == num_steps - 1:
             pending = (step, metrics)
-        ckpt.save(step + 1, state, config, force=step + 1 == num_steps)
-        if ckpt.preempted(step + 1):
+        if ckpt.save(step + 1, state, config, force=step + 1 == num_steps):
+            saved = step + 1
+        if preempted(step + 1):
             ckpt.save(step + 1, state, config, force=True)  # a no-op when step + 1 was just saved
+            if pending is not None:
+                _report(writer, progress, log, *pending)
             return state, True
+        preemption.unsaved(saved != step + 1 or pending is not None)
     if pending is not None:
         _report(writer, progress, log, *pending)
+    preemption.unsaved(False)
     return state, False
 
 

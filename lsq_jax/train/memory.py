@@ -3,15 +3,15 @@ lower-bound estimate per device, checked before anything is allocated or written
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import Experiment
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import make_task
+from lsq_jax.mesh import check_fits, device_memory
+from lsq_jax.models.backbone import mixing_bytes
 from lsq_jax.train.state import count_params, uses_lm
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
@@ -73,61 +73,64 @@ def lm_chunks(exp: Experiment, n_params: int, n_devices: int) -> int:
     return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
 
 
+def live_examples(exp: Experiment, n_devices: int, backend: str | None = None) -> int:
+    """The examples of a device whose activations are live at once: a microbatch, two on CPU (the
+    accumulating scan is unrolled there), at most the device's share of the batch."""
+    backend = backend or jax.default_backend()
+    local = exp.train.batch_size // n_devices
+    live = (local // microbatches(exp, exp.task.n_points, n_devices, backend)) * (
+        CPU_SCAN_UNROLL if backend == "cpu" else 1)
+    return min(live, local)
+
+
+def sequence_mixing(exp: Experiment, n_devices: int, backend: str | None = None) -> int:
+    """The bytes one block's sequence mixer materialises on a device's live examples (mixing_bytes)."""
+    seq_len = make_task(exp.task).seq_len(exp.task.n_points)
+    return mixing_bytes(exp.model, seq_len, live_examples(exp, n_devices, backend))
+
+
 def memory_estimate(exp: Experiment, n_devices: int, backend: str | None = None) -> dict[str, int]:
     """A lower bound, in bytes per device, of what training `exp` holds at once, by part.
 
     state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
     activations: the input and output of every block for one microbatch (two on CPU, where the scan is
-    unrolled), kept for the backward pass; data: the per-device batch's inputs and per-example keys;
-    statistics: the matrix of mini-batch gradients; evaluation: one activation of the test batch;
-    lm_normal_equations: Levenberg-Marquardt's P x P J^T J and the chunk term being added to it.
+    unrolled), kept for the backward pass; data: the per-device batch's matrices A, its input tokens and
+    per-example keys; statistics: the matrix of mini-batch gradients; lm_normal_equations:
+    Levenberg-Marquardt's P x P J^T J and the chunk term being added to it; sequence_mixing: what one
+    block's mixer materialises (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the
+    final metrics (its matrices, tokens and one activation), held with the state after training.
     """
+    mixing = sequence_mixing(exp, n_devices, backend)  # first: counting the parameters traces the model
     n_params = count_params(exp)
     itemsize = jnp.dtype(exp.task.dtype).itemsize
-    task = make_task(exp.task)
-    seq_len = task.seq_len(exp.task.n_points)
+    seq_len = make_task(exp.task).seq_len(exp.task.n_points)
     local = exp.train.batch_size // n_devices
-    backend = backend or jax.default_backend()
-    live = (local // microbatches(exp, exp.task.n_points, n_devices, backend)) * (
-        CPU_SCAN_UNROLL if backend == "cpu" else 1)
+    live = live_examples(exp, n_devices, backend)
     token = seq_len * exp.model.n_embd * itemsize
+    problem = (seq_len * exp.model.in_dims + exp.task.n_points * exp.task.n_dims) * itemsize
     lm_system = 2 * n_params**2 * itemsize if uses_lm(exp) and exp.optim.lm_solver == "cholesky" else 0
-    return {"state": 6 * n_params * itemsize, "lm_normal_equations": lm_system,
-            "activations": 2 * (exp.model.n_layer + 1) * min(live, local) * token,
-            "data": local * (seq_len * exp.model.in_dims * itemsize + 8),
+    return {"state": 6 * n_params * itemsize, "lm_normal_equations": lm_system, "sequence_mixing": mixing,
+            "activations": 2 * (exp.model.n_layer + 1) * live * token,
+            "data": local * (problem + 8),
             "statistics": exp.train.grad_stats_batches * n_params * itemsize,
-            "evaluation": exp.train.eval_batch_size // n_devices * token}
+            "evaluation": exp.train.eval_batch_size // n_devices * (problem + token)}
 
 
-def device_memory(device) -> int | None:
-    """Bytes one device can hold: the accelerator's limit, or the machine's physical memory on CPU."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 -- not every backend reports
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(jax.local_device_count(), 1)
-    return None
-
-
-_MEMORY_FIELDS = {"lm_normal_equations": "model.n_embd, or use optim.lm_solver=cg (matrix-free)",
+_MEMORY_FIELDS = {"sequence_mixing": "task.n_points (the mixer grows as its square or cube)",
+                  "lm_normal_equations": "model.n_embd, or use optim.lm_solver=cg (matrix-free)",
                   "state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
-                  "data": "train.batch_size", "statistics": "train.grad_stats_batches / model.n_embd",
-                  "evaluation": "train.eval_batch_size"}
+                  "data": "train.batch_size / task.n_dims / task.n_points",
+                  "statistics": "train.grad_stats_batches / model.n_embd",
+                  "evaluation": "train.eval_batch_size / task.n_dims / task.n_points"}
 
 
 def check_memory(exp: Experiment, mesh) -> None:
-    """Refuse, before anything is allocated or written, a run whose lower-bound estimate exceeds a device."""
-    parts = memory_estimate(exp, mesh.devices.size, mesh.devices.flat[0].platform)
-    limit = device_memory(mesh.devices.flat[0])
-    total = sum(parts.values())
-    if limit is None or total <= limit:
-        return
-    largest = max(parts, key=parts.get)
-    gib = 2.0**30
-    detail = ", ".join(f"{k} {v / gib:.3g}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
-    raise ConfigError(f"the run needs at least {total / gib:.3g} GiB per device ({detail} GiB) but a "
-                     f"{mesh.devices.flat[0].platform} device has {limit / gib:.3g} GiB: reduce "
-                     f"{_MEMORY_FIELDS[largest]}")
+    """Refuse, before anything is allocated or written, a run whose lower-bound estimate exceeds a device:
+    during training (everything but the test batch), or while the final metrics are measured (the state
+    and the test batch)."""
+    limit, platform = device_memory(mesh.devices.flat[0]), mesh.devices.flat[0].platform
+    mixing = sequence_mixing(exp, mesh.devices.size, platform)  # before anything traces the model
+    check_fits({"sequence_mixing": mixing}, limit, platform, "the run", _MEMORY_FIELDS)
+    parts = memory_estimate(exp, mesh.devices.size, platform)
+    check_fits({k: v for k, v in parts.items() if k != "evaluation"}, limit, platform, "the run", _MEMORY_FIELDS)
+    check_fits({k: parts[k] for k in ("state", "evaluation")}, limit, platform, "the final test", _MEMORY_FIELDS)

@@ -51,15 +51,23 @@ def draw_batch(task: Task, key, step, batch_size: int, n_points: int, n_dims: in
     return task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
 
 
-def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
+def scan_unroll(backend: str) -> int:
+    """Chunks per iteration of the accumulating scan on `backend` ('cpu', 'gpu', 'tpu'): CPU_SCAN_UNROLL on
+    CPU, where two chunks side by side keep two cores busy; 1 elsewhere, so that a microbatch sized to fit
+    device memory is the most that is live at once."""
+    return CPU_SCAN_UNROLL if backend == "cpu" else 1
+
+
+def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None, unroll: int | None = None):
     """The mean over `n_chunks` chunks of xs of fn(params, chunk) -> (scalar, aux), and its gradient.
 
-    One chunk at a time in a lax.scan, so only one chunk's activations are live (two on CPU, where the
-    scan is unrolled by CPU_SCAN_UNROLL). Chunk c holds the rows c, c + n_chunks, c + 2 n_chunks, ... of
-    every leaf of xs: rows sharded over devices in contiguous blocks stay on their device (n_chunks must
-    divide the per-device rows). Equal to value_and_grad of the mean over all rows when every chunk's
-    value is a mean over its rows. With several devices the replicated accumulator is all-reduced once per
-    chunk (a shard_map form with one reduction per step stalled emulated CPU devices in half the runs).
+    One chunk at a time in a lax.scan, so only one chunk's activations are live (`unroll` of them when
+    the scan is unrolled; None: `scan_unroll` of JAX's default backend). Chunk c holds the rows c,
+    c + n_chunks, c + 2 n_chunks, ... of every leaf of xs: rows sharded over devices in contiguous blocks
+    stay on their device (n_chunks must divide the per-device rows). Equal to value_and_grad of the mean
+    over all rows when every chunk's value is a mean over its rows. With several devices the replicated
+    accumulator is all-reduced once per chunk (a shard_map form with one reduction per step stalled
+    emulated CPU devices in half the runs).
     """
     value_and_grad = jax.value_and_grad(fn, has_aux=True)
     if n_chunks == 1:
@@ -72,7 +80,7 @@ def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None):
 
     shapes = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda a: a[0], chunked))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    unroll = CPU_SCAN_UNROLL if jax.default_backend() == "cpu" else 1
+    unroll = scan_unroll(jax.default_backend()) if unroll is None else unroll
     total, _ = jax.lax.scan(add_chunk, zeros, chunked, unroll=unroll)
     return jax.tree.map(lambda t: t / n_chunks, total)
 
@@ -96,18 +104,21 @@ def example_loss(params, keys, *, model: SequenceModel, task: Task, n_points: in
 
 
 def batch_gradient(params, key, step, *, exp: Experiment, n_points: int, n_dims: int | None, sharding=None,
-                   n_microbatches: int = 1):
+                   n_microbatches: int = 1, unroll: int | None = None):
     """((task loss, per-position loss), gradient) on the global batch drawn from `key` at `step`,
-    accumulated over `n_microbatches` per device (the keys are sharded before anything is drawn)."""
+    accumulated over `n_microbatches` per device, `unroll` per scan iteration (the keys are sharded before
+    anything is drawn)."""
     keys = _placed(example_keys(key, step, 0, exp.train.batch_size), sharding)
     loss = functools.partial(example_loss, model=SequenceModel(exp.model), task=make_task(exp.task),
                              n_points=n_points, n_dims=n_dims)
-    return accumulated_value_and_grad(loss, params, keys, n_microbatches, sharding)
+    return accumulated_value_and_grad(loss, params, keys, n_microbatches, sharding, unroll)
 
 
 def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: int, n_dims: int | None,
-               sharding=None, n_microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One training iteration: loss, gradient (accumulated over `n_microbatches` per device), recipe, update.
+               sharding=None, n_microbatches: int = 1, unroll: int | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One training iteration: loss, gradient (accumulated over `n_microbatches` per device, `unroll` per
+    scan iteration), recipe, update.
 
     `grad_metric` is the adaptive LR's signal: the mean consecutive-gradient cosine that
     `measure_grad_stats` measured on this iteration's state, or NaN / None on iterations without a
@@ -116,12 +127,12 @@ def train_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points
     if uses_lm(exp):  # the Adam phase of a hybrid: the recipe on its own part of the state
         inner, metrics = train_step(state._replace(opt_state=state.opt_state["adam"]), grad_metric,
                                     exp=_as_adam(exp), n_points=n_points, n_dims=n_dims, sharding=sharding,
-                                    n_microbatches=n_microbatches)
+                                    n_microbatches=n_microbatches, unroll=unroll)
         return inner._replace(opt_state={**state.opt_state, "adam": inner.opt_state}), metrics
     tx = recipe.make_optimizer(exp.optim)
     (loss, per_position), grads = batch_gradient(state.params, run_keys(exp.seed)["data"], state.step, exp=exp,
                                                  n_points=n_points, n_dims=n_dims, sharding=sharding,
-                                                 n_microbatches=n_microbatches)
+                                                 n_microbatches=n_microbatches, unroll=unroll)
     if exp.optim.l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
         grads = jax.tree.map(lambda g, p: g + exp.optim.l1 * jnp.sign(p), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_metric=grad_metric)
@@ -190,7 +201,8 @@ def lm_step(state: TrainState, grad_metric=None, *, exp: Experiment, n_points: i
 
 
 def measure_grad_stats(state: TrainState, *, exp: Experiment, n_points: int, n_dims: int | None,
-                        sharding=None, n_microbatches: int = 1) -> dict[str, jax.Array]:
+                        sharding=None, n_microbatches: int = 1, unroll: int | None = None
+                        ) -> dict[str, jax.Array]:
     """The statistics (lsq_jax.optim.grad_stats) of the gradients of `grad_stats_batches` fresh mini-batches at
     state.params (the task loss, unclipped, without L1): one mini-batch at a time, each accumulated over
     microbatches like the step's (all at once would hold grad_stats_batches batches of activations)."""
@@ -199,7 +211,7 @@ def measure_grad_stats(state: TrainState, *, exp: Experiment, n_points: int, n_d
     def flat_gradient(i):
         _, grads = batch_gradient(state.params, jax.random.fold_in(stats_key, i), state.step, exp=exp,
                                   n_points=n_points, n_dims=n_dims, sharding=sharding,
-                                  n_microbatches=n_microbatches)
+                                  n_microbatches=n_microbatches, unroll=unroll)
         return ravel_pytree(grads)[0]
 
     return grad_stats.gradient_stats(jax.lax.map(flat_gradient, jnp.arange(exp.train.grad_stats_batches)))
@@ -218,8 +230,15 @@ class StepFns(NamedTuple):
     lm_loss: Any = None
 
 
-def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_phase: bool = False) -> StepFns:
-    """The jitted step of one curriculum size: the recipe's (with its gradient statistics), or LM's."""
+def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_phase: bool = False,
+                  backend: str | None = None) -> StepFns:
+    """The jitted step of one curriculum size: the recipe's (with its gradient statistics), or LM's.
+
+    `backend` ('cpu', 'gpu', 'tpu'; None: the platform of the mesh's devices) is the platform the step is
+    built for: it sets the microbatches and the unroll of their scan. Tracing here to export the step
+    for another platform (jax.export) passes that platform.
+    """
+    backend = backend or mesh.devices.flat[0].platform
     sharding = batch_sharded(mesh)
     # made by a computation, not device_put: a multi-process device_put checks the value is the same on
     # every process, and NaN != NaN
@@ -232,7 +251,8 @@ def make_step_fns(exp: Experiment, mesh, n_points: int, n_dims: int | None, lm_p
                        no_metric=no_metric, log_every=exp.train.log_every,
                        lm_loss=jax.jit(functools.partial(lm_loss, **sizes)))
     sizes = dict(exp=exp, n_points=n_points, n_dims=n_dims, sharding=sharding,
-                 n_microbatches=microbatches(exp, n_points, mesh.devices.size))
+                 n_microbatches=microbatches(exp, n_points, mesh.devices.size, backend),
+                 unroll=scan_unroll(backend))
     stats = jax.jit(functools.partial(measure_grad_stats, **sizes)) if exp.train.grad_stats_batches else None
     return StepFns(train=jax.jit(functools.partial(train_step, **sizes), donate_argnums=0), stats=stats,
                    no_metric=no_metric, log_every=exp.train.log_every)
