@@ -17,6 +17,7 @@ def execute(log=print) -> None:
     from lsq_jax import checkpoint, mesh
     from lsq_jax.config.experiment import experiment_from_config, matmul_precision_of
     from lsq_jax.eval import memory, report
+    from lsq_jax.workdir import check_writable, resolve_workdir
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -30,7 +31,7 @@ def execute(log=print) -> None:
         memory.check_report_memory(exp, constructions_only=FLAGS.mode == "construct")
     log = (lambda line, log=log: log(line) if jax.process_index() == 0 else None)  # process 0 prints  # noqa: E731
     preemption.install(log)
-    workdir = checkpoint.resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
+    workdir = resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
     log(f"workdir: {workdir}")
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
@@ -38,24 +39,23 @@ def execute(log=print) -> None:
             if not trained.preempted:  # the report while the run still holds its workdir
                 report.write_evaluation(exp, trained.state.params, workdir, log=log)
     elif FLAGS.mode == "eval":
-        from lsq_jax.models.backbone import init_params
-        shape = lambda e: jax.eval_shape(lambda: init_params(e.model, jax.random.key(0)))  # noqa: E731
-        exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, shape, mesh.replicated(mesh.make_mesh()),
-                                                      log=log)
+        from lsq_jax.models.backbone import abstract_params
+        exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, lambda e: abstract_params(e.model),
+                                                      mesh.replicated(mesh.make_mesh()), log=log)
         memory.check_report_memory(exp)
         if jax.process_index() == 0:
-            checkpoint.check_writable(workdir / "eval")  # before the evaluation's minutes, not after
+            check_writable(workdir / "eval")  # before the evaluation's minutes, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
         report.write_evaluation(exp, params, workdir, log=log)
     else:
-        checkpoint.check_writable(workdir / "eval")
+        check_writable(workdir / "eval")
         report.write_evaluation(exp, None, workdir, log=log, constructions=True)
 
 
 def run(argv: list[str], log=print) -> int:
     """The whole command in this process; returns the exit status (2 and one stderr line for bad input)."""
-    from lsq_jax.checkpoint import FULL_DISK, CheckpointError, WorkdirError
+    from lsq_jax import checkpoint, workdir
 
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
@@ -63,8 +63,8 @@ def run(argv: list[str], log=print) -> int:
     try:
         parse_flags(argv)
         execute(log)
-    except (CheckpointError, ConfigError, WorkdirError, OSError) as err:
-        if isinstance(err, OSError) and err.errno not in FULL_DISK:  # any other OSError is a bug to show
+    except (checkpoint.CheckpointError, ConfigError, workdir.WorkdirError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in workdir.FULL_DISK:  # any other OSError is a bug to show
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -125,11 +125,13 @@ def uninstall() -> None:
 
 
 def exit(status: int) -> NoReturn:  # noqa: A001 -- the program's exit, as sys.exit
-    """End the program with `status`; without the interpreter's shutdown once the handler raised
-    Preempted, since a compilation it interrupted may still run and would hold the exit, then crash it."""
+    """End the program with `status`: through the interpreter's shutdown after a run that ended well, at once
+    after a failure (status != 0) or a SIGTERM. Then threads may still run (an XLA compilation the handler
+    interrupted; Orbax's writers after a failed save): the shutdown would wait for them, print their
+    errors, and can crash."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if _raised or (_watch is not None and _watch.raised):
+    if status or _raised or (_watch is not None and _watch.raised):
         os._exit(status)
     sys.exit(status)
 

@@ -17,12 +17,13 @@ MAY_IMPORT = {
     "models": {"config"},
     "optim": {"config"},
     "preemption": set(),
-    "checkpoint": {"config", "preemption"},
+    "workdir": {"preemption"},
+    "checkpoint": {"config", "workdir"},
     "mesh": {"config"},
-    "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption"},
+    "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption", "workdir"},
     "eval": {"config", "data", "models", "mesh"},
     "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
-    "main": {"config", "checkpoint", "mesh", "preemption", "train", "eval", "models"},
+    "main": {"config", "checkpoint", "mesh", "preemption", "workdir", "train", "eval", "models"},
 }
 
 

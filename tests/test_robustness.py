@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from lsq_jax import checkpoint, main
-from lsq_jax.checkpoint import Checkpointer, WorkdirLock
+from lsq_jax.checkpoint import Checkpointer
+from lsq_jax.workdir import WorkdirLock, resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
@@ -67,7 +68,7 @@ def snapshot(directory: pathlib.Path) -> dict:
 def params_of(workdir, step=None):
     """(parameter leaves, step) of a workdir's checkpoint, restored as --mode=eval restores them."""
     shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
-    _, step, params = checkpoint.restore_params(checkpoint.resolve_workdir(str(workdir)), step, shape,
+    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), step, shape,
                                                 replicated(make_mesh()), log=lambda _: None)
     return [np.asarray(x) for x in jax.tree.leaves(params)], step
 

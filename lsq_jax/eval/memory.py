@@ -11,7 +11,7 @@ from lsq_jax.data.tasks import make_task
 from lsq_jax.eval.report import ITERATED_TASKS
 from lsq_jax.mesh import check_fits, device_memory
 from lsq_jax.models import gd_weights
-from lsq_jax.models.backbone import init_params, mixing_bytes
+from lsq_jax.models.backbone import abstract_params, mixing_bytes
 
 REPORT_FIELDS = {"report_problems": "train.eval_problems",
                  "report_activations": "train.eval_problems / model.n_embd",
@@ -22,8 +22,7 @@ REPORT_FIELDS = {"report_problems": "train.eval_problems",
 
 def parameter_bytes(cfg) -> int:
     """The bytes of a model's parameters (lsq_jax.models.backbone), from their shapes."""
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_params(cfg)))
 
 
 def report_estimate(exp, *, constructions_only: bool = False, parameters: bool = True) -> dict[str, int]:

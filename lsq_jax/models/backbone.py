@@ -123,6 +123,11 @@ def init_params(cfg: ModelConfig, key, seq_len: int | None = None):
     return SequenceModel(cfg).init(key, x)["params"]
 
 
+def abstract_params(cfg: ModelConfig):
+    """The parameters' shapes and dtypes (ShapeDtypeStructs), without computing or allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
 def mixing_bytes(cfg: ModelConfig, seq_len: int, n_sequences: int) -> int:
     """A lower bound of the bytes one block's sequence mixer materialises on `n_sequences` sequences of
     `seq_len` tokens, from the config alone (tracing the model would allocate the first term on the host):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lsq_jax import preemption
-from lsq_jax.checkpoint import Checkpointer, abstract_like, claimed, saved_experiment
+from lsq_jax.checkpoint import Checkpointer, abstract_like, saved_experiment
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import RESUMABLE_CHANGES, Experiment, config_differences, experiment_to_dict
 from lsq_jax.mesh import batch_sharded, check_batch_size, make_mesh, replicated
@@ -21,6 +21,7 @@ from lsq_jax.train.log import MetricsWriter, Progress
 from lsq_jax.train.memory import check_memory, lm_chunks, microbatches
 from lsq_jax.train.state import TrainState, count_params, init_state, place_state, uses_lm
 from lsq_jax.train.step import StepFns, advance, evaluate_loss, in_lm_phase, make_step_fns, sizes_at
+from lsq_jax.workdir import claimed
 
 ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
@@ -75,7 +76,7 @@ def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_ch
 def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: bool = False) -> Trained:
     """Train to exp.train.num_steps iterations (resuming from the workdir's checkpoints), then measure the
     test metrics. The caller has checked the sizes (`checked_mesh`) and holds the workdir
-    (lsq_jax.checkpoint.claimed).
+    (lsq_jax.workdir.claimed).
 
     Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
     checkpoint_every steps and at the end. On SIGTERM while steps are unsaved (or at Orbax's preemption
@@ -120,7 +121,7 @@ def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: boo
 @contextlib.contextmanager
 def training(exp: Experiment, workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
     """The whole run, as `with training(...) as trained:`: the sizes checked before anything is written
-    (`checked_mesh`), the workdir claimed (lsq_jax.checkpoint.claimed), `train`; the workdir stays held
+    (`checked_mesh`), the workdir claimed (lsq_jax.workdir.claimed), `train`; the workdir stays held
     until the block ends, so that what the caller does with the final state (the report) is part of the run."""
     mesh = checked_mesh(exp)
     with claimed(workdir, log):

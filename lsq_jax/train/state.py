@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from lsq_jax.config.experiment import Experiment
 from lsq_jax.data.keys import run_keys
 from lsq_jax.mesh import replicated
-from lsq_jax.models.backbone import init_params
+from lsq_jax.models.backbone import abstract_params, init_params
 from lsq_jax.optim import lm, recipe
 
 
@@ -25,8 +25,7 @@ class TrainState(NamedTuple):
 
 def count_params(exp: Experiment) -> int:
     """P, the model's parameter count (from shapes alone: nothing is allocated)."""
-    shapes = jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
 
 
 def uses_lm(exp: Experiment) -> bool:

@@ -1,0 +1,173 @@
+"""The workdir of a run: where it is (absolute; cloud URLs as they are), whether it can be written, the
+lock that keeps a second run out of it, and what a full disk looks like. Orbax is checkpoint.py's."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import threading
+import time
+
+import jax
+from etils import epath
+
+from lsq_jax import preemption
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk or quota
+
+
+class WorkdirError(Exception):
+    """A workdir that cannot be used: not a directory, not writable, or in use by another run."""
+
+
+def resolve_workdir(workdir: str) -> epath.Path:
+    """The --workdir as an absolute path (local paths against the current directory; URLs such as gs://
+    unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files.
+    WorkdirError when it exists and is not a directory."""
+    path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(os.path.expanduser(str(workdir))))
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir: {path} exists and is not a directory")
+    return path
+
+
+def check_writable(directory) -> None:
+    """Create `directory` (and its parents) and write and remove a probe file in it, or raise WorkdirError."""
+    directory = epath.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WorkdirError(f"{directory} exists and is not a directory")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(f"{directory} is not writable ({err.strerror or type(err).__name__})") from None
+
+
+LOCK_NAME = "lock"
+LOCK_HEARTBEAT_S = 30.0  # how often a running job rewrites the time in its lock file
+LOCK_STALE_S = 600.0  # a lock of another host whose time is older than this belongs to no live run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    """<workdir>/lock: {"pid", "host", "time"} of the run that trains in the workdir.
+
+    `acquire` refuses a workdir whose lock belongs to a live run, and takes over a stale one: a dead pid
+    on this host, or a time older than LOCK_STALE_S (a run on another host that was killed without
+    cleaning up; a live run rewrites the time every LOCK_HEARTBEAT_S from a background thread). Locally
+    the lock file is created atomically (O_EXCL); on object stores (gs://) creation is check-then-write.
+    """
+
+    def __init__(self, workdir, *, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+        self.path = epath.Path(workdir) / LOCK_NAME
+        self._heartbeat_s, self._stale_s = heartbeat_s, stale_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _record(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+
+    def holder(self) -> dict | None:
+        """The lock's record, {} for an unreadable one, None when there is no lock."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def is_stale(self, record: dict) -> bool:
+        if not record:
+            return True
+        if record.get("host") == socket.gethostname():
+            return not _pid_alive(int(record.get("pid", -1)))
+        return time.time() - float(record.get("time", 0)) > self._stale_s
+
+    def _create(self) -> bool:
+        if "://" not in str(self.path):
+            try:
+                fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record())
+            return True
+        if self.path.exists():
+            return False
+        self.path.write_text(self._record())
+        return True
+
+    def acquire(self, log=print) -> None:
+        for _ in range(3):
+            if self._create():
+                break
+            record = self.holder()
+            if record is None:
+                continue  # released in between
+            if not self.is_stale(record):
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another run (pid {record.get('pid')} on "
+                    f"{record.get('host')}); wait for it to end, or use another --workdir (if no run uses it, "
+                    f"delete {self.path})")
+            log(f"warning: taking over the stale lock of pid {record.get('pid')} on {record.get('host')}")
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        else:
+            raise WorkdirError(f"could not take the lock {self.path}: another run keeps creating it")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._rewrite()
+            except OSError:
+                pass
+
+    def _rewrite(self) -> None:
+        """Refresh the time; locally by rename, so a reader never sees a half-written record."""
+        if "://" in str(self.path):
+            self.path.write_text(self._record())  # an object store replaces the object whole
+            return
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
+        tmp.write_text(self._record())
+        os.replace(os.fspath(tmp), os.fspath(self.path))
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def claimed(workdir, log=print):
+    """The workdir held by one training run: process 0 checks that it is writable and holds its lock
+    (WorkdirLock) until the block ends."""
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        check_writable(workdir)
+        lock.acquire(log)
+    try:
+        with preemption.on_exit(lock.release):
+            yield
+    finally:
+        lock.release()
