@@ -40,3 +40,20 @@ def test_restarts_need_their_length_and_lm_from_the_start():
     with pytest.raises(ValueError, match="^lm_restarts: got 2"):
         OptimConfig(optimizer="adam", lm_restarts=2, lm_restart_steps=5)
     OptimConfig(optimizer="lm", lm_restarts=2, lm_restart_steps=5)
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"optimizer": "lm", "l1": 1e-4}, "l1"),
+    ({"optimizer": "lm", "lm_after": 10, "l1": 1e-4}, "l1"),
+    ({"optimizer": "lm", "lm_solver": "cg", "lm_geodesic": True}, "lm_geodesic"),
+    ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 3}, "lm_tries"),
+])
+def test_settings_the_chosen_path_would_ignore_are_refused(fields, field):
+    with pytest.raises(ValueError, match=f"^{field}: got .*; allowed .*(optimizer='lm'|lm_solver='cg')"):
+        OptimConfig(**fields)
+
+
+def test_the_settings_each_path_uses_are_accepted():
+    OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_iters=50)
+    OptimConfig(optimizer="lm", lm_geodesic=True, lm_tries=3)
+    OptimConfig(optimizer="adam", l1=1e-4)

@@ -465,3 +465,24 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
     status, _, err = run(f"--workdir={tmp_path}", steps=20)
     assert_bad_input(status, err, "No space left on device")
     assert "metrics.jsonl" in err and not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_geodesic=True"],
+     "optim.lm_geodesic"),
+    (["--config.optim.optimizer=lm", "--config.optim.l1=0.001"], "optim.l1"),
+])
+def test_contradictory_lm_settings_are_one_line(tmp_path, override, needle, no_report):
+    status, _, err = run(f"--workdir={tmp_path / 'w'}", *override)
+    assert_bad_input(status, err, needle)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_saved_config_goes_through_the_same_checks_as_a_config_file():
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.config.experiment import experiment_from_dict, experiment_to_dict
+
+    saved = experiment_to_dict(main_experiment())
+    saved["optim"]["schedule"], saved["train"]["grad_stats_batches"] = "adaptive", 0
+    with pytest.raises(ConfigError, match="train.grad_stats_batches"):
+        experiment_from_dict(saved)

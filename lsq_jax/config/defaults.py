@@ -7,8 +7,9 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from lsq_jax.config.experiment import Experiment, TrainConfig
+from lsq_jax.config.experiment import Experiment
 from lsq_jax.config.model import ModelConfig
+from lsq_jax.config.train import TrainConfig
 from lsq_jax.config.optim import OptimConfig
 from lsq_jax.config.task import CurriculumConfig, TaskConfig
 

@@ -1,5 +1,5 @@
-"""The run as a whole: the train section, the Experiment (every section, validated and consistent), and the
-conversion from an ml_collections config (once, by the entry point) and from a saved dict (a workdir).
+"""The run as a whole: the Experiment (every section, validated and consistent), and one decoder for an
+ml_collections config (once, by the entry point) and for a saved dict (a workdir).
 
 Every error is a ConfigError: `section.field: got X; allowed Y`.
 """
@@ -13,6 +13,7 @@ from lsq_jax.config.check import ConfigError, check_choice, check_int, check_kno
 from lsq_jax.config.model import ModelConfig
 from lsq_jax.config.optim import OptimConfig
 from lsq_jax.config.task import DTYPES, CurriculumConfig, TaskConfig, task_sizes
+from lsq_jax.config.train import TrainConfig
 
 # jax_default_matmul_precision of every run. "highest" keeps float32 matmuls in full float32 on GPUs
 # (whose default is TF32) and TPUs (whose default is bfloat16 passes); float64 is unaffected.
@@ -24,46 +25,6 @@ def matmul_precision_of(config) -> str:
     value = "highest" if config is None else config.get("matmul_precision", "highest")
     check_choice("matmul_precision", value, MATMUL_PRECISIONS)
     return value
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Sizes of the training loop.
-
-    Attributes:
-      batch_size: global batch, split over every device of every process.
-      num_steps: training iterations (skipped ones included).
-      log_every: progress line, metrics and gradient statistics every this many iterations.
-      grad_stats_batches: fresh mini-batches for the gradient statistics (0 = none).
-      eval_batch_size: fresh problems for the test MSE at the end of training.
-      eval_problems: problems in the iterated-use / out-of-distribution report.
-      eval_iters: iterations of iterated use in that report.
-      checkpoint_every: iterations between checkpoints.
-      microbatch_size: examples per device differentiated at once; the step accumulates the gradient over
-        the microbatches of its per-device batch in a scan (same mean, summed in another order; on CPU two
-        microbatches at a time, to use two cores). 0 (auto): on CPU, microbatches whose (examples, T, E)
-        activations hold at most 2^17 elements, so the step works in cache rather than main memory; on
-        GPU/TPU, the whole per-device batch at once.
-    """
-
-    batch_size: int = 1024
-    num_steps: int = 1_000_000
-    log_every: int = 1000
-    grad_stats_batches: int = 64
-    eval_batch_size: int = 4096
-    eval_problems: int = 256
-    eval_iters: int = 1000
-    checkpoint_every: int = 10_000
-    microbatch_size: int = 0
-
-    def __post_init__(self):
-        for name in ("batch_size", "num_steps", "log_every", "eval_batch_size", "eval_problems", "eval_iters",
-                     "checkpoint_every"):
-            check_int(name, getattr(self, name), 1)
-        check_int("microbatch_size", self.microbatch_size, 0)
-        value = self.grad_stats_batches
-        require("grad_stats_batches", value, is_int(value) and (value == 0 or value >= 3),
-                "0 (none) or integers >= 3 (the statistics compare mini-batch gradients)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +88,22 @@ def experiment_from_config(config) -> Experiment:
     require("name", name, isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\\"} & set(name),
             "non-empty strings without a path separator (the workdir is runs/<name>-<timestamp>)")
     task = _build("task", TaskConfig, c["task"], dtype=dtype)
-    optim = _build("optim", OptimConfig, c["optim"])
-    train = _build("train", TrainConfig, c["train"])
-    if optim.schedule == "adaptive":
-        require("train.grad_stats_batches", train.grad_stats_batches, train.grad_stats_batches > 0,
-                "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
     cur = c.get("curriculum", {})
     check_known("curriculum.", cur, {"points", "dims"})
-    return Experiment(name=c.get("name", "run"), seed=seed, task=task, model=_model(c["model"], task, dtype),
-                      optim=optim, train=train, points=_curriculum("points", cur.get("points", {}), task.n_points),
-                      dims=_curriculum("dims", cur.get("dims", {}), task.n_dims),
-                      matmul_precision=matmul_precision_of(c))
+    return _checked(Experiment(name=c.get("name", "run"), seed=seed, task=task, model=_model(c["model"], task, dtype),
+                               optim=_build("optim", OptimConfig, c["optim"]),
+                               train=_build("train", TrainConfig, c["train"]),
+                               points=_curriculum("points", cur.get("points", {}), task.n_points),
+                               dims=_curriculum("dims", cur.get("dims", {}), task.n_dims),
+                               matmul_precision=matmul_precision_of(c)))
+
+
+def _checked(exp: Experiment) -> Experiment:
+    """The checks that span sections, for a config and a saved dict alike."""
+    if exp.optim.schedule == "adaptive":
+        require("train.grad_stats_batches", exp.train.grad_stats_batches, exp.train.grad_stats_batches > 0,
+                "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
+    return exp
 
 
 def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
@@ -155,13 +121,13 @@ def _saved_optim(optim: Mapping[str, Any]) -> Mapping[str, Any]:
 def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
     """The inverse of experiment_to_dict (validating every section again); a field the saved dict lacks
     takes its default, except where that run ran otherwise (`_saved_optim`)."""
-    return Experiment(name=d["name"], seed=d["seed"], task=_build("task", TaskConfig, d["task"]),
-                      model=_build("model", ModelConfig, d["model"]),
-                      optim=_build("optim", OptimConfig, _saved_optim(d["optim"])),
-                      train=_build("train", TrainConfig, d["train"]),
-                      points=_build("points", CurriculumConfig, d["points"]),
-                      dims=_build("dims", CurriculumConfig, d["dims"]),
-                      matmul_precision=matmul_precision_of(d))
+    return _checked(Experiment(name=d["name"], seed=d["seed"], task=_build("task", TaskConfig, d["task"]),
+                               model=_build("model", ModelConfig, d["model"]),
+                               optim=_build("optim", OptimConfig, _saved_optim(d["optim"])),
+                               train=_build("train", TrainConfig, d["train"]),
+                               points=_build("points", CurriculumConfig, d["points"]),
+                               dims=_build("dims", CurriculumConfig, d["dims"]),
+                               matmul_precision=matmul_precision_of(d)))
 
 
 # Fields that may change when a run is resumed: they do not change what is computed (the microbatch size

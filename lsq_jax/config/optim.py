@@ -8,6 +8,7 @@ from lsq_jax.config.check import check_choice, check_flag, check_int, check_opti
 SCHEDULES = ("constant", "step", "adaptive")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("cholesky", "cg")
+LM_TRIES = 10  # damped solves per LM iteration (the dense solver)
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -86,7 +87,7 @@ class OptimConfig:
     lm_solver: str = "cholesky"
     lm_cg_iters: int = 100
     lm_geodesic: bool = False
-    lm_tries: int = 10
+    lm_tries: int = LM_TRIES
     lm_chunk: int = 0
     lm_restarts: int = 1
     lm_restart_steps: int = 0
@@ -127,6 +128,11 @@ class OptimConfig:
         check_int("lm_chunk", self.lm_chunk, 0)
         check_int("lm_restarts", self.lm_restarts, 1)
         check_int("lm_restart_steps", self.lm_restart_steps, 0)
+        if self.optimizer == "lm":
+            require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
+        if self.lm_solver == "cg":  # settings of the dense solve, which the matrix-free one would ignore
+            require("lm_geodesic", self.lm_geodesic, not self.lm_geodesic, "False with lm_solver='cg'")
+            require("lm_tries", self.lm_tries, self.lm_tries == LM_TRIES, f"{LM_TRIES} (unset) with lm_solver='cg'")
         if self.lm_restarts > 1:
             require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps >= 1,
                     "integers >= 1 when lm_restarts > 1")
