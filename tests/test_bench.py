@@ -8,6 +8,7 @@ import pytest
 from config_files import get_config
 
 
+@pytest.mark.slow
 def test_throughput_figures_are_consistent():
 
     from lsq_jax import bench
@@ -22,6 +23,7 @@ def test_throughput_figures_are_consistent():
     assert row["step_gflop"] * 1e9 > 9 * 2 * 32 * 21 * 64 * 64
 
 
+@pytest.mark.slow
 def test_step_flops_count_every_microbatch():
     """XLA's cost analysis counts a loop body once: the bench must report the FLOPs of the whole step
     whether the step runs in 1 or 4 microbatches."""
@@ -38,6 +40,7 @@ def test_step_flops_count_every_microbatch():
     np.testing.assert_allclose(rows[8]["step_gflop"], rows[32]["step_gflop"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
 
     from lsq_jax.bench import precision
@@ -54,6 +57,7 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
         assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
 
 
+@pytest.mark.slow
 def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
     """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method, the
     table's median and range are those of the runs' curves at each mark, and the plot is written."""
@@ -153,6 +157,7 @@ def test_config_argv_keeps_the_config_flags_in_both_forms():
     assert bench.config_argv(["--bench=scaling"]) == []
 
 
+@pytest.mark.slow
 def test_scaling_on_accelerators_runs_here_and_skips_counts_the_machine_lacks(monkeypatch, capsys):
     """Off CPU the devices are real: each count runs in this process (no emulation flag, no subprocess),
     and a count above jax.device_count() is skipped with a line saying so."""

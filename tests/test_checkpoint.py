@@ -131,6 +131,7 @@ def _damage(workdir, step):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+@pytest.mark.slow
 def test_refuses_a_workdir_of_another_config_and_all_damaged(tmp_path, monkeypatch, capsys):
     """In-process through main.run: a different config is refused naming the fields; a workdir whose every
     checkpoint is damaged is refused, and nothing is moved aside (there is no good one to resume from)."""

@@ -17,6 +17,7 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
 
 
 @pytest.mark.parametrize("name,arg", CASES)
+@pytest.mark.slow
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
     n_points, n_dims = sizes_at(exp, 0)

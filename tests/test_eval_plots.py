@@ -33,6 +33,7 @@ def test_read_metrics_reads_every_record_and_skips_blank_lines(tmp_path):
     assert plots.read_metrics(path) == training_records()
 
 
+@pytest.mark.slow
 def test_write_plots_writes_every_figure(report, tmp_path):
     pytest.importorskip("matplotlib")
     paths = plots.write_plots(report, training_records(), tmp_path / "eval")

@@ -109,6 +109,7 @@ def test_single_step_report_against_numpy():
 # Top-level reports
 
 
+@pytest.mark.slow
 def test_evaluate_experiment_with_an_exact_stand_in():
     exp = small_experiment("explicit_gradient")
     report = evaluate_experiment(exp, None, jax.random.key(0), n_problems=16, n_iters=150, n_ood_problems=8,
@@ -144,6 +145,7 @@ def test_evaluate_experiment_single_step_only_for_other_tasks():
     assert "single step" in format_table(report)
 
 
+@pytest.mark.slow
 def test_evaluate_constructions():
     report = evaluate_constructions(3, 8, jax.random.key(0), n_problems=16, n_iters=300, n_ood_problems=8,
                                        n_ood_iters=40, ood_kappas=(1.0, 10.0), ood_scales=(1.0,))

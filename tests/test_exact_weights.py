@@ -66,6 +66,7 @@ def test_params_match_init_structure_shapes_dtypes(name, dtype):
 
 @pytest.mark.parametrize("scale_cond", [1.0, 10.0])
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_output_is_the_least_squares_gradient(name, scale_cond):
     d, n, make_cfg = CASES[name]
     cfg = make_cfg()

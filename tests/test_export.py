@@ -353,6 +353,7 @@ def sharded_exports() -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_entries_export_for_a_4_device_mesh():
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_SHARDED_DEVICES}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}

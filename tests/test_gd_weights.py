@@ -114,6 +114,7 @@ def test_params_have_the_structure_shapes_and_dtypes_of_init_params(kind, dtype)
 
 
 @pytest.mark.parametrize("d", [1, 3, 5, 8])
+@pytest.mark.slow
 def test_one_pass_is_exact_gd(d):
     """BaseConv: 3 layers = 1 step. Linear attention: the stream after layer k holds k steps (3 layers;
     and 2 layers, causal, with a spare head and spare channels, on one length)."""
@@ -145,6 +146,7 @@ def test_baseconv_pass_keeps_a_b_and_clears_scratch():
 
 
 @pytest.mark.parametrize("kind", ["baseconv", "linattn1"])
+@pytest.mark.slow
 def test_fed_back_1000_times_is_gd_and_converges(kind):
     n_iters = 1000
     rng = np.random.default_rng(7)

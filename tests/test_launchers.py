@@ -215,6 +215,7 @@ sleep 300
 """
 
 
+@pytest.mark.slow
 def test_local_multiprocess_stops_everything_when_one_process_fails(tmp_path):
     worker = tmp_path / "worker"
     worker.write_text(FAKE_WORKER)
@@ -239,6 +240,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_local_multiprocess_timeout(tmp_path):
     worker = tmp_path / "worker"
     worker.write_text("#!/usr/bin/env bash\nsleep 300\n")

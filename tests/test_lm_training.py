@@ -63,6 +63,7 @@ def run_lm(exp, params, n):
     return state, history
 
 
+@pytest.mark.slow
 def test_lm_residuals_mean_square_is_the_task_loss():
     exp = tiny_experiment()
     params = init_state(exp).params
@@ -74,6 +75,7 @@ def test_lm_residuals_mean_square_is_the_task_loss():
     np.testing.assert_allclose(float(jnp.mean(r ** 2)), float(loss), rtol=1e-14)
 
 
+@pytest.mark.slow
 def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
     exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1,
                              "optim.lm_geodesic": False})
@@ -99,6 +101,7 @@ def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
         assert int(lm_state.rejected) == 1
 
 
+@pytest.mark.slow
 def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
     """The explicit-gradient task's exact solution in the trained form, perturbed by N(0, 1e-3^2): 45 LM
     iterations (about 39 reach it, measured) bring the test MSE to eps * mean(target^2), a relative RMS
@@ -137,6 +140,7 @@ def _run(argv):
 
 
 @pytest.mark.parametrize("lm_after", [0, 3])
+@pytest.mark.slow
 def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
     monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
     args = [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", *(f"--config.{k}={v}" for k, v in TINY.items()),
@@ -156,6 +160,7 @@ def test_lm_and_hybrid_resume_bit_identically(tmp_path, monkeypatch, lm_after):
     assert adam_applied == lm_after  # the recipe ran exactly the hybrid's first steps
 
 
+@pytest.mark.slow
 def test_matrix_free_solver_trains_through_the_same_step():
     """optim.lm_solver=cg (Gauss-Newton-CG, no P x P matrix) from random initialisation: steps are accepted
     and the loss falls (slowly: the CG path solves once per iteration, so each early rejection costs one)."""
@@ -166,6 +171,7 @@ def test_matrix_free_solver_trains_through_the_same_step():
     assert int(state.opt_state["lm"].accepted) >= 2
 
 
+@pytest.mark.slow
 def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
     """Three starts of two LM iterations each, the second one stalled (all-zero parameters: the model's
     output is 0 whatever the input, and only its output bias can move): it is not chosen, the start with

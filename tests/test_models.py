@@ -176,6 +176,7 @@ MIXER_CASES = [dict(mixer="baseconv", conv_type=c) for c in ("short", "long", "i
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kw", MIXER_CASES)
+@pytest.mark.slow
 def test_causality_through_gradients(kw, causal):
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=10, n_embd=8, n_layer=2, n_head=2, causal=causal, **kw)
     params = perturbed_params(cfg)
@@ -197,6 +198,7 @@ ALL_SWITCHES = dict(use_mlps=True, use_seqop_ln=True, use_mlp_ln=True, use_final
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("kw", MIXER_CASES + [dict(mixer="attention", mlp_activ="glu", **ALL_SWITCHES)])
+@pytest.mark.slow
 def test_dtypes_reach_every_leaf(kw, dtype):
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=6, n_embd=8, n_head=2, dtype=dtype, **kw)
     params = init_params(cfg, jax.random.key(0))
@@ -284,6 +286,7 @@ def test_bad_head_count_and_length():
 @pytest.mark.parametrize("kw", MIXER_CASES + [dict(mixer="attention", mlp_activ="glu", **ALL_SWITCHES),
                                               dict(mixer="linear_attention", causal=False),
                                               dict(mixer="baseconv", conv_type="long", causal=False)])
+@pytest.mark.slow
 def test_last_only_equals_the_last_row(kw):
     cfg = ModelConfig(in_dims=3, out_dims=2, n_positions=10, n_embd=8, n_layer=2, n_head=2, **kw)
     params = perturbed_params(cfg)

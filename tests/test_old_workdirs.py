@@ -44,6 +44,7 @@ def final_params(workdir):
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.slow
 def test_an_old_workdir_resumes_like_a_fresh_run_and_evaluates(tmp_path, name, monkeypatch):
     old = tmp_path / "old"
     shutil.copytree(DATA / name, old)

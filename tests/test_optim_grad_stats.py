@@ -100,6 +100,7 @@ def _toy_problem():
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.slow
 def test_batched_gradients_match_python_loop(chunk_size):
     params, loss_fn = _toy_problem()
     keys = jax.random.split(jax.random.key(7), 8)
@@ -114,6 +115,7 @@ def test_batched_gradients_match_python_loop(chunk_size):
     np.testing.assert_allclose(batched, np.stack(looped), rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_batched_gradients_with_batches_and_legacy_keys():
     params, loss_fn = _toy_problem()
     # A pytree of pre-drawn batches, leading axis N.

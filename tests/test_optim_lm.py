@@ -64,6 +64,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("n_chunks,per_problem", [(1, True), (2, True), (4, True), (4, False)])
+@pytest.mark.slow
 def test_normal_equations_match_full_jacobian(problem, n_chunks, per_problem):
     _, params, batch, _ = problem
     r, J = full_jacobian(mlp_residual, params, batch)
@@ -290,6 +291,7 @@ def test_second_directional_derivative_of_rosenbrock():
     np.testing.assert_allclose(rvv[0], (f(theta + h * v) - 2 * f(theta) + f(theta - h * v)) / h**2, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_geodesic_step_matches_numpy(problem):
     _, params, batch, _ = problem
     r, J = full_jacobian(mlp_residual, params, batch)
@@ -348,6 +350,7 @@ def test_gn_matvec_equals_jtj_times_v(problem, n_chunks):
     assert rel_err(out, JtJ @ v) < 1e-13
 
 
+@pytest.mark.slow
 def test_cg_step_equals_cholesky_step(problem):
     _, params, batch, _ = problem
     JtJ, Jtr, _ = lm.normal_equations(mlp_residual, params, batch, 2)

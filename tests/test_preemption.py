@@ -83,6 +83,7 @@ def test_sigterm_with_unsaved_work_waits_for_the_main_thread_and_sets_the_flag()
     assert "nothing to save" not in out
 
 
+@pytest.mark.slow
 def test_a_run_signalled_while_its_first_step_compiles_exits_0_at_once_with_nothing_saved(tmp_path):
     workdir = tmp_path / "w"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "lsq_jax.main",

@@ -75,6 +75,7 @@ def params_of(workdir, step=None):
 
 # -- workdirs ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_and_relative_workdirs_resolve_against_the_current_directory(tmp_path, monkeypatch, no_report):
     monkeypatch.chdir(tmp_path)
     status, out, err = run(steps=20)
@@ -117,6 +118,7 @@ def test_eval_into_a_read_only_workdir_stops_before_evaluating(tmp_path, no_repo
 
 # -- preemption and damaged checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_during_a_save_exits_0_and_the_run_resumes_to_the_end(tmp_path, no_report, monkeypatch):
     real_save = Checkpointer.save
 
@@ -151,6 +153,7 @@ def _truncate(workdir, step):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+@pytest.mark.slow
 def test_an_unrestorable_newest_checkpoint_is_set_aside_and_training_goes_past_it(tmp_path, no_report):
     assert run(f"--workdir={tmp_path}", steps=40)[0] == 0
     reference, _ = params_of(tmp_path, 40)
@@ -168,6 +171,7 @@ def test_an_unrestorable_newest_checkpoint_is_set_aside_and_training_goes_past_i
     assert run(f"--workdir={tmp_path}", steps=60)[0] == 0  # and the workdir is not wedged
 
 
+@pytest.mark.slow
 def test_eval_falls_back_past_a_checkpoint_whose_config_is_garbage(tmp_path, no_report):
     assert run(f"--workdir={tmp_path}", steps=40)[0] == 0
     (tmp_path / "checkpoints" / "40" / "config" / "metadata").write_text("{not json")
@@ -179,6 +183,7 @@ def test_eval_falls_back_past_a_checkpoint_whose_config_is_garbage(tmp_path, no_
     assert_bad_input(status, err, "40")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_is_logged_skipped_and_the_run_ends_cleanly(tmp_path, no_report):
     status, out, err = run(f"--workdir={tmp_path}", "--config.optim.lr=1e30", steps=30)
     assert status == 0, err
@@ -283,6 +288,7 @@ def test_divisors_are_found_without_enumerating_every_integer():
     assert divisors(n) == [2**k for k in range(41)]
 
 
+@pytest.mark.slow
 def test_matmul_precision_is_highest_and_saved(tmp_path, no_report):
     assert run(f"--workdir={tmp_path}", "--config.dtype=float32", steps=10)[0] == 0
     assert json.loads((tmp_path / "config.json").read_text())["matmul_precision"] == "highest"
@@ -355,6 +361,7 @@ def bucket(tmp_path, monkeypatch):
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
+@pytest.mark.slow
 def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
     status, out, err = run("--workdir=gs://bucket/w", "--config.train.eval_problems=8",
                            "--config.train.eval_iters=10", steps=20)

@@ -208,6 +208,7 @@ def _numpy_inputs_targets(cfg, task, raw):
 
 
 @pytest.mark.parametrize("kwargs", ALL_CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_targets_against_numpy(kwargs):
     for n_dims, n_points in [(2, 1), (4, 7), (6, 3)]:
         cfg = TaskConfig(n_dims=n_dims, n_points=n_points, **kwargs)

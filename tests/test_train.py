@@ -44,6 +44,7 @@ def run_steps(exp, n, state=None):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.slow
 def test_every_floating_leaf_has_the_configured_dtype(dtype):
     state, metrics = run_steps(smoke_experiment(dtype=dtype), 1)
     for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state)):
@@ -53,6 +54,7 @@ def test_every_floating_leaf_has_the_configured_dtype(dtype):
 
 
 @pytest.mark.parametrize("microbatch_size", [32, 8])
+@pytest.mark.slow
 def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
     """With plain SGD (no momentum, no clipping effect) one step is p - lr (grad of the task loss on the
     batch of that step + l1 sign(p)); the gradient is computed here independently of the train step, on the
