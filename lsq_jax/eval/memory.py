@@ -31,11 +31,11 @@ def report_estimate(exp, *, constructions_only: bool = False, parameters: bool =
     model: the learned model's parameters and what its sequence mixer materialises on the problems
     (lsq_jax.models.backbone.mixing_bytes); report_activations: one activation of it on the problems;
     report_problems: the problems of the single-step and iterated parts, their matrices and tokens;
-    report_trajectories: exact
-    GD's iterates (the reference) and one method's, eval_iters GD-step equivalents each on eval_problems
-    problems; constructions: the hand-built GD models' parameters, mixer and one activation (iterated
-    tasks, or `constructions_only` for --mode=construct). Without `parameters` the parameter counts are
-    left out: counting them traces the models, whose mixer may allocate on the host.
+    report_trajectories: exact GD's iterates (the reference) and one method's, eval_iters GD-step
+    equivalents each on eval_problems problems; constructions: the hand-built GD models' parameters, mixer
+    and one activation (iterated tasks, or `constructions_only` for --mode=construct). Without
+    `parameters` the parameter counts are left out: counting them traces the models, whose mixer may
+    allocate on the host.
     """
     task, cfg, train = make_task(exp.task), exp.task, exp.train
     itemsize = jnp.dtype(cfg.dtype).itemsize
