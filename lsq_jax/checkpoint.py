@@ -10,7 +10,6 @@ abstract state, or for evaluation the abstract parameters alone): this module kn
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -136,10 +135,13 @@ class Checkpointer:
     def saved_config(self, step: int) -> dict:
         """The JSON configuration stored with `step`."""
         try:
-            path = self.directory / str(step) / "config" / "metadata"
-            return json.loads(path.read_text())
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable config ({err})") from None
+            config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as err:  # noqa: BLE001 -- Orbax raises many types for damaged or missing files
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable config "
+                                  f"({one_line(err, first=True)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint {step} in {self.directory} has no readable config (not a JSON object)")
+        return config
 
     def restore(self, step: int, target: Any, *, partial: bool = False) -> Any:
         """The state at `step`, onto `target` (ShapeDtypeStructs with concrete shardings). With `partial`,
