@@ -41,7 +41,6 @@ class _Watch:
     def __init__(self, log: Callable[[str], None]):
         self.log = log
         self.requested = False  # a SIGTERM reached the main thread while work was unsaved
-        self.raised = False  # the handler raised Preempted, maybe out of a call into C that goes on
         self.unsaved = False  # the run holds work that the next save would keep
         self.cleanups: list[Callable[[], None]] = []
         self.taken = threading.Event()  # the main thread's handler ran
@@ -61,7 +60,8 @@ class _Watch:
         if self.unsaved:
             self.requested = True
             return
-        self.raised = True
+        global _raised
+        _raised = True  # maybe out of a call into C that goes on
         raise Preempted
 
     def watch(self) -> None:
@@ -117,9 +117,8 @@ def install(log: Callable[[str], None] = print) -> None:
 
 
 def uninstall() -> None:
-    global _watch, _raised
+    global _watch
     if _watch is not None:
-        _raised = _raised or _watch.raised
         _watch.close()
         _watch = None
 
@@ -131,7 +130,7 @@ def exit(status: int) -> NoReturn:  # noqa: A001 -- the program's exit, as sys.e
     errors, and can crash."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if status or _raised or (_watch is not None and _watch.raised):
+    if status or _raised:
         os._exit(status)
     sys.exit(status)
 

@@ -90,7 +90,7 @@ def experiment_from_config(config) -> Experiment:
     task = _build("task", TaskConfig, c["task"], dtype=dtype)
     cur = c.get("curriculum", {})
     check_known("curriculum.", cur, {"points", "dims"})
-    return _checked(Experiment(name=c.get("name", "run"), seed=seed, task=task, model=_model(c["model"], task, dtype),
+    return _checked(Experiment(name=name, seed=seed, task=task, model=_model(c["model"], task, dtype),
                                optim=_build("optim", OptimConfig, c["optim"]),
                                train=_build("train", TrainConfig, c["train"]),
                                points=_curriculum("points", cur.get("points", {}), task.n_points),

@@ -88,6 +88,12 @@ class Task:
         """Length of the input sequence for L = n_points (default the config's)."""
         return task_sizes(self.config, self._n_points(n_points)).seq_len
 
+    def example_bytes(self, n_points: int | None = None) -> int:
+        """A lower bound of the bytes one drawn example holds at once: the (L, D) array it is drawn from and
+        its input tokens (what the memory checks count per problem)."""
+        n = self._n_points(n_points)
+        return (n * self.n_dims + self.seq_len(n) * self.in_dims) * self.dtype.itemsize
+
     def target_positions(self, n_points: int | None = None) -> tuple[int, ...]:
         """The input/output positions whose prediction is compared with the targets, in order."""
         raise NotImplementedError

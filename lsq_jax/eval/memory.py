@@ -40,7 +40,7 @@ def report_estimate(exp, *, constructions_only: bool = False, parameters: bool =
     task, cfg, train = make_task(exp.task), exp.task, exp.train
     itemsize = jnp.dtype(cfg.dtype).itemsize
     seq_len = task.seq_len(cfg.n_points)
-    parts = {"report_problems": train.eval_problems * (seq_len * task.in_dims + cfg.n_points * cfg.n_dims) * itemsize}
+    parts = {"report_problems": train.eval_problems * task.example_bytes()}
     if not constructions_only:
         parts["report_activations"] = train.eval_problems * seq_len * exp.model.n_embd * itemsize
         parts["model"] = mixing_bytes(exp.model, seq_len, train.eval_problems) + (

@@ -28,6 +28,13 @@ CPU_SCAN_UNROLL = 2
 LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a chunk's Jacobian holds at most this many entries (32 MiB float64)
 
 
+def scan_unroll(backend: str) -> int:
+    """Chunks per iteration of the accumulating scan on `backend` ('cpu', 'gpu', 'tpu'): CPU_SCAN_UNROLL on
+    CPU, where two chunks side by side keep two cores busy; 1 elsewhere, so that a microbatch sized to fit
+    device memory is the most that is live at once."""
+    return CPU_SCAN_UNROLL if backend == "cpu" else 1
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of n in increasing order (trial division up to sqrt(n))."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
@@ -78,9 +85,7 @@ def live_examples(exp: Experiment, n_devices: int, backend: str | None = None) -
     accumulating scan is unrolled there), at most the device's share of the batch."""
     backend = backend or jax.default_backend()
     local = exp.train.batch_size // n_devices
-    live = (local // microbatches(exp, exp.task.n_points, n_devices, backend)) * (
-        CPU_SCAN_UNROLL if backend == "cpu" else 1)
-    return min(live, local)
+    return min(local // microbatches(exp, exp.task.n_points, n_devices, backend) * scan_unroll(backend), local)
 
 
 def sequence_mixing(exp: Experiment, n_devices: int, backend: str | None = None) -> int:
@@ -103,11 +108,12 @@ def memory_estimate(exp: Experiment, n_devices: int, backend: str | None = None)
     mixing = sequence_mixing(exp, n_devices, backend)  # first: counting the parameters traces the model
     n_params = count_params(exp)
     itemsize = jnp.dtype(exp.task.dtype).itemsize
-    seq_len = make_task(exp.task).seq_len(exp.task.n_points)
+    task = make_task(exp.task)
+    seq_len = task.seq_len()
     local = exp.train.batch_size // n_devices
     live = live_examples(exp, n_devices, backend)
     token = seq_len * exp.model.n_embd * itemsize
-    problem = (seq_len * exp.model.in_dims + exp.task.n_points * exp.task.n_dims) * itemsize
+    problem = task.example_bytes()
     lm_system = 2 * n_params**2 * itemsize if uses_lm(exp) and exp.optim.lm_solver == "cholesky" else 0
     return {"state": 6 * n_params * itemsize, "lm_normal_equations": lm_system, "sequence_mixing": mixing,
             "activations": 2 * (exp.model.n_layer + 1) * live * token,

@@ -25,7 +25,7 @@ from lsq_jax.data.tasks import curriculum_value, make_task
 from lsq_jax.mesh import batch_sharded, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import grad_stats, lm, recipe
-from lsq_jax.train.memory import CPU_SCAN_UNROLL, lm_chunks, microbatches
+from lsq_jax.train.memory import lm_chunks, microbatches, scan_unroll
 from lsq_jax.train.state import TrainState, count_params, uses_lm
 
 
@@ -49,13 +49,6 @@ def draw_batch(task: Task, key, step, batch_size: int, n_points: int, n_dims: in
     """The global batch of `step`: one key per global example index, sharded before anything is drawn."""
     keys = _placed(example_keys(key, step, 0, batch_size), sharding)
     return task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
-
-
-def scan_unroll(backend: str) -> int:
-    """Chunks per iteration of the accumulating scan on `backend` ('cpu', 'gpu', 'tpu'): CPU_SCAN_UNROLL on
-    CPU, where two chunks side by side keep two cores busy; 1 elsewhere, so that a microbatch sized to fit
-    device memory is the most that is live at once."""
-    return CPU_SCAN_UNROLL if backend == "cpu" else 1
 
 
 def accumulated_value_and_grad(fn, params, xs, n_chunks: int, sharding=None, unroll: int | None = None):
