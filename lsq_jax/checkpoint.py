@@ -23,7 +23,7 @@ from etils import epath
 
 from lsq_jax.config.check import one_line
 from lsq_jax.config.experiment import Experiment, experiment_from_dict
-from lsq_jax.workdir import FULL_DISK, WorkdirError
+from lsq_jax.workdir import FULL_DISK, WorkdirError, is_writer
 
 _POLICIES = ocp.checkpoint_managers
 
@@ -133,7 +133,7 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def saved_config(self, step: int) -> dict:
-        """The JSON configuration stored with `step`."""
+        """The JSON configuration stored with `step`, as saved."""
         try:
             config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         except Exception as err:  # noqa: BLE001 -- Orbax raises many types for damaged or missing files
@@ -161,14 +161,15 @@ class Checkpointer:
                                   f"{one_line(err, first=True)}") from None
         return restored.state
 
-    def restore_newest(self, target: Callable[[dict], Any], *, step: int | None = None, log=print,
-                       set_aside: bool = False, partial: bool = False) -> tuple[int, dict, Any] | None:
-        """(step, saved config, state) of checkpoint `step`, or of the newest one that restores.
+    def restore_newest(self, target: Callable[[Experiment], Any], *, step: int | None = None, log=print,
+                       set_aside: bool = False, partial: bool = False) -> tuple[int, Experiment, Any] | None:
+        """(step, saved experiment, state) of checkpoint `step`, or of the newest one that restores.
 
-        `target(saved_config)` gives the abstract state to restore onto (ShapeDtypeStructs with concrete
-        shardings; with `partial` some of its fields, see `restore`); it raises CheckpointError for a
-        config it cannot use (damaged files are the same), anything else (a config the caller refuses)
-        propagates. Without `step` it falls back past unusable checkpoints with a warning; with
+        The config saved with a checkpoint is decoded once (`saved_experiment`: a damaged or unusable one
+        makes the checkpoint unusable). `target(experiment)` gives the abstract state to restore onto
+        (ShapeDtypeStructs with concrete shardings; with `partial` some of its fields, see `restore`); it
+        raises CheckpointError for an experiment it cannot use, anything else (a config the caller
+        refuses) propagates. Without `step` it falls back past unusable checkpoints with a warning; with
         `set_aside` (training), once an earlier one has restored, the unusable ones are moved to
         <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint at
         all; CheckpointError (nothing moved) when none restores.
@@ -181,7 +182,8 @@ class Checkpointer:
             try:
                 config = self.saved_config(s)
                 try:
-                    abstract = target(config)
+                    exp = saved_experiment(config)
+                    abstract = target(exp)
                 except CheckpointError as err:
                     raise CheckpointError(f"checkpoint {s} in {self.directory}: {err}") from None
                 state = self.restore(s, abstract, partial=partial)
@@ -193,7 +195,7 @@ class Checkpointer:
                 continue
             for bad in unusable if set_aside else ():
                 log(f"warning: moved the unusable checkpoint {bad} to {self._set_aside(bad)}")
-            return s, config, state
+            return s, exp, state
         if steps:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored")
         return None
@@ -201,7 +203,7 @@ class Checkpointer:
     def _set_aside(self, step: int) -> epath.Path:
         """Move checkpoint `step` to <workdir>/unrestorable/<step>-<time> and forget it."""
         destination = self.directory.parent / "unrestorable" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if jax.process_index() == 0:
+        if is_writer():
             destination.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(destination)
         if jax.process_count() > 1:
@@ -235,14 +237,13 @@ def restore_params(workdir, step: int | None, params_shape: Callable[[Experiment
         raise CheckpointError(f"{workdir} holds no checkpoints (is it a training workdir?)")
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        restored = ckpt.restore_newest(
-            lambda saved: {"params": abstract_like(params_shape(saved_experiment(saved)), sharding)},
-            step=step, log=log, partial=True)
+        restored = ckpt.restore_newest(lambda exp: {"params": abstract_like(params_shape(exp), sharding)},
+                                       step=step, log=log, partial=True)
     finally:
         ckpt.close()
     if restored is None:
         raise CheckpointError(f"{workdir} holds no checkpoints")
-    found, saved, state = restored
-    return experiment_from_dict(saved), found, state["params"]
+    found, exp, state = restored
+    return exp, found, state["params"]
 
 

@@ -11,13 +11,12 @@ from lsq_jax.config.load import FLAGS, default_workdir, parse_flags
 
 def execute(log=print) -> None:
     """The parsed command: set up JAX, then one call per mode (eval and construct never import lsq_jax.train)."""
-    import jax
     from absl import logging
 
     from lsq_jax import checkpoint, mesh
     from lsq_jax.config.experiment import experiment_from_config, matmul_precision_of
     from lsq_jax.eval import memory, report
-    from lsq_jax.workdir import check_writable, resolve_workdir
+    from lsq_jax.workdir import check_writable, is_writer, resolve_workdir, writer_only
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -29,7 +28,7 @@ def execute(log=print) -> None:
         raise ConfigError(one_line(err)) from None
     if exp is not None:  # the report's memory before the run (eval: once the checkpoint gives the experiment)
         memory.check_report_memory(exp, constructions_only=FLAGS.mode == "construct")
-    log = (lambda line, log=log: log(line) if jax.process_index() == 0 else None)  # process 0 prints  # noqa: E731
+    log = writer_only(log)
     preemption.install(log)
     workdir = resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
     log(f"workdir: {workdir}")
@@ -43,7 +42,7 @@ def execute(log=print) -> None:
         exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, lambda e: abstract_params(e.model),
                                                       mesh.replicated(mesh.make_mesh()), log=log)
         memory.check_report_memory(exp)
-        if jax.process_index() == 0:
+        if is_writer():
             check_writable(workdir / "eval")  # before the evaluation's minutes, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")

@@ -15,6 +15,20 @@ from etils import epath
 
 from lsq_jax import preemption
 
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files and prints its lines: process 0 (in a multi-process run
+    every process computes, and one writes)."""
+    return jax.process_index() == 0
+
+
+def writer_only(fn):
+    """`fn` on the writing process (is_writer), a no-op on the others: `log = writer_only(print)`."""
+    def call(*args, **kwargs):
+        if is_writer():
+            fn(*args, **kwargs)
+    return call
+
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk or quota
 
 
@@ -163,7 +177,7 @@ def claimed(workdir, log=print):
     """The workdir held by one training run: process 0 checks that it is writable and holds its lock
     (WorkdirLock) until the block ends."""
     lock = WorkdirLock(workdir)
-    if jax.process_index() == 0:
+    if is_writer():
         check_writable(workdir)
         lock.acquire(log)
     try:

@@ -15,7 +15,8 @@ from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import init_params
 from lsq_jax.train.state import init_state, place_state
-from lsq_jax.train.step import advance, make_step_fns
+from lsq_jax.train.step import advance
+from steps import full_size_fns
 
 from config_files import get_config
 
@@ -51,7 +52,7 @@ def test_round_trip_of_the_full_state(tmp_path):
     exp = experiment_from_config(get_config("baseconv", "smoke"))
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = full_size_fns(exp, mesh)
     for i in range(3):
         state, _ = advance(fns, state, i)
     expected = leaves(state)

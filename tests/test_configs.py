@@ -4,8 +4,10 @@ import jax
 import pytest
 
 from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.mesh import make_mesh
+from lsq_jax.train.plan import make_plan
 from lsq_jax.train.state import init_state
-from lsq_jax.train.step import measure_grad_stats, sizes_at, train_step
+from lsq_jax.train.step import measure_grad_stats, train_step
 
 from config_files import load
 
@@ -20,15 +22,13 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
 @pytest.mark.slow
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
-    n_points, n_dims = sizes_at(exp, 0)
+    plan = make_plan(exp, make_mesh())
     state = jax.eval_shape(lambda: init_state(exp))
-    new_state, metrics = jax.eval_shape(
-        lambda s: train_step(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+    new_state, metrics = jax.eval_shape(lambda s: train_step(s, plan=plan, phase=plan.phase(0)), state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == ()
     if exp.train.grad_stats_batches:
-        stats = jax.eval_shape(
-            lambda s: measure_grad_stats(s, exp=exp, n_points=n_points, n_dims=n_dims), state)
+        stats = jax.eval_shape(lambda s: measure_grad_stats(s, plan=plan, phase=plan.phase(0)), state)
         assert stats["gradient_cosine_mean"].shape == ()
 
 

@@ -24,19 +24,20 @@ from jax import export
 from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import make_task
-from lsq_jax.eval import report, solvers, stats
+from lsq_jax.eval import solvers, stats
 from lsq_jax.eval.constructions import construction_solvers
-from lsq_jax.mesh import batch_sharded, make_mesh, replicated
+from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
-from lsq_jax.train.memory import CPU_SCAN_UNROLL
+from lsq_jax.train.plan import CPU_SCAN_UNROLL, make_plan
 from lsq_jax.train.state import init_state
-from lsq_jax.train.step import evaluate_loss, make_step_fns
+from lsq_jax.train.step import evaluate_loss
+from steps import full_size_fns
 
 from config_files import get_config
 
 TESTS = pathlib.Path(__file__).resolve().parent
 PLATFORMS = ("cuda", "tpu")
-BACKEND = "gpu"  # what make_step_fns builds the step for: an accelerator's microbatches and scan unroll
+BACKEND = "gpu"  # what the plan builds the step for: an accelerator's microbatches and scan unroll
 CONFIGS = ("baseconv", "linear_attention", "transformer_lsq")
 DTYPES = ("float64", "float32")
 # small enough to trace in a fraction of a second: what lowers is the same at any width or batch
@@ -75,7 +76,7 @@ def cpu_mesh():
 @functools.cache
 def step_fns(exp, lm_phase: bool = False, backend: str = BACKEND, mesh=None):
     """make_step_fns at the task's full size, built for `backend` on `mesh` (default this process's)."""
-    return make_step_fns(exp, mesh or cpu_mesh(), exp.task.n_points, None, lm_phase=lm_phase, backend=backend)
+    return full_size_fns(exp, mesh or cpu_mesh(), lm=lm_phase, backend=backend)
 
 
 def abstract_state(exp, sharding=None):
@@ -194,12 +195,12 @@ def train_scans(exp, backend: str) -> list[tuple[int, int]]:
 
 
 def test_the_step_built_for_an_accelerator_neither_splits_nor_unrolls_its_batch():
-    """make_step_fns takes the platform to build for: on CPU (the default for a CPU mesh) the automatic
+    """The plan takes the platform to build for: on CPU (the default for a CPU mesh) the automatic
     microbatches, their scan unrolled by CPU_SCAN_UNROLL; for a GPU the whole batch, or the configured
     microbatches one per scan iteration, whatever platform traces it."""
     auto = experiment("baseconv", "float64", **{"train.batch_size": 1024})  # 256 x 21 x 16 <= 2^17
     assert train_scans(auto, "cpu") == [(4, CPU_SCAN_UNROLL)]
-    assert scans(jax.make_jaxpr(make_step_fns(auto, cpu_mesh(), auto.task.n_points, None).train)(
+    assert scans(jax.make_jaxpr(full_size_fns(auto, cpu_mesh()).train)(
         abstract_state(auto), abstract_metric(auto)).jaxpr) == [(4, CPU_SCAN_UNROLL)]
     assert train_scans(auto, BACKEND) == []
     sized = experiment("baseconv", "float64", **{"train.microbatch_size": 2})
@@ -231,7 +232,8 @@ def test_lm_step_exports(name, dtype, solver):
 def test_evaluate_loss_exports(name, dtype):
     """The test metrics at the end of training, jitted as the loop jits them."""
     exp = experiment(name, dtype)
-    fn = jax.jit(lambda params: evaluate_loss(params, exp, sharding=batch_sharded(cpu_mesh())))
+    plan = make_plan(exp, cpu_mesh())
+    fn = jax.jit(lambda params: evaluate_loss(params, plan))
     exported = exported_checked(fn, abstract_state(exp).params)
     check_dtype(exported, dtype)
     assert "mse" in jax.tree.unflatten(exported.out_tree, exported.out_avals)
@@ -250,7 +252,7 @@ def harness_computations(exp) -> dict[str, tuple]:
     apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
     batch = jax.eval_shape(task.sample, example_keys(jax.random.key(0), 0, 0, N_PROBLEMS))
     out = {"single_step": (jax.jit(apply_fn), (params, batch.inputs), {}, False)}
-    if exp.task.name not in report.ITERATED_TASKS:
+    if not task.is_one_step_solver:
         return out
     a, b, x_star, x0 = batch.raw
     spectra = jax.jit(lambda a: (stats.cond_b(a), *stats.gram_extremes(a), solvers.auto_step_size(a)))
@@ -275,7 +277,7 @@ def test_evaluation_harness_exports(name, dtype):
     constructions' weights are float64 whatever the run's dtype)."""
     exp = experiment(name, dtype)
     computations = harness_computations(exp)
-    assert ("spectra" in computations) == (exp.task.name in report.ITERATED_TASKS)
+    assert ("spectra" in computations) == make_task(exp.task).is_one_step_solver
     for what, (fn, args, static, svd) in computations.items():
         exported = exported_checked(fn, *args, **static)
         check_dtype(exported, dtype, avals=exported.out_avals)
@@ -333,7 +335,7 @@ def sharded_entries() -> dict[str, tuple]:
             "lm_cholesky": (fns[lm].train, (state[lm], metric)),
             "lm_cg": (fns[cg].train, (state[cg], metric)),
             "lm_loss": (fns[lm].lm_loss, (state[lm],)),
-            "evaluate_loss": (jax.jit(lambda p: evaluate_loss(p, adam, sharding=batch_sharded(mesh))),
+            "evaluate_loss": (jax.jit(functools.partial(evaluate_loss, plan=make_plan(adam, mesh))),
                               (state[adam].params,))}
 
 

@@ -21,7 +21,7 @@ MAY_IMPORT = {
     "checkpoint": {"config", "workdir"},
     "mesh": {"config"},
     "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption", "workdir"},
-    "eval": {"config", "data", "models", "mesh"},
+    "eval": {"config", "data", "models", "mesh", "workdir"},
     "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
     "main": {"config", "checkpoint", "mesh", "preemption", "workdir", "train", "eval", "models"},
 }

@@ -12,7 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from lsq_jax import main
-from lsq_jax.checkpoint import Checkpointer, abstract_like, saved_experiment
+from lsq_jax.checkpoint import Checkpointer, abstract_like
 from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
@@ -22,9 +22,10 @@ from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
 from lsq_jax.optim import lr_controller
-from lsq_jax.train.memory import memory_estimate
-from lsq_jax.train.state import count_params, init_state, place_state
-from lsq_jax.train.step import advance, example_loss, lm_residuals, make_step_fns
+from lsq_jax.train.plan import make_plan
+from lsq_jax.train.state import init_state, place_state
+from lsq_jax.train.step import Steps, advance, example_loss, lm_residuals
+from steps import full_size_fns
 
 from config_files import get_config
 
@@ -55,7 +56,7 @@ def residuals(exp, params, keys):
 def run_lm(exp, params, n):
     mesh = make_mesh()
     state = place_state(init_state(exp)._replace(params=params), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
+    fns = full_size_fns(exp, mesh, lm=True)
     history = []
     for i in range(n):
         state, metrics = advance(fns, state, i)
@@ -107,7 +108,7 @@ def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
     iterations (about 39 reach it, measured) bring the test MSE to eps * mean(target^2), a relative RMS
     error of sqrt(eps). The batch has N K = 4 P residuals or more, so that fitting it fits the task."""
     exp = tiny_experiment(**{"train.batch_size": 1300})
-    assert 1300 * 2 >= 4 * count_params(exp)
+    assert 1300 * 2 >= 4 * make_plan(exp, make_mesh()).n_params
     exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
     theta, unravel = ravel_pytree(exact)
     noisy = unravel(theta + 1e-3 * jax.random.normal(jax.random.key(1), theta.shape))
@@ -127,7 +128,7 @@ def final_state(workdir):
     try:
         sharding = replicated(make_mesh())
         _, _, state = ckpt.restore_newest(
-            lambda saved: abstract_like(jax.eval_shape(lambda: init_state(saved_experiment(saved))), sharding))
+            lambda saved: abstract_like(jax.eval_shape(lambda: init_state(saved)), sharding))
     finally:
         ckpt.close()
     return state
@@ -165,7 +166,7 @@ def test_matrix_free_solver_trains_through_the_same_step():
     """optim.lm_solver=cg (Gauss-Newton-CG, no P x P matrix) from random initialisation: steps are accepted
     and the loss falls (slowly: the CG path solves once per iteration, so each early rejection costs one)."""
     exp = tiny_experiment(**{"optim.lm_solver": "cg", "optim.lm_cg_iters": 50, "optim.lm_geodesic": False})
-    assert memory_estimate(exp, 1)["lm_normal_equations"] == 0
+    assert make_plan(exp, make_mesh()).memory["lm_normal_equations"] == 0
     state, history = run_lm(exp, init_state(exp).params, 12)
     assert np.all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
     assert int(state.opt_state["lm"].accepted) >= 2
@@ -214,8 +215,8 @@ def test_a_preemption_during_the_restarts_saves_nothing(tmp_path):
     from lsq_jax.train import loop
 
     exp = tiny_experiment(**{"optim.lm_restarts": 2, "optim.lm_restart_steps": 3, "optim.lm_geodesic": False})
-    mesh = make_mesh()
+    plan = make_plan(exp, make_mesh())
     checks = []
-    out = loop.best_start(exp, place_state(init_state(exp), mesh), mesh, {}, writer=None, log=lambda _: None,
+    out = loop.best_start(Steps(plan), place_state(init_state(exp), plan.mesh), writer=None, log=lambda _: None,
                           preempted=lambda step: checks.append(step) or True)
     assert out is None and checks == [1]

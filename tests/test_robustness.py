@@ -23,7 +23,7 @@ from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import init_params
-from lsq_jax.train.memory import divisors, memory_estimate
+from lsq_jax.train.plan import divisors, make_plan
 
 from config_files import get_config
 
@@ -268,7 +268,7 @@ def test_sizes_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, 
 def test_memory_estimate_counts_the_parameters_and_the_batch():
     exp = main_experiment()
     n_params = sum(x.size for x in jax.tree.leaves(init_params(exp.model, jax.random.key(0))))
-    parts = memory_estimate(exp, 1, "gpu")
+    parts = make_plan(exp, make_mesh(1), backend="gpu").memory
     assert parts["state"] == 6 * n_params * 8
     # T = 21 tokens of width D + 1 = 6, the L x D = 20 x 5 matrix A, a key
     assert parts["data"] == exp.train.batch_size * ((21 * 6 + 20 * 5) * 8 + 8)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsq_jax.config.task import PRIMITIVE_NAMES, CurriculumConfig, TaskConfig
+from lsq_jax.config.task import PRIMITIVE_NAMES, TASK_NAMES, CurriculumConfig, TaskConfig
 from lsq_jax.data import lsq
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.data.tasks import curriculum_value, make_task
@@ -259,6 +259,42 @@ def test_read_slice_and_metrics(kwargs):
     if task.name in PRIMITIVE_NAMES:  # read at every position: a wrong length is an error too
         with pytest.raises(ValueError, match="pred"):
             task.pointwise_error(jnp.asarray(pred[:, :-1]), targets)
+
+
+@pytest.mark.parametrize("kwargs", ALL_CONFIGS, ids=_id)
+def test_the_model_as_a_solver(kwargs):
+    """predicts, is_one_step_solver, steps_per_iter and learned_eta say what the last target is: numpy's
+    full gradient at x0, numpy's GD from x0 with the config's num_iters steps of its eta, or x*."""
+    cfg = TaskConfig(n_dims=4, n_points=7, **kwargs)
+    task = make_task(cfg)
+    multistep = cfg.name == "multistep_gd"
+    assert task.predicts == {"explicit_gradient": "gradient", "multistep_gd": "iterate",
+                             "least_squares": "solution"}.get(cfg.name)
+    assert task.is_one_step_solver == (cfg.name in ("explicit_gradient", "multistep_gd"))
+    assert task.steps_per_iter == (cfg.num_iters if multistep else 1)
+    assert task.learned_eta == (cfg.eta if multistep else None)
+    if task.predicts is None:
+        return
+    batch = task.sample(example_keys(jax.random.key(5), 0, 0, 4))
+    a, b, x_star, x0 = (np.asarray(v) for v in batch.raw)
+
+    def gradient(x):
+        return np.stack([a_i.T @ (a_i @ x_i - b_i) / cfg.n_points for a_i, b_i, x_i in zip(a, b, x)])
+
+    if cfg.name == "explicit_gradient":
+        want = gradient(x0)
+    elif multistep:
+        want = x0
+        for _ in range(kwargs["num_iters"]):
+            want = want - kwargs["eta"] * gradient(want)
+    else:
+        want = x_star
+    np.testing.assert_allclose(np.asarray(batch.targets)[:, -1], want, **TOL)
+
+
+def test_iterated_tasks_are_the_one_step_solvers():
+    solvers = [name for name in TASK_NAMES if make_task(TaskConfig(name, n_dims=4)).is_one_step_solver]
+    assert solvers == ["explicit_gradient", "multistep_gd"]
 
 
 def test_sizes():

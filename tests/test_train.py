@@ -19,9 +19,10 @@ from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import recipe, step_guard
-from lsq_jax.train.memory import CPU_SCAN_UNROLL, microbatches
+from lsq_jax.train.plan import CPU_SCAN_UNROLL, Phase, make_plan, microbatches
 from lsq_jax.train.state import init_state, place_state
-from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch, make_step_fns, sizes_at
+from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch
+from steps import full_size_fns
 
 from config_files import get_config
 
@@ -37,7 +38,7 @@ def smoke_experiment(**overrides):
 def run_steps(exp, n, state=None):
     mesh = make_mesh()
     state = place_state(state if state is not None else init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = full_size_fns(exp, mesh)
     for i in range(int(state.step), int(state.step) + n):
         state, metrics = advance(fns, state, i)
     return state, metrics
@@ -64,7 +65,7 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
                               "optim.lr": lr, "optim.l1": l1, "optim.ema_lambda": 0.0,
                               "train.grad_stats_batches": 0, "optim.clip_norm": 1e12,
                               "train.microbatch_size": microbatch_size})
-    assert microbatches(exp, exp.task.n_points, 1) == 32 // microbatch_size
+    assert make_plan(exp, make_mesh()).microbatches[exp.task.n_points] == 32 // microbatch_size
     state0 = init_state(exp)
     params0 = jax.tree_util.tree_map(np.asarray, state0.params)
     state, metrics = run_steps(exp, 1, state0)
@@ -101,7 +102,7 @@ def test_gradient_statistics_only_on_measurement_steps():
     exp = smoke_experiment(**{"train.log_every": 3})
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = full_size_fns(exp, mesh)
     seen = []
     for i in range(4):
         state, metrics = advance(fns, state, i)
@@ -115,7 +116,7 @@ def test_measured_cosine_reaches_the_adaptive_lr():
     exp = smoke_experiment()
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = full_size_fns(exp, mesh)
     key = "gradient_cosine_metric_lrscheduler"
     before = float(recipe.optimizer_metrics(state.opt_state)[key])
     cosine = float(fns.stats(state)["gradient_cosine_mean"])
@@ -130,11 +131,13 @@ def test_curriculum_sizes_follow_the_schedule():
     c.curriculum.points.update(start=6, inc=2, interval=10)
     c.curriculum.dims.update(start=2, inc=1, interval=5)
     exp = experiment_from_config(c)
-    assert sizes_at(exp, 0) == (6, 2)
-    assert sizes_at(exp, 9) == (6, 3)
-    assert sizes_at(exp, 10) == (8, 4)
-    assert sizes_at(exp, 15) == (8, None)  # dims reached n_dims = 5: no truncation
-    assert sizes_at(exp, 10_000) == (20, None)
+    plan = make_plan(exp, make_mesh())
+    assert plan.phase(0) == Phase(6, 2, False)
+    assert plan.phase(9) == Phase(6, 3, False)
+    assert plan.phase(10) == Phase(8, 4, False)
+    assert plan.phase(15) == Phase(8, None, False)  # dims reached n_dims = 5: no truncation
+    assert plan.phase(10_000) == Phase(20, None, False) == plan.full_size()
+    assert sorted(plan.microbatches) == list(range(6, 21, 2))  # every size the curriculum reaches
 
 
 def test_accumulated_gradient_is_the_least_squares_gradient():
@@ -179,16 +182,17 @@ def test_microbatch_scan_is_unrolled_on_cpu_only(monkeypatch):
 
 def test_auto_microbatches_keep_an_activation_within_2_17_elements():
     exp = smoke_experiment(**{"train.batch_size": 1024})  # T = 21, E = 64
+    task, n = make_task(exp.task), exp.task.n_points
     # 64 examples x 21 x 64 = 86,016 elements <= 2^17 < 128 examples, in float64 and float32 alike
-    assert microbatches(exp, exp.task.n_points, 1, backend="cpu") == 16
-    assert microbatches(exp, exp.task.n_points, 2, backend="cpu") == 8
-    assert microbatches(smoke_experiment(**{"train.batch_size": 1024, "dtype": "float32"}),
-                              exp.task.n_points, 1, backend="cpu") == 16
-    assert microbatches(exp, exp.task.n_points, 1, backend="gpu") == 1
-    assert microbatches(smoke_experiment(), exp.task.n_points, 1, backend="cpu") == 1  # batch 32: fits
+    assert microbatches(exp, task, n, 1, backend="cpu") == 16
+    assert microbatches(exp, task, n, 2, backend="cpu") == 8
+    assert microbatches(smoke_experiment(**{"train.batch_size": 1024, "dtype": "float32"}), task, n, 1,
+                        backend="cpu") == 16
+    assert microbatches(exp, task, n, 1, backend="gpu") == 1
+    assert microbatches(smoke_experiment(), task, n, 1, backend="cpu") == 1  # batch 32: fits
     with pytest.raises(ValueError, match="train.microbatch_size=48 .* per-device batch 512"):
-        microbatches(smoke_experiment(**{"train.batch_size": 1024, "train.microbatch_size": 48}),
-                           exp.task.n_points, 2)
+        microbatches(smoke_experiment(**{"train.batch_size": 1024, "train.microbatch_size": 48}), task, n, 2,
+                     backend="cpu")
 
 
 # --- subprocesses: device counts and the command line ------------------------------------------------------
@@ -199,6 +203,7 @@ DUMP_PARAMS = textwrap.dedent("""
     from lsq_jax.config.experiment import experiment_from_config
     from lsq_jax.mesh import make_mesh
     from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.plan import make_plan
     from lsq_jax.train.step import make_step_fns
     c = runpy.run_path("configs/baseconv.py")["get_config"]("smoke")
     # without the gradient statistics: on an oversubscribed 2-core machine the emulated devices'
@@ -209,7 +214,8 @@ DUMP_PARAMS = textwrap.dedent("""
     mesh = make_mesh()
     assert mesh.devices.size == int(sys.argv[2]), mesh
     state = place_state(init_state(exp), mesh)
-    step = make_step_fns(exp, mesh, exp.task.n_points, None).train
+    plan = make_plan(exp, mesh)
+    step = make_step_fns(plan, plan.full_size()).train
     for _ in range(50):
         state, _ = step(state)
     leaves = jax.tree_util.tree_leaves(state.params)
@@ -334,7 +340,7 @@ def test_no_recompilation_after_the_first_step():
     exp = smoke_experiment()
     mesh = make_mesh()
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = full_size_fns(exp, mesh)
     for i in range(5):  # step 0 measures the gradient statistics, the others pass the NaN metric
         state, _ = advance(fns, state, i)
     assert fns.train._cache_size() == 1

@@ -99,10 +99,12 @@ def step_flops(exp, state) -> float:
     import jax
 
     from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.plan import make_plan
     from lsq_jax.train.step import make_step_fns
 
     whole = dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatch_size=exp.train.batch_size))
-    fns = make_step_fns(whole, make_mesh(1), exp.task.n_points, None)
+    plan = make_plan(whole, make_mesh(1))
+    fns = make_step_fns(plan, plan.full_size())
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, fns.no_metric))
     return float(fns.train.lower(*abstract).compile().cost_analysis().get("flops", float("nan")))
 
@@ -117,16 +119,16 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     """
     import jax
 
-    from lsq_jax.data.tasks import make_task
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.memory import microbatches
+    from lsq_jax.train.plan import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import make_step_fns
 
     exp = experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
-    mesh = make_mesh(n_devices)
+    plan = make_plan(exp, make_mesh(n_devices))
+    mesh = plan.mesh
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None)
+    fns = make_step_fns(plan, plan.full_size())  # the recipe's step at full size
     t0 = time.perf_counter()
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
@@ -134,8 +136,8 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
     state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
     median = statistics.median(rates)
-    rows = exp.train.batch_size * make_task(exp.task).seq_len(exp.task.n_points)
-    n_micro = microbatches(exp, exp.task.n_points, mesh.devices.size)
+    rows = exp.train.batch_size * plan.task.seq_len(exp.task.n_points)
+    n_micro = plan.microbatches[exp.task.n_points]
     # the machine's matmul rate on this width: the better of the whole batch's rows at once and in the
     # step's (per-device) microbatches (a wide model's whole-batch product is bound by memory), measured
     # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores

@@ -22,9 +22,9 @@ LM_VARIANTS = {
 
 
 def iterated_use(exp, params) -> dict:
-    """The learned one-step solver applied train.eval_iters times to train.eval_problems problems (those of
-    the run's report), next to exact GD: median final forward error, floor and contraction of each
-    ({} for a task whose model is not a one-step solver)."""
+    """The learned gradient model as GD, applied train.eval_iters times to train.eval_problems problems
+    (those of the run's report), next to exact GD: median final forward error, floor and contraction of each
+    ({} for a task whose model does not predict the gradient)."""
     import jax
 
     from lsq_jax.data.keys import run_keys
@@ -34,12 +34,13 @@ def iterated_use(exp, params) -> dict:
     from lsq_jax.eval.solvers import gd_solver, learned_gradient_solver
     from lsq_jax.models.backbone import SequenceModel
 
-    if exp.task.name != "explicit_gradient":
+    task = make_task(exp.task)
+    if task.predicts != "gradient":
         return {}
     model = SequenceModel(exp.model)
     learned = learned_gradient_solver(lambda p, x: model.apply({"params": p}, x), params)
     keys = example_keys(jax.random.fold_in(run_keys(exp.seed)["eval"], 1), 0, 0, exp.train.eval_problems)
-    report = iterated_report([learned, gd_solver()], make_task(exp.task).sample(keys).raw, exp.train.eval_iters,
+    report = iterated_report([learned, gd_solver()], task.sample(keys).raw, exp.train.eval_iters,
                              n_report_points=4)
     out = {"iterated_steps": exp.train.eval_iters}
     for name, m in report["methods"].items():
@@ -68,19 +69,19 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
     import scipy.linalg
     from jax.flatten_util import ravel_pytree
 
-    from lsq_jax.mesh import batch_sharded, make_mesh
+    from lsq_jax.mesh import make_mesh
     from lsq_jax.optim import lm
-    from lsq_jax.train.memory import lm_chunks
-    from lsq_jax.train.state import count_params, init_state, place_state
+    from lsq_jax.train.plan import make_plan
+    from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import lm_keys, lm_residual_fn, make_step_fns
 
-    mesh = make_mesh()
+    plan = make_plan(exp, make_mesh())
+    mesh, phase = plan.mesh, plan.full_size(lm=True)
     state = place_state(init_state(exp), mesh)
-    fns = make_step_fns(exp, mesh, exp.task.n_points, None, lm_phase=True)
-    residuals = lm_residual_fn(exp, exp.task.n_points, None)
-    keys = lm_keys(exp, 0, batch_sharded(mesh))
-    n_chunks = lm_chunks(exp, count_params(exp), mesh.devices.size)
-    normal = jax.jit(lambda p: lm.normal_equations(residuals, p, keys, n_chunks))
+    fns = make_step_fns(plan, phase)
+    residuals = lm_residual_fn(plan, phase)
+    keys = lm_keys(plan, 0)
+    normal = jax.jit(lambda p: lm.normal_equations(residuals, p, keys, plan.lm_chunks))
     jax.block_until_ready(normal(state.params))
     normal_s = _median_seconds(lambda: jax.block_until_ready(normal(state.params)), repeats)
 

@@ -34,13 +34,13 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
     """
     import jax
-    import jax.numpy as jnp
 
     from lsq_jax.config.check import ConfigError
-    from lsq_jax.mesh import batch_sharded, make_mesh
-    from lsq_jax.train.memory import check_memory
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.loop import drive
+    from lsq_jax.train.plan import make_plan
     from lsq_jax.train.state import init_state, place_state
-    from lsq_jax.train.step import advance, evaluate_loss, in_lm_phase, make_step_fns
+    from lsq_jax.train.step import Steps, evaluate_loss
 
     overrides.setdefault("train.num_steps", 10**9)  # the budget ends the run, not the config's step count
     if batch_size:
@@ -48,42 +48,37 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     if seed is not None:
         overrides["seed"] = seed
     exp = experiment(config, **overrides)
-    mesh = make_mesh()
     try:
-        check_memory(exp, mesh)
+        plan = make_plan(exp, make_mesh())
     except ConfigError as err:
         return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
-    state = place_state(init_state(exp), mesh)
-    fns = {}
-
-    def step_fns(state, step):
-        """The step of iteration `step`, compiled (and run once on a copy) before its time is counted."""
-        key = (exp.task.n_points, None, in_lm_phase(exp, step))
-        if key not in fns:
-            fns[key] = make_step_fns(exp, mesh, *key)
-            copy = jax.tree.map(jnp.copy, state)  # the step donates its input
-            jax.block_until_ready(advance(fns[key], copy, step))
-        return fns[key]
-
-    evaluate = jax.jit(lambda p: evaluate_loss(p, exp, sharding=batch_sharded(mesh))["mse"])
+    evaluate = jax.jit(lambda p: evaluate_loss(p, plan)["mse"])
+    state = place_state(init_state(exp), plan.mesh)
     curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
-    crossings, trained_s, steps = {}, 0.0, 0
-    while trained_s < budget_s and steps < exp.train.num_steps:
-        while trained_s - curve[-1]["seconds"] < 1.0 and trained_s < budget_s and steps < exp.train.num_steps:
-            fn = step_fns(state, steps)
-            t0 = time.perf_counter()
-            state = advance(fn, state, steps)[0]
-            jax.block_until_ready(state)
-            trained_s += time.perf_counter() - t0
-            steps += 1
-        mse = float(evaluate(state.params))
-        curve.append({"step": steps, "seconds": trained_s, "test_mse": mse})
-        for level in PRECISION_LEVELS:
-            if mse < level and f"{level:.0e}" not in crossings:
-                crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": steps}
+    crossings = {}
+    steps = Steps(plan, warm=True)  # each new step compiled and run once before its time counts
+    trained_s, since, build_s = 0.0, time.perf_counter(), 0.0
+
+    def after_step(step, state, metrics):
+        """Adds the step's seconds (its building excluded); measures the test MSE once a second of
+        training has passed since the last measurement; stops at the budget."""
+        nonlocal trained_s, since, build_s
+        jax.block_until_ready(state)
+        trained_s += time.perf_counter() - since - (steps.build_s - build_s)
+        build_s = steps.build_s
+        if trained_s - curve[-1]["seconds"] >= 1.0 or trained_s >= budget_s or step + 1 == exp.train.num_steps:
+            mse = float(evaluate(state.params))
+            curve.append({"step": step + 1, "seconds": trained_s, "test_mse": mse})
+            for level in PRECISION_LEVELS:
+                if mse < level and f"{level:.0e}" not in crossings:
+                    crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": step + 1}
+        since = time.perf_counter()
+        return trained_s >= budget_s
+
+    state, _ = drive(steps, state, exp.train.num_steps, after_step)
     return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
-            "budget_s": budget_s, "steps": steps, "final_test_mse": curve[-1]["test_mse"], "crossings": crossings,
-            "curve": curve, **iterated_use(exp, state.params)}
+            "budget_s": budget_s, "steps": int(state.step), "final_test_mse": curve[-1]["test_mse"],
+            "crossings": crossings, "curve": curve, **iterated_use(exp, state.params)}
 
 
 def mse_at(curve: list[dict], seconds: float) -> float | None:

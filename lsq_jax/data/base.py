@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +57,30 @@ class Task:
     `out_dims`) come from `lsq_jax.config.task.task_sizes`, which sizes the model too.
     The metric is the squared error on `read(pred)`; the training loss is its mean (the reference's
     `get_metric` / `get_training_metric`).
+
+    Attributes:
+        predicts: the least-squares vector the last target holds, so what read(pred)[:, -1] estimates:
+            'gradient' (A^T (A x0 - b) / L), 'iterate' (GD's iterate after `steps_per_iter` steps of
+            `learned_eta` from x0), 'solution' (x*), or None (the primitives, in-context regression).
+        is_one_step_solver: whether the model, fed its own output, is an iterative least-squares solver
+            (it predicts a gradient or an iterate).
     """
 
     config: TaskConfig
+    predicts: ClassVar[str | None] = None
+    is_one_step_solver: ClassVar[bool] = False
+
+    # -- the model as a least-squares solver ----------------------------------------------------------
+    @property
+    def steps_per_iter(self) -> int:
+        """GD steps one application of the model stands for: multistep_gd's k, 1 for every other task."""
+        return 1
+
+    @property
+    def learned_eta(self) -> float | None:
+        """The GD step size the model has learned (multistep_gd's eta); None where the caller picks it (a
+        predicted gradient is a GD step with any eta) or the model is no GD step."""
+        return None
 
     # -- sizes -------------------------------------------------------------------------------------
     @property

@@ -60,6 +60,8 @@ class LeastSquaresFamilyTask(Task):
 class LeastSquaresTask(LeastSquaresFamilyTask):
     """Direct solve: tokens [a_i, b_i] (B, L, D+1); target x* (B, 1, D), read at the last position."""
 
+    predicts = "solution"
+
     def target_positions(self, n_points=None):
         return (self._n_points(n_points) - 1,)
 
@@ -115,6 +117,9 @@ class ExplicitGradientTask(LeastSquaresFamilyTask):
     ahead of what a causal model has seen; its targets are the same numbers, read one position earlier.
     """
 
+    predicts = "gradient"
+    is_one_step_solver = True
+
     def target_positions(self, n_points=None):
         n = self._n_points(n_points)
         return (n,) if self.config.setting == "last" else tuple(range(1, n + 1))
@@ -137,6 +142,17 @@ class MultistepGdTask(LeastSquaresFamilyTask):
     """k GD iterates: tokens 0..L-1 = [a_i, b_i], token L = [x0, 0] (x0 last); target x_k (B, 1, D)
     after k = num_iters steps of x <- x - eta A^T (A x - b) / L, read at the last position, channels [:D].
     """
+
+    predicts = "iterate"
+    is_one_step_solver = True
+
+    @property
+    def steps_per_iter(self) -> int:
+        return self.config.num_iters
+
+    @property
+    def learned_eta(self) -> float:
+        return float(self.config.eta)
 
     def target_positions(self, n_points=None):
         return (self._n_points(n_points),)

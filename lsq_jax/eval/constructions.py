@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsq_jax.eval.solvers import Solver, auto_step_size, check_eta, x_of
+from lsq_jax.eval.solvers import Solver, auto_step_size, canonical_eta, check_eta, x_of
 from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import SequenceModel
 
@@ -64,7 +64,7 @@ def construction_solver(kind: str, n_dims: int, n_points: int, eta: Any = "auto"
         name: defaults to '<kind>_gd'.
     """
     check_eta(eta)
-    solver = _construction_solver(kind, n_dims, n_points, eta if isinstance(eta, str) else float(eta))
+    solver = _construction_solver(kind, n_dims, n_points, canonical_eta(eta))
     return solver if name is None else dataclasses.replace(solver, name=name)
 
 

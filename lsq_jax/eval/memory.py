@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from lsq_jax.data.tasks import make_task
-from lsq_jax.eval.report import ITERATED_TASKS
 from lsq_jax.mesh import check_fits, device_memory
 from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import abstract_params, mixing_bytes
@@ -45,11 +44,10 @@ def report_estimate(exp, *, constructions_only: bool = False, parameters: bool =
         parts["report_activations"] = train.eval_problems * seq_len * exp.model.n_embd * itemsize
         parts["model"] = mixing_bytes(exp.model, seq_len, train.eval_problems) + (
             parameter_bytes(exp.model) if parameters else 0)
-    if cfg.name not in ITERATED_TASKS and not constructions_only:
+    if not task.is_one_step_solver and not constructions_only:
         return parts
-    steps_per_iter = cfg.num_iters if cfg.name == "multistep_gd" else 1
-    parts["report_trajectories"] = (2 * (train.eval_iters * steps_per_iter + 1) * train.eval_problems * cfg.n_dims
-                                    * itemsize)
+    parts["report_trajectories"] = (2 * (train.eval_iters * task.steps_per_iter + 1) * train.eval_problems
+                                    * cfg.n_dims * itemsize)
     built = gd_weights.baseconv_gd_config(cfg.n_dims, cfg.n_points, dtype=cfg.dtype)
     parts["constructions"] = (mixing_bytes(built, cfg.n_points, train.eval_problems)
                               + train.eval_problems * cfg.n_points * built.n_embd * itemsize

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lsq_jax.data import samplers
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
-from lsq_jax.eval.solvers import Solver, gd_solver, run_solver
+from lsq_jax.eval.solvers import Solver, canonical_eta, gd_solver, run_solver
 from lsq_jax.eval.stats import cond_b, error_ratio, json_ratio, quantile_dict, relative_error_b
 
 __all__ = ["OOD_KAPPAS", "OOD_SCALES", "draw_cell", "ood_cells", "ood_report"]
@@ -108,5 +108,5 @@ def ood_report(make_solvers: Callable[[int], Sequence[Solver]], draw: Callable[[
             for key, gap in (("step_error", "step_error_gap"), ("final_forward_error", "final_error_gap")):
                 if key in m:
                     m[gap] = json_ratio(m[key]["median"], base[name][key]["median"])
-    return {"n_iters": int(n_iters), "eta": eta if isinstance(eta, str) else float(eta),
+    return {"n_iters": int(n_iters), "eta": canonical_eta(eta),
             "in_distribution": dict(cells[0]), "cells": results}

@@ -33,8 +33,8 @@ from lsq_jax.eval.constructions import construction_solvers
 from lsq_jax.eval.ood import OOD_KAPPAS, OOD_SCALES, draw_cell, ood_cells, ood_report
 from lsq_jax.eval.solvers import (
     Solver,
+    canonical_eta,
     cg_solver,
-    check_eta,
     eta_param,
     gd_solver,
     learned_gradient_solver,
@@ -62,9 +62,9 @@ from lsq_jax.eval.stats import (
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
+from lsq_jax.workdir import is_writer
 
 __all__ = [
-    "ITERATED_TASKS",
     "evaluate_constructions",
     "evaluate_experiment",
     "iterated_report",
@@ -72,12 +72,9 @@ __all__ = [
     "write_evaluation",
 ]
 
-ITERATED_TASKS = ("explicit_gradient", "multistep_gd")  # tasks whose model is a one-step solver
-
 
 # ---------------------------------------------------------------------------------------------------
 # Iterated use
-
 
 
 def iterated_report(solvers: Sequence[Solver], sample: LeastSquaresSample, n_iters: int, *,
@@ -122,7 +119,7 @@ def iterated_report(solvers: Sequence[Solver], sample: LeastSquaresSample, n_ite
         "n_problems": int(a.shape[0]),
         "n_iters": int(n_iters),
         "n_gd_steps": int(n_gd_steps),
-        "eta": eta if isinstance(eta, str) else float(eta),
+        "eta": canonical_eta(eta),
         "eps": ref.eps,
         "kappa": quantile_dict(ref.kappa_b),
         "step_size": quantile_dict(ref.eta_b),
@@ -177,15 +174,23 @@ def _method_report(solver: Solver, ref: _Reference, own_iters: int, n_report_poi
 # ---------------------------------------------------------------------------------------------------
 # Single-step metrics
 
+# Task.predicts -> (the report's field, (target, x0) -> the vector its error is relative to)
+_SINGLE_STEP_ERRORS: dict[str, tuple[str, Callable]] = {
+    "gradient": ("relative_gradient_error", lambda g, x0: g),
+    "iterate": ("relative_step_error", lambda x_k, x0: x_k - x0),
+    "solution": ("forward_error", lambda x_star, x0: x_star),
+}
+
 
 def single_step_report(task: Task, apply_fn: Callable, params: Any, key: jax.Array,
                        n_problems: int = 256) -> dict[str, Any]:
     """Test metrics of one model application on fresh problems drawn with the task's sampler.
 
     Always 'test_mse' (and the task's other eval metrics, e.g. the primitives' 'test_rel', 'test_rel_l2').
-    Least-squares tasks add, per problem, quantiles of the relative error of what the model predicts:
-    explicit_gradient 'relative_gradient_error' ||g_pred - g|| / ||g|| (full gradient, last position);
-    multistep_gd 'relative_step_error' ||x_pred - x_k|| / ||x_k - x0||; least_squares 'forward_error'
+    A task whose last target is a least-squares vector (`Task.predicts`) adds, per problem, quantiles of
+    the relative error of the model's estimate of it (`_SINGLE_STEP_ERRORS`): a gradient
+    'relative_gradient_error' ||g_pred - g|| / ||g|| (full gradient, last position); an iterate
+    'relative_step_error' ||x_pred - x_k|| / ||x_k - x0||; the solution 'forward_error'
     ||x_pred - x*|| / ||x*||.
 
     Args:
@@ -197,16 +202,10 @@ def single_step_report(task: Task, apply_fn: Callable, params: Any, key: jax.Arr
     pred = jax.jit(apply_fn)(params, batch.inputs)
     report: dict[str, Any] = {"n_problems": int(n_problems)}
     report.update({f"test_{k}": json_float(v) for k, v in task.eval_metrics(pred, batch.targets).items()})
-    read = task.read(pred)
-    if task.name == "explicit_gradient":
-        g_pred, g = read[:, -1], batch.targets[:, -1]
-        report["relative_gradient_error"] = quantile_dict(relative_error_b(g_pred, g, g))
-    elif task.name == "multistep_gd":
-        x_pred, x_k = read[:, -1], batch.targets[:, -1]
-        report["relative_step_error"] = quantile_dict(relative_error_b(x_pred, x_k, x_k - batch.raw.x0))
-    elif task.name == "least_squares":
-        x_pred, x_star = read[:, -1], batch.targets[:, -1]
-        report["forward_error"] = quantile_dict(relative_error_b(x_pred, x_star, x_star))
+    if task.predicts in _SINGLE_STEP_ERRORS:
+        field, scale_of = _SINGLE_STEP_ERRORS[task.predicts]
+        estimate, target = task.read(pred)[:, -1], batch.targets[:, -1]
+        report[field] = quantile_dict(relative_error_b(estimate, target, scale_of(target, batch.raw.x0)))
     return report
 
 
@@ -220,17 +219,17 @@ def _classical_solvers(eta: Any) -> list[Solver]:
 
 
 def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_iters: int,
-                        eta: Any = "auto", ood: bool = True, n_ood_problems: int | None = None,
-                        n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
-                        ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
+                        n_ood_problems: int | None = None, n_ood_iters: int | None = None,
+                        ood_kappas: Sequence[float] = OOD_KAPPAS, ood_scales: Sequence[float] = OOD_SCALES,
                         apply_fn: Callable | None = None) -> dict[str, Any]:
     """The evaluation report of a trained model (the CLI's --mode=eval).
 
-    Single-step metrics on fresh problems for every task; for explicit_gradient and multistep_gd also
-    iterated use of the learned model next to both constructions, GD, optimal GD, CG and lstsq
-    (`iterated_report`), and the out-of-distribution grid (`ood_report`) for the learned model and the
-    BaseConv construction. For multistep_gd the step size is the task's eta (the model learned k steps
-    of GD with it) whatever `eta` says, and the model's iterate t stands for k t GD steps.
+    Single-step metrics on fresh problems for every task; for a task whose model is a one-step solver
+    (`Task.is_one_step_solver`: explicit_gradient, multistep_gd) also iterated use of the learned model
+    next to both constructions, GD, optimal GD, CG and lstsq (`iterated_report`, curves at its default
+    report points), and the out-of-distribution grid (`ood_report`) for the learned model and the
+    BaseConv construction. The step size is the one the model learned (`Task.learned_eta`: multistep_gd's
+    eta, its iterate t standing for k t GD steps), else 'auto'.
 
     Args:
         exp: an Experiment (lsq_jax.config.experiment): its task and model configs are used.
@@ -240,12 +239,9 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
         n_problems: problems for single-step metrics and iterated use.
         n_iters: iterations T of iterated use (multistep_gd: T applications of the model, and the other
             methods get the same k T GD-step equivalents).
-        eta: 'auto' or a number (explicit_gradient).
-        ood: compute the out-of-distribution grid.
         n_ood_problems, n_ood_iters: sizes per OOD cell (default min(n_problems, 64) and min(n_iters, 250):
             the grid has ~20 cells).
         ood_kappas, ood_scales: the kappa x scale_target axes of the grid (`ood_cells`).
-        n_report_points: curves kept at ~2x this many t (None: every t).
         apply_fn: apply_fn(params, inputs) -> outputs; default SequenceModel(exp.model).apply.
 
     Returns:
@@ -266,70 +262,66 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
                    "n_layer": exp.model.n_layer, "n_embd": exp.model.n_embd},
         "single_step": single_step_report(task, apply_fn, params, jax.random.fold_in(key, 0), n_problems),
     }
-    if cfg.name not in ITERATED_TASKS:
+    if not task.is_one_step_solver:
         return report
 
-    if cfg.name == "multistep_gd":
-        eta = float(cfg.eta)
-        learned = learned_multistep_solver(apply_fn, params, cfg.num_iters)
-    else:
+    eta = "auto" if task.learned_eta is None else task.learned_eta
+    if task.predicts == "gradient":
         learned = learned_gradient_solver(apply_fn, params, eta)
-    report["config"]["eta"] = eta if isinstance(eta, str) else float(eta)
+    else:
+        learned = learned_multistep_solver(apply_fn, params, task.steps_per_iter)
+    report["config"]["eta"] = canonical_eta(eta)
     cache: dict = {}
     constructions = construction_solvers(cfg.n_dims, eta, cache)
     sample = task.sample(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems)).raw
-    solvers = [learned, *_exact_weights_solver(exp, apply_fn, eta), *constructions(cfg.n_points),
+    solvers = [learned, *_exact_weights_solver(exp, task, apply_fn, eta), *constructions(cfg.n_points),
                *_classical_solvers(eta)]
-    report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta, n_report_points=n_report_points)
-    if ood:
-        n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
-        cells = ood_cells(cfg.n_dims, cfg.n_points, kappa=cfg.scale_cond, scale_target=cfg.scale_target,
-                          kappas=ood_kappas, scales=ood_scales)
-        draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=cfg.n_dims,
-                                 normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=task.dtype)
-        report["ood"] = ood_report(lambda n: [learned, constructions(n)[0]], draw, cells,
-                                   min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta)
+    n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
+    cells = ood_cells(cfg.n_dims, cfg.n_points, kappa=cfg.scale_cond, scale_target=cfg.scale_target,
+                      kappas=ood_kappas, scales=ood_scales)
+    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=cfg.n_dims,
+                             normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=task.dtype)
+    report["ood"] = ood_report(lambda n: [learned, constructions(n)[0]], draw, cells,
+                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
     return report
 
 
-def _exact_weights_solver(exp, apply_fn: Callable, eta: Any) -> list[Solver]:
+def _exact_weights_solver(exp, task: Task, apply_fn: Callable, eta: Any) -> list[Solver]:
     """[the trained architecture with its exact explicit-gradient weights (lsq_jax.models.gd_weights)]
-    when the experiment's model admits them (explicit_gradient task, BaseConv of width >= D(D+5)/2 ...);
-    [] otherwise. It shows what the learned model's own form reaches."""
-    if exp.task.name != "explicit_gradient":
+    when the experiment's model admits them (a task predicting the gradient, BaseConv of width >= D(D+5)/2
+    ...); [] otherwise. It shows what the learned model's own form reaches."""
+    if task.predicts != "gradient":
         return []
     try:
-        exact = explicit_gradient_params(exp.model, exp.task.n_dims, exp.task.n_points)
+        exact = explicit_gradient_params(exp.model, task.n_dims, task.config.n_points)
     except ValueError:
         return []
     return [learned_gradient_solver(apply_fn, exact, eta, name="exact_weights")]
 
 
-def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int,
-                           n_iters: int, eta: Any = "auto", scale_cond: float = 1.0,
-                           scale_target: float = 1.0, ood: bool = True, n_ood_problems: int | None = None,
-                           n_ood_iters: int | None = None, ood_kappas: Sequence[float] = OOD_KAPPAS,
-                           ood_scales: Sequence[float] = OOD_SCALES, n_report_points: int | None = 64,
+def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int, n_iters: int,
+                           n_ood_problems: int | None = None, n_ood_iters: int | None = None,
+                           ood_kappas: Sequence[float] = OOD_KAPPAS, ood_scales: Sequence[float] = OOD_SCALES,
                            dtype: Any = jnp.float64) -> dict[str, Any]:
-    """The report of the hand-built GD models (the CLI's --mode=construct).
+    """The report of the hand-built GD models (the CLI's --mode=construct), with eta 'auto'.
 
     Both constructions (BaseConv, linear attention) next to GD, optimal GD, CG and lstsq in one
-    `iterated_report` on least-squares problems (A Gaussian with singular values mapped onto
-    [1, scale_cond], x*, x0 times scale_target); the single-step part is each construction's relative
-    step error against one exact GD step; the OOD grid (kappa x scale, fewer rows, fewer dims) holds the
-    BaseConv construction. Problems: iterated from fold_in(key, 1), OOD from fold_in(key, 2). Sizes and
-    OOD axes as in `evaluate_experiment`.
+    `iterated_report` on least-squares problems (A Gaussian, scale_cond 1; x*, x0 unscaled, scale_target
+    1); the single-step part is each construction's relative step error against one exact GD step; the
+    OOD grid (kappa x scale, fewer rows, fewer dims) holds the BaseConv construction. Problems: iterated
+    from fold_in(key, 1), OOD from fold_in(key, 2). Sizes and OOD axes as in `evaluate_experiment`.
 
     Returns:
-        {'kind': 'constructions', 'config': {...}, 'single_step': {...}, 'iterated': {...}[, 'ood': {...}]}.
+        {'kind': 'constructions', 'config': {...}, 'single_step': {...}, 'iterated': {...}, 'ood': {...}}.
     """
-    check_eta(eta)
+    eta = "auto"
     cache: dict = {}
     constructions = construction_solvers(n_dims, eta, cache)
     sample = samplers.least_squares(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems), n_points,
-                                    n_dims, scale_cond=scale_cond, scale_target=scale_target, dtype=dtype)
+                                    n_dims, dtype=dtype)
     solvers = [*constructions(n_points), *_classical_solvers(eta)]
-    iterated = iterated_report(solvers, sample, n_iters, eta=eta, n_report_points=n_report_points)
+    iterated = iterated_report(solvers, sample, n_iters, eta=eta)
     x_gd1 = run_solver(gd_solver(eta), sample.a, sample.b, sample.x0, 1)[1]
     single = {"n_problems": int(n_problems)}
     for solver in constructions(n_points):
@@ -338,20 +330,16 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
             relative_error_b(x1, x_gd1, x_gd1 - sample.x0))
     report = {
         "kind": "constructions",
-        "config": {"n_dims": n_dims, "n_points": n_points, "eta": eta if isinstance(eta, str) else float(eta),
-                   "scale_cond": float(scale_cond), "scale_target": float(scale_target),
-                   "dtype": jnp.dtype(dtype).name},
+        "config": {"n_dims": n_dims, "n_points": n_points, "eta": canonical_eta(eta), "scale_cond": 1.0,
+                   "scale_target": 1.0, "dtype": jnp.dtype(dtype).name},
         "single_step": single,
         "iterated": iterated,
     }
-    if ood:
-        n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
-        cells = ood_cells(n_dims, n_points, kappa=scale_cond, scale_target=scale_target, kappas=ood_kappas,
-                          scales=ood_scales)
-        draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=n_dims,
-                                 dtype=dtype)
-        report["ood"] = ood_report(lambda n: constructions(n)[:1], draw, cells,
-                                   min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
+    cells = ood_cells(n_dims, n_points, kappas=ood_kappas, scales=ood_scales)
+    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=n_dims, dtype=dtype)
+    report["ood"] = ood_report(lambda n: constructions(n)[:1], draw, cells,
+                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
     return report
 
 
@@ -374,7 +362,7 @@ def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = F
                                         **sizes)
     else:
         report = evaluate_experiment(exp, params, key, **sizes)
-    if jax.process_index() == 0:
+    if is_writer():
         out = workdir / "eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")

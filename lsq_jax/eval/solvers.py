@@ -27,6 +27,7 @@ from lsq_jax.eval.stats import gram_extremes
 __all__ = [
     "Solver",
     "auto_step_size",
+    "canonical_eta",
     "cg_solver",
     "gd_solver",
     "learned_gradient_solver",
@@ -52,6 +53,11 @@ def check_eta(eta: Any) -> None:
         return
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta <= 0:
         raise ValueError(f"eta={eta!r} is invalid: allowed values are 'auto' or finite numbers > 0")
+
+
+def canonical_eta(eta: Any) -> str | float:
+    """eta as reports record it and caches key on: 'auto' as it is, a number as a Python float."""
+    return eta if isinstance(eta, str) else float(eta)
 
 
 def eta_param(eta: Any) -> jax.Array | None:

@@ -15,8 +15,11 @@ One step of the recipe, as ``recipe.make_optimizer(cfg)`` builds it (the rest ru
   the gradient-cosine metric (``current_lr``, ``applied_steps``).
 * ``grad_stats``: the reference's statistics of a matrix of mini-batch gradients; the adaptive schedule
   consumes their ``gradient_cosine_mean``.
-* ``lm``: Levenberg-Marquardt on a model's flattened parameters (the math of the LM trainer).
+* ``lm``: Levenberg-Marquardt on a model's flattened parameters (the math of the LM trainer);
+  ``lm_damping``: its scaling and damping rules.
+* ``lm_transform``: LM as an Optax-style transform taking the residual function as an extra argument, and
+  the Adam-then-LM hybrid (``make_lm_optimizer``).
 
-Imports point one way: recipe -> step_guard, ema_filter, lr_controller; their settings are
-``lsq_jax.config.optim.OptimConfig``.
+Imports point one way: recipe -> step_guard, ema_filter, lr_controller; lm_transform -> recipe, lm ->
+lm_damping; their settings are ``lsq_jax.config.optim.OptimConfig``.
 """

@@ -18,6 +18,9 @@ chunk's rows are ordinary contractions, so plain ``jax.jit`` lets XLA insert the
 emulated CPU devices: same result as 1 device; XLA all-reduces each chunk's P x P term inside the loop, so
 on many devices few, large chunks are cheaper than many small ones).
 
+One iteration, :func:`lm_iteration` (Cholesky) or :func:`lm_iteration_cg`, returns its step, the new
+state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style transform.
+
 J^T J is built from its lower block triangle alone (``GRAM_MIN_ROWS``): half the multiply-adds of the
 full product, in products large enough to run at the machine's matmul rate.
 
@@ -111,10 +114,10 @@ def symmetric(tree) -> jax.Array:
 
 
 def _flat(residual_fn, params, batch):
-    """theta, unravel, f(theta, chunk) -> flat residuals, and M (the batch's residual count)."""
+    """theta, f(theta, chunk) -> flat residuals, and M (the batch's residual count)."""
     theta, unravel = ravel_pytree(params)
     f = lambda t, b: residual_fn(unravel(t), b).reshape(-1)
-    return theta, unravel, f, jax.eval_shape(f, theta, batch).shape[0]
+    return theta, f, jax.eval_shape(f, theta, batch).shape[0]
 
 
 def chunk_jacobian(f, theta, chunk, per_problem):
@@ -141,8 +144,8 @@ def _loss(f, theta, batch, n_chunks, m):
     return _chunk_sum(lambda c: jnp.sum(f(theta, c) ** 2), batch, n_chunks) / m
 
 
-def _rvv(g, theta, v):
-    """d^2/dt^2 g(theta + t v) at t = 0 (= v^T H v per residual), exactly, by nested forward mode."""
+def second_directional_derivative(g: Callable[[jax.Array], jax.Array], theta: jax.Array, v: jax.Array):
+    """d^2/dt^2 g(theta + t v) at t = 0 (= v^T H v per output of g), exactly, by nested forward mode."""
     return jax.jvp(lambda t: jax.jvp(g, (t,), (v,))[1], (theta,), (v,))[1]
 
 
@@ -161,7 +164,7 @@ def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, 
     Returns:
         (JtJ (P, P), Jtr (P,), loss scalar), in the params' dtype.
     """
-    theta, _, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch)
 
     def terms(chunk):
         r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
@@ -173,7 +176,7 @@ def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, 
 
 def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int = 1) -> jax.Array:
     """loss = (1/M) sum r^2 over the batch, chunked."""
-    theta, _, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch)
     return _loss(f, theta, batch, n_chunks, m)
 
 
@@ -181,27 +184,23 @@ def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int 
 # The damped step, its scaling and the damping update.
 
 
-def _solve(JtJ, Jtr, damping, scaling):
+def damped_solve(JtJ: jax.Array, Jtr: jax.Array, damping, scaling: jax.Array):
+    """Solves (JtJ + lam diag(D)) delta = -Jtr by Cholesky.
+
+    Returns:
+        (delta, pred, ok, factor): the step, the linear model's predicted loss reduction
+        pred = -2 Jtr.delta - delta^T JtJ delta, False when the factorisation failed (a non-finite step:
+        JAX's Cholesky returns NaN for a matrix that is not positive definite), and the ``cho_factor`` of
+        the damped matrix (the geodesic acceleration solves with it again).
+    """
     factor = cho_factor(JtJ.at[jnp.diag_indices(JtJ.shape[0])].add(damping * scaling), lower=True)
     delta = -cho_solve(factor, Jtr)
     pred = -2.0 * (Jtr @ delta) - delta @ (JtJ @ delta)
     return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred), factor
 
 
-def damped_solve(JtJ: jax.Array, Jtr: jax.Array, damping, scaling: jax.Array):
-    """Solves (JtJ + lam diag(D)) delta = -Jtr by Cholesky.
-
-    Returns:
-        (delta, pred, ok): the step, the linear model's predicted loss reduction
-        pred = -2 Jtr.delta - delta^T JtJ delta, and False when the factorisation failed (a non-finite
-        step: JAX's Cholesky returns NaN for a matrix that is not positive definite).
-    """
-    return _solve(JtJ, Jtr, damping, scaling)[:3]
-
-
-def _finish(state, theta, step, loss, trial, pred, ok, scaling, rule, damping_min, damping_max):
-    """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics;
-    returns the flat parameters."""
+def _finish(state, step, loss, trial, pred, ok, scaling, rule, damping_min, damping_max):
+    """Gain ratio, accept/reject (non-finite or non-decreasing = reject), damping, counts and metrics."""
     rho = (loss - trial) / pred
     accepted = ok & jnp.isfinite(trial) & (pred > 0) & (rho > 0)
     damping, nu = update_damping(rule, state.damping, state.nu, rho, accepted, damping_min, damping_max)
@@ -209,21 +208,20 @@ def _finish(state, theta, step, loss, trial, pred, ok, scaling, rule, damping_mi
                         state.accepted + accepted, state.rejected + (~accepted))
     metrics = dict(loss=loss, trial_loss=trial, gain_ratio=rho, predicted_reduction=pred,
                    damping=state.damping, accepted=accepted, step_norm=jnp.linalg.norm(step))
-    return jnp.where(accepted, theta + step, theta), new_state, metrics
+    return new_state, metrics
 
 
-def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
-              scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
-              per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15, damping_max: float = 1e15,
-              rel_floor: float = 1e-10):
+def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
+                 scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
+                 per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15,
+                 damping_max: float = 1e15, rel_floor: float = 1e-10):
     """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
 
     D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
     theta + step on the SAME batch; accept iff the solve was finite, the trial loss is finite and rho > 0;
-    update lam, nu by `rule` (lsq_jax.optim.lm_damping). Rejection leaves params unchanged (selected with
-    ``jnp.where``). With ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing
-    JtJ and Jtr (the Jacobian, the expensive part, does not change until a step is accepted), up to
-    max_tries solves.
+    update lam, nu by `rule` (lsq_jax.optim.lm_damping). A rejected step does not move theta. With
+    ``max_tries`` > 1 a rejected step is retried at once with the raised lam, reusing JtJ and Jtr (the
+    Jacobian, the expensive part, does not change until a step is accepted), up to max_tries solves.
 
     Geodesic acceleration (Transtrum & Sethna): with r'' = d^2/dt^2 r(theta + t delta) at t = 0 (exact, by
     nested ``jax.jvp``, chunked) the residual along the step is r + J delta + r''/2 + O(delta^3), so the
@@ -244,22 +242,23 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
         rel_floor: floor of D relative to its mean (lsq_jax.optim.lm_damping.update_scaling).
 
     Returns:
-        (new_params, new_state, metrics) with metrics loss, trial_loss, gain_ratio, predicted_reduction,
-        damping (the lam of the last solve), accepted, step_norm (Euclidean, of the last proposed step),
-        tries and, with geodesic, accel_ratio. The state counts every solve: iteration += tries, rejected +=
-        the rejected solves.
+        (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
+        metrics["accepted"]; metrics loss, trial_loss, gain_ratio, predicted_reduction, damping (the lam
+        of the last solve), accepted, step_norm (Euclidean, of the last proposed step), tries and, with
+        geodesic, accel_ratio. The state counts every solve: iteration += tries, rejected += the rejected
+        solves.
     """
-    theta, unravel, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch)
     JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem)
     D = update_scaling(scaling, state.scaling, jnp.diagonal(JtJ), rel_floor)
 
     def attempt(damping):
-        delta, pred, ok, factor = _solve(JtJ, Jtr, damping, D)
+        delta, pred, ok, factor = damped_solve(JtJ, Jtr, damping, D)
         step, accel_ratio = delta, jnp.zeros_like(loss)
         if geodesic:
             def rhs(chunk):
                 g = lambda t: f(t, chunk)
-                return jax.vjp(g, theta)[1](_rvv(g, theta, delta))[0]
+                return jax.vjp(g, theta)[1](second_directional_derivative(g, theta, delta))[0]
 
             accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks) / m)
             d_norm = lambda x: jnp.sqrt(x @ (D * x))
@@ -271,46 +270,41 @@ def lm_update(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: 
     def body(carry):
         s, _, _ = carry
         step, trial, pred, ok, accel_ratio = attempt(s.damping)
-        new_theta, new_s, metrics = _finish(s, theta, step, loss, trial, pred, ok, D, rule, damping_min,
-                                            damping_max)
-        return new_s, new_theta, {**metrics, "accel_ratio": accel_ratio}
+        new_s, metrics = _finish(s, step, loss, trial, pred, ok, D, rule, damping_min, damping_max)
+        return new_s, step, {**metrics, "accel_ratio": accel_ratio}
 
     def more(carry):
         s, _, metrics = carry
         return (s.iteration - state.iteration < max_tries) & ~metrics["accepted"]
 
     empty = jax.eval_shape(body, (state, theta, None))[2]
-    init = (state, theta, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty))
-    new_state, new_theta, metrics = jax.lax.while_loop(more, body, init)
+    init = (state, jnp.zeros_like(theta), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty))
+    new_state, step, metrics = jax.lax.while_loop(more, body, init)
     metrics["tries"] = new_state.iteration - state.iteration
     if not geodesic:
         del metrics["accel_ratio"]
-    return unravel(new_theta), new_state, metrics
-
-
-def second_directional_derivative(residual_fn: ResidualFn, params, batch, direction: jax.Array):
-    """r''(v) = d^2/dt^2 residual_fn(theta + t v, batch) at t = 0 (shape of the residuals), exact."""
-    theta, unravel = ravel_pytree(params)
-    return _rvv(lambda t: residual_fn(unravel(t), batch), theta, direction)
+    return step, new_state, metrics
 
 
 # --------------------------------------------------------------------------------------------------
 # Matrix-free Gauss-Newton-CG, for when JtJ does not fit in memory.
 
 
-def _jtj_matvec(f, theta, batch, v, n_chunks):
+def gn_matvec(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch, v: jax.Array,
+              n_chunks: int = 1) -> jax.Array:
+    """JtJ v = J^T (J v) / M, chunk by chunk, without forming J.
+
+    Args:
+        f: the flat residual function ``(theta, batch_chunk) -> (m,)``; M residuals over the whole batch.
+        theta, batch, n_chunks: the flat parameters, and the batch in `n_chunks` strided chunks.
+        v: the (P,) vector.
+    """
     def term(chunk):
         # One linearisation serves both products: J v forward, then its transpose J^T (J v).
         _, jvp = jax.linearize(lambda t: f(t, chunk), theta)
         return jax.linear_transpose(jvp, theta)(jvp(v))[0]
 
-    return _chunk_sum(term, batch, n_chunks)
-
-
-def gn_matvec(residual_fn: ResidualFn, params, batch, v: jax.Array, n_chunks: int = 1) -> jax.Array:
-    """JtJ v = J^T (J v) / M, chunk by chunk, without forming J."""
-    theta, _, f, m = _flat(residual_fn, params, batch)
-    return _jtj_matvec(f, theta, batch, v, n_chunks) / m
+    return _chunk_sum(term, batch, n_chunks) / jax.eval_shape(f, theta, batch).shape[0]
 
 
 def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
@@ -322,7 +316,7 @@ def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, da
     solve is still usable. pred is computed with one more matvec, so it is exact for an inexact solve.
 
     Returns:
-        (delta, pred, ok) as in :func:`damped_solve`; ok is False for a non-finite step.
+        (delta, pred, ok) as in :func:`damped_solve` (no factor); ok is False for a non-finite step.
     """
     delta = -jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, Jtr,
                                         tol=tol, maxiter=maxiter)[0]
@@ -330,10 +324,10 @@ def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, da
     return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
 
 
-def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
-                 scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
-                 n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15):
-    """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_update`.
+def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
+                    scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
+                    n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15):
+    """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_iteration`.
 
     D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
     the first iteration's estimate, held; marquardt: its running maximum), the estimate by
@@ -345,12 +339,12 @@ def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     Args:
         tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
         n_probes: S, the Hutchinson probes per iteration.
-        Others: as in :func:`lm_update`.
+        Others: as in :func:`lm_iteration`.
 
     Returns:
-        (new_params, new_state, metrics) as in :func:`lm_update`.
+        (step, new_state, metrics) as in :func:`lm_iteration` (without tries and accel_ratio).
     """
-    theta, unravel, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch)
     probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
                                    (n_probes, theta.size), theta.dtype)
 
@@ -362,9 +356,8 @@ def lm_update_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     Jtr, loss = Jtr / m, ss / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
-    matvec = lambda v: _jtj_matvec(f, theta, batch, v, n_chunks) / m
+    matvec = lambda v: gn_matvec(f, theta, batch, v, n_chunks)
     delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, D, tol=tol, maxiter=maxiter)
     trial = _loss(f, theta + delta, batch, n_chunks, m)
-    new_theta, new_state, metrics = _finish(state, theta, delta, loss, trial, pred, ok, D, rule, damping_min,
-                                            damping_max)
-    return unravel(new_theta), new_state, metrics
+    new_state, metrics = _finish(state, delta, loss, trial, pred, ok, D, rule, damping_min, damping_max)
+    return delta, new_state, metrics

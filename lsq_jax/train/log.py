@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from lsq_jax.workdir import is_writer
+
 
 def to_python(value: Any):
     """Arrays and numpy scalars -> floats, ints, lists (non-finite floats stay float: JSON gets NaN/Infinity)."""
@@ -20,14 +22,14 @@ def to_python(value: Any):
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to <workdir>/metrics.jsonl; a no-op on processes other than 0."""
+    """Appends one JSON object per call to <workdir>/metrics.jsonl on the writing process
+    (lsq_jax.workdir.is_writer); a no-op on the others."""
 
-    def __init__(self, path, enabled: bool = True):
+    def __init__(self, path):
         self._path = path
-        self._enabled = enabled
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self._enabled:
+        if not is_writer():
             return
         line = json.dumps({"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}) + "\n"
         path = epath.Path(self._path)

@@ -6,22 +6,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lsq_jax import preemption
-from lsq_jax.checkpoint import Checkpointer, abstract_like, saved_experiment
+from lsq_jax.checkpoint import Checkpointer, abstract_like
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import RESUMABLE_CHANGES, Experiment, config_differences, experiment_to_dict
-from lsq_jax.mesh import batch_sharded, check_batch_size, make_mesh, replicated
+from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.train.log import MetricsWriter, Progress
-from lsq_jax.train.memory import check_memory, lm_chunks, microbatches
-from lsq_jax.train.state import TrainState, count_params, init_state, place_state, uses_lm
-from lsq_jax.train.step import StepFns, advance, evaluate_loss, in_lm_phase, make_step_fns, sizes_at
-from lsq_jax.workdir import claimed
+from lsq_jax.train.plan import RunPlan, make_plan
+from lsq_jax.train.state import TrainState, init_state, place_state
+from lsq_jax.train.step import Steps, advance, evaluate_loss
+from lsq_jax.workdir import claimed, is_writer
 
 ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
@@ -35,31 +35,15 @@ class Trained(NamedTuple):
     preempted: bool
 
 
-def checked_mesh(exp: Experiment):
-    """The mesh over every device, once the run's sizes are known to fit it; ConfigError, before anything is
-    written, for a batch that does not split over the devices, a microbatch size or LM chunk that does not
-    divide a device's share, or a run whose memory estimate exceeds a device."""
-    mesh = make_mesh()
-    try:
-        check_batch_size("train.batch_size", exp.train.batch_size, mesh)
-        check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
-        microbatches(exp, exp.task.n_points, mesh.devices.size)  # an explicit size must divide the device share
-        check_memory(exp, mesh)
-        if uses_lm(exp):
-            lm_chunks(exp, count_params(exp), mesh.devices.size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return mesh
-
-
 def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_change: bool, log) -> TrainState:
     """The newest good checkpoint of the workdir (refusing one of a different configuration; moving one
     that cannot be restored out of the way), or a new state."""
     abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), replicated(mesh))
 
-    def target(saved: dict):
-        saved = experiment_to_dict(saved_experiment(saved))  # fields added since it was saved: defaults
-        changed = [f for f in config_differences(saved, experiment_to_dict(exp)) if f not in RESUMABLE_CHANGES]
+    def target(saved: Experiment):
+        # compared as decoded: fields added since the checkpoint was saved hold their defaults
+        changed = [f for f in config_differences(experiment_to_dict(saved), experiment_to_dict(exp))
+                   if f not in RESUMABLE_CHANGES]
         if changed and not allow_config_change:
             raise ConfigError(f"the workdir holds a run with a different config (fields: {', '.join(changed)}); "
                              "use another --workdir, or --allow_config_change to resume anyway")
@@ -73,83 +57,85 @@ def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_ch
     return state
 
 
-def train(exp: Experiment, workdir, mesh, *, log=print, allow_config_change: bool = False) -> Trained:
+def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = False) -> Trained:
     """Train to exp.train.num_steps iterations (resuming from the workdir's checkpoints), then measure the
-    test metrics. The caller has checked the sizes (`checked_mesh`) and holds the workdir
-    (lsq_jax.workdir.claimed).
+    test metrics. The caller has planned the run (lsq_jax.train.plan.make_plan) and holds the workdir
+    (lsq_jax.workdir.claimed). `log` gets the progress lines (main passes lsq_jax.workdir.writer_only(print)).
 
     Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
     checkpoint_every steps and at the end. On SIGTERM while steps are unsaved (or at Orbax's preemption
     point in a multi-process run) it saves at the next step and returns with `preempted` true; on SIGTERM
     with nothing unsaved, lsq_jax.preemption.Preempted propagates.
     """
-    is_main = jax.process_index() == 0
+    exp, mesh = plan.exp, plan.mesh
     ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
+    writer = MetricsWriter(workdir / "metrics.jsonl")
     try:
         state = resume_or_init(exp, ckpt, mesh, allow_config_change=allow_config_change, log=log)
         config = experiment_to_dict(exp)
-        if is_main:
+        if is_writer():
             (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        writer, main_log = MetricsWriter(workdir / "metrics.jsonl", is_main), log if is_main else (lambda line: None)
-        fns: dict[tuple, StepFns] = {}
+        steps = Steps(plan)
         with preemption.on_exit(ckpt.wait):
 
             def preempted(step: int) -> bool:
                 return preemption.requested() or ckpt.preempted(step)
 
             if int(state.step) == 0 and exp.optim.lm_restarts > 1:
-                state = best_start(exp, state, mesh, fns, writer, main_log, preempted)
+                state = best_start(steps, state, writer, log, preempted)
                 if state is None:
                     log("preempted during the restarts, before any checkpoint; run the same command to start again")
                     return Trained(init_state(exp), None, True)
                 ckpt.save(int(state.step), state, config, force=True)
-            state, stopped = _train_loop(exp, state, mesh, ckpt, config, writer, main_log, fns, preempted)
+            state, stopped = _train_loop(steps, state, ckpt, config, writer, log, preempted)
         if stopped:
             log(f"preempted: saved step {int(state.step)}; run the same command to resume")
             return Trained(state, None, True)
     finally:
         ckpt.close()
-    metrics = {k: float(v) for k, v in jax.jit(
-        lambda p: evaluate_loss(p, exp, sharding=batch_sharded(mesh)))(state.params).items()}
-    MetricsWriter(workdir / "metrics.jsonl", is_main).write(exp.train.num_steps,
-                                                            {f"eval_{k}": v for k, v in metrics.items()})
-    if is_main:
-        log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in metrics.items()))
+    metrics = {k: float(v) for k, v in jax.jit(lambda p: evaluate_loss(p, plan))(state.params).items()}
+    writer.write(exp.train.num_steps, {f"eval_{k}": v for k, v in metrics.items()})
+    log("eval | " + " | ".join(f"{k} {v:.3e}" for k, v in metrics.items()))
     return Trained(state, metrics, False)
 
 
 @contextlib.contextmanager
 def training(exp: Experiment, workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
-    """The whole run, as `with training(...) as trained:`: the sizes checked before anything is written
-    (`checked_mesh`), the workdir claimed (lsq_jax.workdir.claimed), `train`; the workdir stays held
-    until the block ends, so that what the caller does with the final state (the report) is part of the run."""
-    mesh = checked_mesh(exp)
+    """The whole run, as `with training(...) as trained:`: the run planned on every device before anything
+    is written (make_plan refuses a run that does not fit), the workdir claimed (lsq_jax.workdir.claimed),
+    `train`; the workdir stays held until the block ends, so that what the caller does with the final
+    state (the report) is part of the run."""
+    plan = make_plan(exp, make_mesh())
     with claimed(workdir, log):
-        yield train(exp, workdir, mesh, log=log, allow_config_change=allow_config_change)
+        yield train(plan, workdir, log=log, allow_config_change=allow_config_change)
 
 
-def _step_fns(fns: dict, exp: Experiment, mesh, step: int) -> StepFns:
-    """The jitted functions of iteration `step`, compiled once per curriculum size and phase."""
-    key = (*sizes_at(exp, step), in_lm_phase(exp, step))
-    if key not in fns:
-        fns[key] = make_step_fns(exp, mesh, *key)
-    return fns[key]
+def drive(steps: Steps, state: TrainState, stop: int,
+          after_step: Callable[[int, TrainState, dict], bool]) -> tuple[TrainState, bool]:
+    """The training iterations from state.step to `stop`, each in the jitted functions of its phase
+    (`steps`); `after_step(step, new state, metrics)` runs after each and returns True to stop there.
+    Returns (the last state, whether `after_step` stopped the run)."""
+    for step in range(int(state.step), stop):
+        state, metrics = advance(steps.at(step, state), state, step)
+        if after_step(step, state, metrics):
+            return state, True
+    return state, False
 
 
-def best_start(exp: Experiment, state: TrainState, mesh, fns: dict, writer, log, preempted) -> TrainState | None:
+def best_start(steps: Steps, state: TrainState, writer, log, preempted) -> TrainState | None:
     """optim.lm_restarts starts (`state`, the run's own initialisation, then init_state(exp, k) for k >= 1),
     each trained optim.lm_restart_steps iterations; the one whose LM training loss is then the lowest (a
     non-finite loss never wins) goes on. None when `preempted(step)` turns true meanwhile: nothing is saved
     before the choice, so the run starts over, choosing the same start."""
+    exp = steps.plan.exp
     n = min(exp.optim.lm_restart_steps, exp.train.num_steps)
     best, best_loss, losses = None, math.inf, []
     for k in range(exp.optim.lm_restarts):
-        s = state if k == 0 else place_state(jax.jit(lambda k=k: init_state(exp, k))(), mesh)
-        for step in range(n):
-            s = advance(_step_fns(fns, exp, mesh, step), s, step)[0]
-            if preempted(step + 1):
-                return None
-        losses.append(float(_step_fns(fns, exp, mesh, n).lm_loss(s)))
+        s = state if k == 0 else place_state(jax.jit(lambda k=k: init_state(exp, k))(), steps.plan.mesh)
+        s, stopped = drive(steps, s, n, lambda step, *_: preempted(step + 1))
+        if stopped:
+            return None
+        losses.append(float(steps.at(n).lm_loss(s)))
         log(f"start {k}: LM training loss {losses[-1]:.3e} after {n} iterations")
         loss = losses[-1] if math.isfinite(losses[-1]) else math.inf
         if best is None or loss < best_loss:
@@ -159,34 +145,37 @@ def best_start(exp: Experiment, state: TrainState, mesh, fns: dict, writer, log,
     return best[1]
 
 
-def _train_loop(exp, state, mesh, ckpt, config, writer, log, fns, preempted):
-    """Steps from state.step to num_steps; (final state, whether it stopped for preemption). It tells
-    lsq_jax.preemption whether it holds work that is not saved yet: steps past the last checkpoint, or a
-    measurement not yet written."""
-    start, num_steps, every = int(state.step), exp.train.num_steps, exp.train.log_every
-    progress = Progress(start, num_steps)
-    pending = None  # (step, metrics) of the last measurement step, read after the next dispatch
-    saved = start  # the state at `start` is restored or drawn again the same by a rerun
-    for step in range(start, num_steps):
-        state, metrics = advance(_step_fns(fns, exp, mesh, step), state, step)
+def _train_loop(steps, state, ckpt, config, writer, log, preempted):
+    """Steps from state.step to num_steps with their checkpoints and measurements; (final state, whether
+    it stopped for preemption). It tells lsq_jax.preemption whether it holds work that is not saved yet:
+    steps past the last checkpoint, or a measurement not yet written."""
+    num_steps, every = steps.plan.exp.train.num_steps, steps.plan.exp.train.log_every
+    progress = Progress(int(state.step), num_steps)
+    pending = []  # the (step, metrics) of the last measurement step, read after the next dispatch
+    saved = [int(state.step)]  # the state at the start is restored or drawn again the same by a rerun
+
+    def report():
+        if pending:
+            _report(writer, progress, log, *pending.pop())
+
+    def after_step(step, state, metrics):
         preemption.unsaved(True)
-        if pending is not None:
-            _report(writer, progress, log, *pending)
-            pending = None
+        report()
         if step % every == 0 or step == num_steps - 1:
-            pending = (step, metrics)
+            pending.append((step, metrics))
         if ckpt.save(step + 1, state, config, force=step + 1 == num_steps):
-            saved = step + 1
+            saved[0] = step + 1
         if preempted(step + 1):
             ckpt.save(step + 1, state, config, force=True)  # a no-op when step + 1 was just saved
-            if pending is not None:
-                _report(writer, progress, log, *pending)
-            return state, True
-        preemption.unsaved(saved != step + 1 or pending is not None)
-    if pending is not None:
-        _report(writer, progress, log, *pending)
+            report()
+            return True
+        preemption.unsaved(saved[0] != step + 1 or bool(pending))
+        return False
+
+    state, stopped = drive(steps, state, num_steps, after_step)
+    report()
     preemption.unsaved(False)
-    return state, False
+    return state, stopped
 
 
 def _report(writer, progress, log, step, metrics):

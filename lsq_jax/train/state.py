@@ -1,7 +1,6 @@
 """The training state: parameters, optimizer state and the step; how it starts and where it lives."""
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -10,8 +9,9 @@ import jax.numpy as jnp
 from lsq_jax.config.experiment import Experiment
 from lsq_jax.data.keys import run_keys
 from lsq_jax.mesh import replicated
-from lsq_jax.models.backbone import abstract_params, init_params
-from lsq_jax.optim import lm, recipe
+from lsq_jax.models.backbone import init_params
+from lsq_jax.optim import lm_transform, recipe
+from lsq_jax.train.plan import uses_lm
 
 
 class TrainState(NamedTuple):
@@ -23,26 +23,19 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def count_params(exp: Experiment) -> int:
-    """P, the model's parameter count (from shapes alone: nothing is allocated)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
-
-
-def uses_lm(exp: Experiment) -> bool:
-    """Whether the run trains with Levenberg-Marquardt (optimizer 'lm', after its lm_after recipe steps)."""
-    return exp.optim.optimizer == "lm"
+def make_optimizer(exp: Experiment):
+    """The run's optimizer: the recipe (lsq_jax.optim.recipe), or with optimizer 'lm' the hybrid of the
+    recipe and Levenberg-Marquardt (lsq_jax.optim.lm_transform.make_lm_optimizer)."""
+    return lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
 
 
 def init_state(exp: Experiment, start: int = 0) -> TrainState:
-    """Parameters, step 0 and the optimizer state: the recipe's, or with optimizer 'lm' {'adam': the
-    recipe's (its phase of a hybrid), 'lm': lm.LMState}. `start` k > 0 draws the parameters of the run's
-    k-th other initialisation (optim.lm_restarts) from the parameter key folded with k."""
+    """Parameters, step 0 and the optimizer's state (`make_optimizer`: the recipe's, or the hybrid's
+    {'adam': the recipe's, 'lm': lsq_jax.optim.lm.LMState}). `start` k > 0 draws the parameters of the
+    run's k-th other initialisation (optim.lm_restarts) from the parameter key folded with k."""
     key = run_keys(exp.seed)["params"]
     params = init_params(exp.model, jax.random.fold_in(key, start) if start else key)
-    opt_state = recipe.make_optimizer(exp.optim).init(params)
-    if uses_lm(exp):
-        opt_state = {"adam": opt_state,
-                     "lm": lm.init_lm_state(count_params(exp), exp.model.jnp_dtype, exp.optim.lm_damping)}
+    opt_state = make_optimizer(exp).init(params)
     return TrainState(step=jnp.zeros((), jnp.int64 if jax.config.x64_enabled else jnp.int32),
                       params=params, opt_state=opt_state)
 

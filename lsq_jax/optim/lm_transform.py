@@ -1,0 +1,159 @@
+"""Levenberg-Marquardt as an Optax-style transform, and the hybrid that runs the Adam recipe first.
+
+LM's objective arrives as extra arguments of ``update``, as ``optax.lbfgs`` takes ``value_fn``: the
+residual function, the batch it fits and the number of Jacobian chunks. LM reads no gradient, so the
+``updates`` argument is ignored (pass None)::
+
+    tx = levenberg_marquardt("cholesky", geodesic=True)
+    state = tx.init(params)                                    # an lm.LMState
+    updates, state, metrics = tx.update(None, state, params, residual_fn=residuals, batch=batch,
+                                        n_chunks=4)
+    params = optax.apply_updates(params, updates)
+
+The one departure from Optax's signature: LM's ``update`` also returns the iteration's metrics (loss,
+trial_loss, gain_ratio, damping, accepted, ...; :func:`lsq_jax.optim.lm.lm_iteration`). Optax keeps such
+values in the state, but the LMState is what checkpoints hold, and a new leaf would stop earlier
+checkpoints from restoring. Hence :class:`LMTransformation` is its own type, not an
+``optax.GradientTransformationExtraArgs``: ``optax.chain`` expects two return values, and LM computes the
+whole step, so there is nothing to chain it with.
+
+The hybrid (:func:`adam_then_lm`) keeps the state ``{"adam": <the Adam recipe's state>, "lm": LMState}``.
+The caller chooses the phase by the call: an update with ``residual_fn`` is an LM iteration (three return
+values), one without is the Adam recipe's update (Optax's two). The choice is static, so each phase is a
+jitted function of its own: an LM step never computes Adam's gradient, nor an Adam step J^T J. The state
+cannot make that choice: under ``jax.jit`` its values are traced, so a switch on them would compile both
+phases into one ``lax.cond`` (and the caller would still have to compute Adam's gradient before calling),
+and reading them on the host would stall the train loop's asynchronous dispatch every step. The train loop
+already knows the step on the host, and with it the phase (optim.lm_after).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from lsq_jax.config.optim import LM_RULES, LM_SCALINGS, LM_SOLVERS, OptimConfig
+from lsq_jax.optim import lm, recipe
+
+
+class LMTransformation(NamedTuple):
+    """An Optax-style transform whose LM update also returns the iteration's metrics.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, **extra_args) ->
+            (updates, state, metrics)``; for :func:`adam_then_lm` without ``residual_fn``, the Adam
+            transform's ``update(updates, state, params, **extra_args) -> (updates, state)``.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple]
+
+
+def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic", rule: str = "nielsen",
+                        damping0: float = 1e-3, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
+                        per_problem: bool = True, rel_floor: float = 1e-10, cg_iters: int = 100,
+                        cg_tol: float = 1e-10, n_probes: int = 4, damping_min: float = 1e-15,
+                        damping_max: float = 1e15) -> LMTransformation:
+    """One Levenberg-Marquardt iteration per update, on the flattened parameters (lsq_jax.optim.lm).
+
+    ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, **extra_args)``: `updates` is
+    ignored; ``residual_fn(params, batch_chunk) -> (n, K)`` residuals, `batch` the problems LM fits (leading
+    axis N), `n_chunks` the strided chunks the Jacobian is built in (a Python int dividing N); other extra
+    arguments are ignored. Returns (updates, state, metrics): ``optax.apply_updates(params, updates)`` is
+    theta + step where the step was accepted and theta otherwise, bit for bit.
+
+    Args:
+        solver: ``"cholesky"`` (:func:`lsq_jax.optim.lm.lm_iteration`, dense J^T J) or ``"cg"``
+            (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free).
+        scaling, rule: the scaling D and the damping rule (lsq_jax.optim.lm_damping).
+        damping0: the initial damping lam, > 0.
+        geodesic, alpha, max_tries, per_problem, rel_floor: the Cholesky solver's settings (geodesic
+            acceleration and its bound, damped solves per iteration, per-problem Jacobians, D's floor).
+        cg_iters, cg_tol, n_probes: the CG solver's iterations, tolerance and Hutchinson probes.
+        damping_min, damping_max: clamp of lam after each update.
+
+    Returns:
+        An :class:`LMTransformation` whose state is an :class:`lsq_jax.optim.lm.LMState` with P =
+        ``ravel_pytree(params)[0].size`` and its dtype.
+
+    Raises:
+        ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or the Cholesky
+            solver's geodesic acceleration or retries asked of "cg".
+    """
+    for name, value, allowed in (("solver", solver, LM_SOLVERS), ("scaling", scaling, LM_SCALINGS),
+                                 ("rule", rule, LM_RULES)):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
+    if not damping0 > 0:
+        raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
+    for name, value in (("max_tries", max_tries), ("cg_iters", cg_iters), ("n_probes", n_probes)):
+        if value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed: must be >= 1")
+    if solver == "cg" and (geodesic or max_tries != 1):
+        raise ValueError("geodesic and max_tries belong to the cholesky solver: leave them unset with 'cg'")
+    damping = dict(scaling=scaling, rule=rule, damping_min=damping_min, damping_max=damping_max)
+    if solver == "cg":
+        iterate = functools.partial(lm.lm_iteration_cg, tol=cg_tol, maxiter=cg_iters, n_probes=n_probes,
+                                    **damping)
+    else:
+        iterate = functools.partial(lm.lm_iteration, geodesic=geodesic, alpha=alpha, max_tries=max_tries,
+                                    per_problem=per_problem, rel_floor=rel_floor, **damping)
+
+    def init_fn(params):
+        theta = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+        return lm.init_lm_state(theta.size, theta.dtype, damping0)
+
+    def update_fn(updates, state, params, *, residual_fn, batch, n_chunks: int = 1, **extra_args):
+        del updates, extra_args
+        step, state, metrics = iterate(residual_fn, params, batch, state, n_chunks)
+        unravel = ravel_pytree(params)[1]
+        # A rejected step adds -0.0, not 0.0: p + (-0.0) is p bit for bit, p = -0.0 included.
+        return unravel(jnp.where(metrics["accepted"], step, -0.0)), state, metrics
+
+    return LMTransformation(init_fn, update_fn)
+
+
+def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) -> LMTransformation:
+    """The hybrid: `adam` (the recipe) on its part of the state until the caller switches to `lm_tx`.
+
+    ``init(params)`` = ``{"adam": adam.init(params), "lm": lm_tx.init(params)}``. ``update`` with
+    ``residual_fn`` is an LM iteration (``lm_tx.update`` on the "lm" part, returning (updates, state,
+    metrics)); without, it is ``adam.update`` on the "adam" part, with its extra arguments (such as the
+    recipe's ``grad_metric``), returning (updates, state). Each leaves the other part as it was. The caller
+    decides the phase (see the module docstring).
+    """
+    adam = optax.with_extra_args_support(adam)
+
+    def init_fn(params):
+        return {"adam": adam.init(params), "lm": lm_tx.init(params)}
+
+    def update_fn(updates, state, params=None, *, residual_fn=None, **extra_args):
+        if residual_fn is None:
+            updates, adam_state = adam.update(updates, state["adam"], params, **extra_args)
+            return updates, {**state, "adam": adam_state}
+        updates, lm_state, metrics = lm_tx.update(updates, state["lm"], params, residual_fn=residual_fn,
+                                                  **extra_args)
+        return updates, {**state, "lm": lm_state}, metrics
+
+    return LMTransformation(init_fn, update_fn)
+
+
+def make_lm_optimizer(cfg: OptimConfig) -> LMTransformation:
+    """optimizer 'lm': ``adam_then_lm(recipe.make_optimizer(cfg), levenberg_marquardt(<cfg.lm_*>))``.
+
+    The solver's own settings pass only to it: lm_geodesic and lm_tries to "cholesky", lm_cg_iters to "cg".
+    """
+    if cfg.optimizer != "lm":
+        raise ValueError(f"make_lm_optimizer needs optimizer='lm', not {cfg.optimizer!r}")
+    if cfg.lm_solver == "cg":
+        solver = dict(cg_iters=cfg.lm_cg_iters)
+    else:
+        solver = dict(geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries)
+    lm_tx = levenberg_marquardt(cfg.lm_solver, scaling=cfg.lm_scaling, rule=cfg.lm_rule, damping0=cfg.lm_damping,
+                                **solver)
+    return adam_then_lm(recipe.make_optimizer(cfg), lm_tx)

@@ -1,0 +1,190 @@
+"""Every size of a training run, decided once from the experiment and the mesh: the task and model, the
+parameter count, the microbatches per curriculum size, the Levenberg-Marquardt chunks and the memory
+estimate. The step builders, the memory check, the loop and the benchmarks read the plan; none of them
+derives a size again. A plan is only made for a run that fits: `make_plan` refuses the others in one
+ConfigError before anything is allocated or written."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+from lsq_jax.config.check import ConfigError
+from lsq_jax.config.experiment import Experiment
+from lsq_jax.data.base import Task
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.data.tasks import curriculum_value, make_task
+from lsq_jax.mesh import batch_sharded, check_batch_size
+from lsq_jax.models.backbone import SequenceModel, abstract_params, mixing_bytes
+from lsq_jax.train.memory import check_memory, check_mixing, memory_estimate
+
+# Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
+# float64): XLA:CPU's step is bound by main memory once activations outgrow the cache; 2^17 measured the
+# fastest on CPU, see docs/performance.md.
+MICROBATCH_ELEMENTS = 2**17
+
+# Microbatches per iteration of the accumulating scan on CPU: two independent ones in one loop body let
+# XLA:CPU run their ops side by side on two cores (faster, the same sums to round-off; see
+# docs/performance.md). Off CPU the scan is not unrolled: a microbatch size chosen there to fit device
+# memory stays the most that is live at once.
+CPU_SCAN_UNROLL = 2
+
+LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a chunk's Jacobian holds at most this many entries (32 MiB float64)
+
+
+class Phase(NamedTuple):
+    """What one compiled step is specialised to: the curriculum's n_points and truncated n_dims (None: the
+    task's own) at an iteration, and whether it is a Levenberg-Marquardt iteration."""
+
+    n_points: int
+    n_dims: int | None
+    lm: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunPlan:
+    """The sizes of one run (see the module docstring); built by `make_plan`.
+
+    Attributes:
+        exp, mesh: the experiment and the devices it runs on.
+        backend: the platform the steps are built for ('cpu', 'gpu', 'tpu').
+        task, model: the experiment's task and sequence model.
+        n_params: P, the model's parameter count.
+        microbatches: per curriculum n_points, the microbatches each device's share of the batch is
+            differentiated in.
+        unroll: microbatches per iteration of the accumulating scan.
+        lm_chunks: the strided chunks LM's Jacobian is built in (1 without LM).
+        memory: the lower-bound bytes per device, by part (lsq_jax.train.memory.memory_estimate).
+    """
+
+    exp: Experiment
+    mesh: Any
+    backend: str
+    task: Task
+    model: SequenceModel
+    n_params: int
+    microbatches: Mapping[int, int]
+    unroll: int
+    lm_chunks: int
+    memory: Mapping[str, int]
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def sharding(self):
+        """How a batch's leading axis is placed: split over the mesh's 'data' axis."""
+        return batch_sharded(self.mesh)
+
+    def full_size(self, lm: bool = False) -> Phase:
+        """The phase at the task's full size (where the curriculum ends): the recipe's, or with `lm` LM's."""
+        return Phase(self.exp.task.n_points, None, lm)
+
+    def phase(self, step: int) -> Phase:
+        """The phase of iteration `step` (a host int)."""
+        n_dims = curriculum_value(self.exp.dims, step)
+        return Phase(curriculum_value(self.exp.points, step), None if n_dims == self.exp.task.n_dims else n_dims,
+                     uses_lm(self.exp) and step >= self.exp.optim.lm_after)
+
+
+def uses_lm(exp: Experiment) -> bool:
+    """Whether the run trains with Levenberg-Marquardt (optimizer 'lm', after its lm_after recipe steps)."""
+    return exp.optim.optimizer == "lm"
+
+
+def count_params(exp: Experiment) -> int:
+    """P, the model's parameter count (from shapes alone: nothing is allocated)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
+
+
+def scan_unroll(backend: str) -> int:
+    """Chunks per iteration of the accumulating scan on `backend` ('cpu', 'gpu', 'tpu'): CPU_SCAN_UNROLL on
+    CPU, where two chunks side by side keep two cores busy; 1 elsewhere, so that a microbatch sized to fit
+    device memory is the most that is live at once."""
+    return CPU_SCAN_UNROLL if backend == "cpu" else 1
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order (trial division up to sqrt(n))."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def curriculum_points(exp: Experiment) -> list[int]:
+    """Every n_points the curriculum reaches, in order."""
+    c = exp.points
+    return sorted({min(c.start + c.inc * k, c.end) for k in range((c.end - c.start) // c.inc + 2)} if c.inc
+                  else {c.start})
+
+
+def microbatches(exp: Experiment, task: Task, n_points: int, n_devices: int, backend: str) -> int:
+    """How many microbatches each device's share of the batch is differentiated in (see TrainConfig):
+    the batch over train.microbatch_size, or auto (0): on CPU the fewest that bring one (examples, T, E)
+    activation down to MICROBATCH_ELEMENTS (the bound is per microbatch: CPU_SCAN_UNROLL are live at
+    once), elsewhere one."""
+    local = exp.train.batch_size // n_devices
+    size = exp.train.microbatch_size
+    if size:
+        if local % size:
+            raise ValueError(f"train.microbatch_size={size} is not allowed: must divide the per-device batch "
+                             f"{local} (train.batch_size / {n_devices} devices)")
+        return local // size
+    if backend != "cpu":
+        return 1
+    per_example = task.seq_len(n_points) * exp.model.n_embd
+    return next((n for n in divisors(local) if (local // n) * per_example <= MICROBATCH_ELEMENTS), local)
+
+
+def lm_outputs(exp: Experiment, task: Task) -> int:
+    """K, the residuals of one problem (the entries of its target)."""
+    keys = example_keys(jax.random.key(0), 0, 0, 1)
+    return math.prod(jax.eval_shape(lambda k: task.sample(k, n_points=exp.task.n_points).targets, keys).shape)
+
+
+def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
+    """How many strided chunks the LM batch's Jacobian is built in: optim.lm_chunk problems each, or
+    (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device."""
+    n = exp.train.batch_size
+    per_problem = lm_outputs(exp, task) * n_params
+    candidates = [c for c in divisors(n) if (n // c) % n_devices == 0]
+    if exp.optim.lm_chunk:
+        if n % exp.optim.lm_chunk or (n // exp.optim.lm_chunk) not in candidates:
+            raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide train.batch_size "
+                             f"{n} into chunks that split over {n_devices} devices")
+        return n // exp.optim.lm_chunk
+    return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
+
+
+def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
+    """The plan of `exp` on `mesh`, built for `backend` (None: the platform of the mesh's devices; another
+    platform when tracing a step to export it with jax.export).
+
+    Raises ConfigError, before anything is allocated or written, for a batch that does not split over
+    the devices, a microbatch size or LM chunk that does not divide a device's share, or a run whose
+    memory estimate exceeds a device (lsq_jax.train.memory.check_memory). The sequence mixer's memory is
+    checked before anything traces the model: tracing builds the mixer's host-side tensors.
+    """
+    backend = backend or mesh.devices.flat[0].platform
+    n = mesh.devices.size
+    try:
+        check_batch_size("train.batch_size", exp.train.batch_size, mesh)
+        check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
+        task = make_task(exp.task)
+        micro = {p: microbatches(exp, task, p, n, backend) for p in curriculum_points(exp)}
+        local = exp.train.batch_size // n
+        live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
+        mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
+        check_mixing(mixing, mesh)
+        n_params = count_params(exp)
+        chunks = lm_chunks(exp, task, n_params, n) if uses_lm(exp) else 1
+        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing,
+                                 lm_normal_equations=uses_lm(exp) and exp.optim.lm_solver == "cholesky")
+        check_memory(memory, mesh)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return RunPlan(exp, mesh, backend, task, SequenceModel(exp.model), n_params, micro, scan_unroll(backend),
+                   chunks, memory)
