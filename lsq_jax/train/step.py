@@ -24,7 +24,7 @@ from lsq_jax.mesh import replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import grad_stats, lm, recipe
 from lsq_jax.train.plan import Phase, RunPlan, scan_unroll
-from lsq_jax.train.state import TrainState, make_optimizer
+from lsq_jax.train.state import TrainState, run_optimizer
 
 
 def _placed(x, sharding):
@@ -106,7 +106,7 @@ def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Pha
                                                  phase=phase)
     if exp.optim.l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
         grads = jax.tree.map(lambda g, p: g + exp.optim.l1 * jnp.sign(p), grads, state.params)
-    updates, opt_state = make_optimizer(exp).update(grads, state.opt_state, state.params, grad_metric=grad_metric)
+    updates, opt_state = run_optimizer(exp).update(grads, state.opt_state, state.params, grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
                **recipe.optimizer_metrics(opt_state)}
@@ -152,7 +152,7 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     and counts as skipped.
     """
     del grad_metric
-    updates, opt_state, m = make_optimizer(plan.exp).update(
+    updates, opt_state, m = run_optimizer(plan.exp).update(
         None, state.opt_state, state.params, residual_fn=lm_residual_fn(plan, phase), batch=lm_keys(plan, state.step),
         n_chunks=plan.lm_chunks)
     lm_state = opt_state["lm"]
