@@ -72,13 +72,29 @@ class _Watch:
                 return
             if not received:  # uninstalled
                 return
-            if signal.SIGTERM not in received or self.taken.wait(GRACE_S):
+            if signal.SIGTERM not in received:
+                continue
+            if self.taken.wait(GRACE_S):
+                # Python runs the handler once for the signals that arrived before it could run: those
+                # already written to the pipe are the ones this run took, or that the next one takes
                 self.taken.clear()
+                self.drain()
                 continue
             if self.unsaved:
                 self.log("SIGTERM: saving once the current computation returns")
                 continue
             self.exit()
+
+    def drain(self) -> None:
+        """Read what the pipe holds now, without waiting."""
+        os.set_blocking(self.read_fd, False)
+        try:
+            while os.read(self.read_fd, 64):
+                pass
+        except BlockingIOError:
+            pass
+        finally:
+            os.set_blocking(self.read_fd, True)
 
     def exit(self) -> None:
         self.exiting.set()

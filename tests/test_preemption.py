@@ -105,3 +105,33 @@ def test_a_run_signalled_while_its_first_step_compiles_exits_0_at_once_with_noth
     assert seconds < 5 and "Traceback" not in err, (seconds, err)
     assert not (workdir / "lock").exists()
     assert not [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+
+
+# Two SIGTERMs while the main thread is in a call into C shorter than GRACE_S, with unsaved work: Python runs
+# the handler once for both, and the run then carries on with nothing unsaved.
+TWO_SIGNALS = textwrap.dedent("""
+    import os, signal, threading, time
+    import numpy as np
+    from lsq_jax import preemption
+    preemption.install(lambda line: print(line, flush=True))
+    preemption.unsaved(True)
+    for delay in (0.05, 0.1):
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    np.linalg.svd(np.random.default_rng(0).random((1000, 1000)))  # a fraction of GRACE_S on 2 cores
+    time.sleep(0.2)
+    print(f"requested={preemption.requested()}", flush=True)
+    preemption.unsaved(False)
+    time.sleep(2.5 * preemption.GRACE_S)
+    print("alive", flush=True)
+    preemption.uninstall()
+""")
+
+
+def test_two_signals_one_handler_run_leave_the_watcher_waiting_for_no_other():
+    """Both signals reach the pipe, one handler run takes them: the watcher must not hold the second one
+    as untaken and end the process once nothing is unsaved."""
+    proc = subprocess.run([sys.executable, "-c", TWO_SIGNALS], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "requested=True" in proc.stdout and "alive" in proc.stdout, proc.stdout
+    assert "nothing to save" not in proc.stdout
