@@ -2,15 +2,13 @@
 report runs on, by part, from shapes alone (nothing is allocated), checked before a run starts."""
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from lsq_jax.data.tasks import make_task
 from lsq_jax.mesh import check_fits, device_memory
 from lsq_jax.models import gd_weights
-from lsq_jax.models.backbone import abstract_params, mixing_bytes
+from lsq_jax.models.backbone import mixing_bytes, parameter_count
 
 REPORT_FIELDS = {"report_problems": "train.eval_problems",
                  "report_activations": "train.eval_problems / model.n_embd",
@@ -20,8 +18,9 @@ REPORT_FIELDS = {"report_problems": "train.eval_problems",
 
 
 def parameter_bytes(cfg) -> int:
-    """The bytes of a model's parameters (lsq_jax.models.backbone), from their shapes."""
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_params(cfg)))
+    """The bytes of a model's parameters (lsq_jax.models.backbone), from their shapes: every leaf is in the
+    model's dtype."""
+    return parameter_count(cfg) * cfg.jnp_dtype.itemsize
 
 
 def report_estimate(exp, *, constructions_only: bool = False, parameters: bool = True) -> dict[str, int]:

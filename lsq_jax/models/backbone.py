@@ -5,8 +5,10 @@ same lines without the `x +`. The residual stream after the embedding, after eve
 final LayerNorm is sown into the 'intermediates' collection as 'hidden' for inspection.
 """
 import functools
+import math
 
 import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 
@@ -126,6 +128,11 @@ def init_params(cfg: ModelConfig, key, seq_len: int | None = None):
 def abstract_params(cfg: ModelConfig):
     """The parameters' shapes and dtypes (ShapeDtypeStructs), without computing or allocating them."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """P, the model's parameter count, from shapes alone (nothing is computed or allocated)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
 
 
 def mixing_bytes(cfg: ModelConfig, seq_len: int, n_sequences: int) -> int:

@@ -151,25 +151,28 @@ def _train_loop(steps, state, ckpt, config, writer, log, preempted):
     steps past the last checkpoint, or a measurement not yet written."""
     num_steps, every = steps.plan.exp.train.num_steps, steps.plan.exp.train.log_every
     progress = Progress(int(state.step), num_steps)
-    pending = []  # the (step, metrics) of the last measurement step, read after the next dispatch
-    saved = [int(state.step)]  # the state at the start is restored or drawn again the same by a rerun
+    pending = None  # the (step, metrics) of the last measurement step, read after the next dispatch
+    saved = int(state.step)  # the state at the start is restored or drawn again the same by a rerun
 
     def report():
-        if pending:
-            _report(writer, progress, log, *pending.pop())
+        nonlocal pending
+        if pending is not None:
+            _report(writer, progress, log, *pending)
+            pending = None
 
     def after_step(step, state, metrics):
+        nonlocal pending, saved
         preemption.unsaved(True)
         report()
         if step % every == 0 or step == num_steps - 1:
-            pending.append((step, metrics))
+            pending = (step, metrics)
         if ckpt.save(step + 1, state, config, force=step + 1 == num_steps):
-            saved[0] = step + 1
+            saved = step + 1
         if preempted(step + 1):
             ckpt.save(step + 1, state, config, force=True)  # a no-op when step + 1 was just saved
             report()
             return True
-        preemption.unsaved(saved[0] != step + 1 or bool(pending))
+        preemption.unsaved(saved != step + 1 or pending is not None)
         return False
 
     state, stopped = drive(steps, state, num_steps, after_step)

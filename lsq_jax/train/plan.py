@@ -18,7 +18,7 @@ from lsq_jax.data.base import Task
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import curriculum_value, make_task
 from lsq_jax.mesh import batch_sharded, check_batch_size
-from lsq_jax.models.backbone import SequenceModel, abstract_params, mixing_bytes
+from lsq_jax.models.backbone import SequenceModel, mixing_bytes, parameter_count
 from lsq_jax.train.memory import check_memory, check_mixing, memory_estimate
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
@@ -94,11 +94,6 @@ class RunPlan:
 def uses_lm(exp: Experiment) -> bool:
     """Whether the run trains with Levenberg-Marquardt (optimizer 'lm', after its lm_after recipe steps)."""
     return exp.optim.optimizer == "lm"
-
-
-def count_params(exp: Experiment) -> int:
-    """P, the model's parameter count (from shapes alone: nothing is allocated)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(exp.model)))
 
 
 def scan_unroll(backend: str) -> int:
@@ -179,7 +174,7 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)
-        n_params = count_params(exp)
+        n_params = parameter_count(exp.model)
         chunks = lm_chunks(exp, task, n_params, n) if uses_lm(exp) else 1
         memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing,
                                  lm_normal_equations=uses_lm(exp) and exp.optim.lm_solver == "cholesky")
