@@ -10,8 +10,9 @@ jax.config.update("jax_enable_x64", True)
 
 # Many tests build the same jitted step (in this process and in the subprocesses they start): compile it
 # once. The environment variables reach the subprocesses; a cached executable computes the same numbers.
-_CACHE_DIR = tempfile.mkdtemp(prefix="lsq_jax_tests_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+# pytest-xdist's workers inherit the directory of the process that started them.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsq_jax_tests_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -2,18 +2,29 @@
 import pathlib
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from config_files import get_config
+from config_files import SMALL_REPORT, get_config
+
+
+@pytest.fixture(scope="module")
+def throughput_rows():
+    """The smoke config's throughput row with its whole batch of 32 in one microbatch, and in 4 of 8."""
+    from lsq_jax import bench
+
+    rows = {}
+    for size in (32, 8):
+        c = get_config("baseconv", "smoke")
+        c.train.microbatch_size = size
+        rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
+    return rows
 
 
 @pytest.mark.slow
-def test_throughput_figures_are_consistent():
-
-    from lsq_jax import bench
-
-    row = bench.throughput(get_config("baseconv", "smoke"), "float64", n_windows=2, window_s=0.2)
+def test_throughput_figures_are_consistent(throughput_rows):
+    row = throughput_rows[32]
     assert row["steps_per_s_min"] <= row["steps_per_s"] <= row["steps_per_s_max"]
     np.testing.assert_allclose(row["examples_per_s"], row["steps_per_s"] * 32)
     np.testing.assert_allclose(row["roofline_ratio"], row["achieved_gflops"] / row["matmul_gflops"])
@@ -24,17 +35,10 @@ def test_throughput_figures_are_consistent():
 
 
 @pytest.mark.slow
-def test_step_flops_count_every_microbatch():
+def test_step_flops_count_every_microbatch(throughput_rows):
     """XLA's cost analysis counts a loop body once: the bench must report the FLOPs of the whole step
     whether the step runs in 1 or 4 microbatches."""
-
-    from lsq_jax import bench
-
-    rows = {}
-    for size in (32, 8):
-        c = get_config("baseconv", "smoke")
-        c.train.microbatch_size = size
-        rows[size] = bench.throughput(c, "float64", n_windows=2, window_s=0.2)
+    rows = throughput_rows
     assert rows[32]["microbatches"] == 1 and rows[8]["microbatches"] == 4
     assert set(rows[8]["matmul_gflops_by_form"]) == {"whole", "microbatched"}
     np.testing.assert_allclose(rows[8]["step_gflop"], rows[32]["step_gflop"], rtol=1e-12)
@@ -45,11 +49,16 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
 
     from lsq_jax.bench import precision
 
-    r = precision.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0)
+    r = precision.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0, **SMALL_REPORT)
     assert r["batch_size"] == 32  # the config's own batch unless one is given
     curve = r["curve"]
-    assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"]}
+    assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"],
+                                            "param_norm": curve[0]["param_norm"]}
     assert r["steps"] == curve[-1]["step"] and curve[-1]["seconds"] >= 3.0
+    from lsq_jax.train.state import init_state
+    initial = init_state(precision.experiment(get_config("baseconv", "smoke"))).params
+    np.testing.assert_allclose(curve[0]["param_norm"], np.linalg.norm(
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(initial)])), rtol=1e-13)
     assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
     for level in precision.PRECISION_LEVELS:
         below = [p for p in curve if p["test_mse"] < level]
@@ -66,7 +75,7 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
 
     config = get_config("baseconv", "lm")
     config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
-                                       "train.eval_batch_size": 64})
+                                       **SMALL_REPORT})
     methods = {"adam": {"optim.optimizer": "adam"}, "hybrid": {"optim.optimizer": "lm", "optim.lm_after": 3}}
     r = precision.compare_optimizers(config, 2.0, methods, [0, 1], marks=(1.0, 2.0, 60.0))
     assert r["marks"] == [1.0, 2.0]

@@ -18,11 +18,12 @@ from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import advance
 from steps import full_size_fns
 
-from config_files import get_config
+from config_files import SMALL_REPORT_FLAGS, get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-SMOKE = ["--config=configs/baseconv.py:smoke", "--config.train.log_every=20", "--config.train.checkpoint_every=40"]
+SMOKE = ["--config=configs/baseconv.py:smoke", "--config.train.log_every=20", "--config.train.checkpoint_every=40",
+         *SMALL_REPORT_FLAGS]
 
 
 def _main(workdir, *extra, steps=200):

@@ -24,7 +24,7 @@ from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch
 from steps import full_size_fns
 
-from config_files import get_config
+from config_files import SMALL_REPORT_FLAGS, get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -270,7 +270,7 @@ def _main(*args):
 @pytest.mark.slow
 def test_cli_smoke_run_writes_metrics_and_config(tmp_path):
     proc = _main("--config=configs/baseconv.py:smoke", f"--workdir={tmp_path}", "--config.train.num_steps=60",
-                 "--config.train.log_every=20")
+                 "--config.train.log_every=20", *SMALL_REPORT_FLAGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"workdir: {tmp_path}" in proc.stdout
     assert "steps/s" in proc.stdout and "ETA" in proc.stdout

@@ -27,6 +27,8 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
                       **overrides) -> dict:
     """Train for a wall-clock budget; the test MSE against training seconds, the time and step at which
     it first falls below 10^-k, and the final model's iterated use (lsq_jax.bench.lm.iterated_use).
+    Each point of the curve also holds the parameters' 2-norm: a fit that only approaches its target as
+    parameters grow without bound shows there.
 
     After every second of training (one step when a step takes longer: an LM iteration takes seconds, an
     Adam step milliseconds) the test MSE is measured on a fixed batch of fresh problems, outside the
@@ -34,6 +36,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
     """
     import jax
+    import optax
 
     from lsq_jax.config.check import ConfigError
     from lsq_jax.mesh import make_mesh
@@ -52,9 +55,14 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
         plan = make_plan(exp, make_mesh())
     except ConfigError as err:
         return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "skipped": str(err)}
-    evaluate = jax.jit(lambda p: evaluate_loss(p, plan)["mse"])
+    evaluate = jax.jit(lambda p: (evaluate_loss(p, plan)["mse"], optax.tree.norm(p)))
+
+    def point(step, seconds, params):
+        mse, norm = evaluate(params)
+        return {"step": step, "seconds": seconds, "test_mse": float(mse), "param_norm": float(norm)}
+
     state = place_state(init_state(exp), plan.mesh)
-    curve = [{"step": 0, "seconds": 0.0, "test_mse": float(evaluate(state.params))}]
+    curve = [point(0, 0.0, state.params)]
     crossings = {}
     steps = Steps(plan, warm=True)  # each new step compiled and run once before its time counts
     trained_s, since, build_s = 0.0, time.perf_counter(), 0.0
@@ -67,8 +75,8 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
         trained_s += time.perf_counter() - since - (steps.build_s - build_s)
         build_s = steps.build_s
         if trained_s - curve[-1]["seconds"] >= 1.0 or trained_s >= budget_s or step + 1 == exp.train.num_steps:
-            mse = float(evaluate(state.params))
-            curve.append({"step": step + 1, "seconds": trained_s, "test_mse": mse})
+            curve.append(point(step + 1, trained_s, state.params))
+            mse = curve[-1]["test_mse"]
             for level in PRECISION_LEVELS:
                 if mse < level and f"{level:.0e}" not in crossings:
                     crossings[f"{level:.0e}"] = {"seconds": trained_s, "step": step + 1}
