@@ -48,6 +48,7 @@ def test_step_flops_count_every_microbatch(throughput_rows):
 def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
 
     from lsq_jax.bench import precision
+    from lsq_jax.train.state import init_state
 
     r = precision.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0, **SMALL_REPORT)
     assert r["batch_size"] == 32  # the config's own batch unless one is given
@@ -55,7 +56,6 @@ def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_eac
     assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"],
                                             "param_norm": curve[0]["param_norm"]}
     assert r["steps"] == curve[-1]["step"] and curve[-1]["seconds"] >= 3.0
-    from lsq_jax.train.state import init_state
     initial = init_state(precision.experiment(get_config("baseconv", "smoke"))).params
     np.testing.assert_allclose(curve[0]["param_norm"], np.linalg.norm(
         np.concatenate([np.ravel(x) for x in jax.tree.leaves(initial)])), rtol=1e-13)
