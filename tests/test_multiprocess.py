@@ -23,7 +23,7 @@ from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import _slurm_local_device_ids, initialize_distributed, make_mesh, replicated
 from lsq_jax.train.state import init_state
 
-from config_files import get_config
+from config_files import SMALL_REPORT_FLAGS, get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,12 +104,8 @@ def _free_port() -> int:
 
 
 def _train_args(workdir) -> list[str]:
-    args = ["--config=configs/baseconv.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
-            "--config.train.checkpoint_every=1000", f"--workdir={workdir}"]
-    # keep the report at the end of training small (its fields may not exist in every version of the configs)
-    fields = get_config("baseconv", "smoke").train
-    args += [f"--config.train.{k}={v}" for k, v in (("eval_problems", 4), ("eval_iters", 5)) if k in fields]
-    return args
+    return ["--config=configs/baseconv.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
+            "--config.train.checkpoint_every=1000", f"--workdir={workdir}", *SMALL_REPORT_FLAGS]
 
 
 def _run_together(commands, log_dir, deadline=DEADLINE_S) -> list[int]:

@@ -8,7 +8,6 @@ import functools
 import math
 
 import flax.linen as nn
-
 import jax
 import jax.numpy as jnp
 
