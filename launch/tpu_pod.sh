@@ -8,9 +8,11 @@ usage() {
 Usage: launch/tpu_pod.sh --name=NAME --zone=ZONE --workdir=gs://BUCKET/PATH [options] [main args...] [-- main args...]
 
 Steps (each printed before it runs; --dry-run prints them and stops):
-  1. gcloud compute tpus tpu-vm describe NAME; if it does not exist, create it
-  2. pack this source tree, copy it to every worker (--worker=all) and install it with "jax[tpu]" and gcsfs
-     into ~/lsq_jax_venv (a Python >= 3.11 from uv: the TPU images ship Python 3.10)
+  1. gcloud compute tpus tpu-vm describe NAME; if it does not exist, create it; with --spot, if it was
+     preempted, delete and create it again (the run then resumes from the workdir's checkpoints)
+  2. pack this source tree, copy it to every worker (--worker=all) and install it with "jax[tpu]" and the
+     workdir's filesystem (gcsfs for gs://, s3fs for s3://) into ~/lsq_jax_venv (a Python >= 3.11 from uv:
+     the TPU images ship Python 3.10)
   3. run python -m lsq_jax.main --config=CONFIG --workdir=WORKDIR --distributed=auto [main args...] on
      every worker; JAX finds the other workers from the TPU metadata
 
@@ -18,11 +20,15 @@ Options:
   --name=NAME                TPU VM name (default: $TPU_NAME, else lsq-jax)
   --zone=ZONE                zone (default: $TPU_ZONE, else us-central2-b)
   --project=PROJECT          GCP project (default: gcloud's configured one)
-  --accelerator-type=TYPE    slice type when creating it, e.g. v4-32, v5litepod-16 (default v4-32)
-  --version=RUNTIME          TPU software version when creating it (default tpu-ubuntu2204-base)
-  --spot                     create a Spot slice (preemptible: run the same command again to resume)
+  --accelerator-type=TYPE    slice type when creating it, e.g. v4-32, v5litepod-16, v5p-8, v6e-8 (default v4-32)
+  --version=RUNTIME          TPU software version when creating it (default: the one for the type:
+                             tpu-ubuntu2204-base for v2-v4, v2-alpha-tpuv5-lite for v5litepod,
+                             v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e; another is refused)
+  --spot                     create a Spot slice (preemptible: after a preemption, run the same command
+                             again: it deletes and recreates the slice, reinstalls and resumes)
   --config=FILE[:ARG]        config file, relative to the repository root (default configs/baseconv.py)
-  --workdir=URL              output directory; must be cloud storage every worker can write (gs://...)
+  --workdir=URL              output directory; must be cloud storage every worker can write (gs://...
+                             or s3://...)
   --skip-install             reuse the install of an earlier call
   --detach                   start the run in the background on every worker (log: ~/lsq_jax_run.log)
                              instead of streaming its output here
@@ -43,7 +49,7 @@ name="${TPU_NAME:-lsq-jax}"
 zone="${TPU_ZONE:-us-central2-b}"
 project=""
 accelerator_type="v4-32"
-runtime_version="tpu-ubuntu2204-base"
+runtime_version=""
 spot=0
 config="configs/baseconv.py"
 workdir=""
@@ -82,6 +88,23 @@ done
 [[ -n "$workdir" ]] || die "--workdir is required: a cloud storage URL every worker can write, e.g. gs://BUCKET/runs/NAME"
 [[ "$workdir" =~ ^(gs|s3)://[^/]+ ]] || die "--workdir=$workdir is not allowed: must be a cloud storage URL (gs://BUCKET/PATH); every worker writes its part of the checkpoints there"
 [[ -n "$name" && -n "$zone" ]] || die "--name and --zone must not be empty"
+case "$accelerator_type" in  # the TPU software version each generation runs
+  v2-*|v3-*|v4-*) type_runtime="tpu-ubuntu2204-base" ;;
+  v5litepod-*|v5e-*) type_runtime="v2-alpha-tpuv5-lite" ;;
+  v5p-*) type_runtime="v2-alpha-tpuv5" ;;
+  v6e-*) type_runtime="v2-alpha-tpuv6e" ;;
+  *) type_runtime="" ;;
+esac
+if [[ -z "$runtime_version" ]]; then
+  [[ -n "$type_runtime" ]] || die "--accelerator-type=$accelerator_type: unknown type; allowed v2-*, v3-*, v4-*, v5litepod-*, v5p-*, v6e-*, or give --version=RUNTIME for it"
+  runtime_version="$type_runtime"
+elif [[ -n "$type_runtime" && "$runtime_version" != "$type_runtime" ]]; then
+  die "--version=$runtime_version does not match --accelerator-type=$accelerator_type: allowed --version=$type_runtime (or leave --version out)"
+fi
+case "$workdir" in
+  gs://*) fs_package="gcsfs" ;;
+  *) fs_package="s3fs" ;;
+esac
 ((delete_after == 0 || detach == 0)) || die "--delete-after cannot be combined with --detach"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,13 +135,22 @@ create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=$acc
 describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}" "--format=value(state)")
 if ((dry_run)); then
   show "${describe[@]}"
-  echo "# if it does not exist:"
+  echo "# if it does not exist (with --spot, also once it was preempted, after deleting it):"
   show "${create[@]}"
 else
   show "${describe[@]}"
   if state="$("${describe[@]}" 2>/dev/null)"; then
-    echo "tpu_pod.sh: reusing $name (state ${state:-unknown})"
-    [[ "$state" == READY ]] || die "$name is in state $state, not READY; wait, or delete it: ${gcloud_tpu[*]} delete $name ${where[*]}"
+    if [[ "$state" == PREEMPTED || "$state" == TERMINATED ]]; then
+      ((spot)) || die "$name is in state $state; run this command again with --spot to recreate it, or delete it: ${gcloud_tpu[*]} delete $name ${where[*]} --quiet"
+      echo "tpu_pod.sh: $name is $state; deleting and creating it again (the run resumes from $workdir)"
+      run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
+      run "${create[@]}"
+      ((skip_install == 0)) || echo "tpu_pod.sh: a new slice has no install: installing despite --skip-install"
+      skip_install=0
+    else
+      echo "tpu_pod.sh: reusing $name (state ${state:-unknown})"
+      [[ "$state" == READY ]] || die "$name is in state $state, not READY; wait, or delete it: ${gcloud_tpu[*]} delete $name ${where[*]} --quiet"
+    fi
   else
     run "${create[@]}"
   fi
@@ -129,7 +161,7 @@ fi
 install_script="set -euo pipefail; rm -rf ~/$remote_src; mkdir -p ~/$remote_src; tar -xzf ~/lsq_jax.tar.gz -C ~/$remote_src; \
 export PATH=~/.local/bin:\$PATH; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 [ -x ~/$remote_venv/bin/python ] || uv venv --python 3.12 ~/$remote_venv; \
-uv pip install --python ~/$remote_venv/bin/python 'jax[tpu]>=0.10.2' gcsfs -e ~/$remote_src"
+uv pip install --python ~/$remote_venv/bin/python 'jax[tpu]>=0.10.2' $fs_package -e ~/$remote_src"
 if ((skip_install == 0)); then
   pack=(tar -czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=runs --exclude=__pycache__
         --exclude='*.egg-info' .)

@@ -36,10 +36,31 @@ class WorkdirError(Exception):
     """A workdir that cannot be used: not a directory, not writable, or in use by another run."""
 
 
+# the URL schemes a workdir may have, each with the package that gives it a filesystem (the `cloud` extra)
+URL_FILESYSTEMS = {"gs": "gcsfs", "s3": "s3fs"}
+
+
+def check_url_scheme(workdir: str) -> None:
+    """WorkdirError unless a URL workdir's scheme is one of URL_FILESYSTEMS and its package is installed."""
+    if "://" not in workdir:
+        return
+    scheme = workdir.split("://", 1)[0]
+    if scheme not in URL_FILESYSTEMS:
+        raise WorkdirError(f"--workdir={workdir}: {scheme}:// is not supported; allowed: a local path, "
+                           + " or ".join(f"{s}://BUCKET/PATH" for s in URL_FILESYSTEMS))
+    try:
+        import fsspec
+        fsspec.get_filesystem_class(scheme)
+    except ImportError:
+        raise WorkdirError(f"--workdir={workdir}: {scheme}:// needs the {URL_FILESYSTEMS[scheme]} package, "
+                           "which is not installed (pip install -e '.[cloud]')") from None
+
+
 def resolve_workdir(workdir: str) -> epath.Path:
     """The --workdir as an absolute path (local paths against the current directory; URLs such as gs://
     unchanged): Orbax refuses relative paths, and a run that changes directory must not move its files.
-    WorkdirError when it exists and is not a directory."""
+    WorkdirError when it exists and is not a directory, or is a URL no installed filesystem serves."""
+    check_url_scheme(str(workdir))
     path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(os.path.expanduser(str(workdir))))
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"--workdir: {path} exists and is not a directory")

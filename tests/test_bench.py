@@ -181,3 +181,14 @@ def test_scaling_on_accelerators_runs_here_and_skips_counts_the_machine_lacks(mo
     assert [row["devices"] for row in rows] == [n]
     assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
     assert f"scaling: {n + 1} devices skipped ({n} available)" in capsys.readouterr().out
+
+
+def test_help_lists_the_benchs_flags():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "lsq_jax.bench", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in ("--bench", "--config", "--budget_s", "--seeds", "--out"):
+        assert f"  {flag}:" in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("Benchmarks:")

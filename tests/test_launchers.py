@@ -105,9 +105,57 @@ def test_tpu_pod_reuse_skips_install_and_detaches():
     assert "nohup" in commands[-1][-1] and "lsq_jax_run.log" in commands[-1][-1]
 
 
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v3-8", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e")])
+def test_tpu_pod_runtime_follows_the_accelerator_type(accelerator, runtime):
+    proc = _bash([LAUNCH / "tpu_pod.sh", "--dry-run", "--workdir=gs://b/w", f"--accelerator-type={accelerator}"])
+    assert proc.returncode == 0, proc.stderr
+    create = next(c for c in _commands(proc.stdout) if c[4] == "create")
+    assert f"--accelerator-type={accelerator}" in create and f"--version={runtime}" in create
+
+
+def test_tpu_pod_installs_the_workdirs_filesystem():
+    for workdir, package, other in (("gs://b/w", "gcsfs", "s3fs"), ("s3://b/w", "s3fs", "gcsfs")):
+        proc = _bash([LAUNCH / "tpu_pod.sh", "--dry-run", f"--workdir={workdir}"])
+        install = next(c for c in _commands(proc.stdout) if c[4] == "ssh" and "uv pip install" in c[-1])[-1]
+        assert proc.returncode == 0 and package in install and other not in install, proc.stderr
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+echo "$*" >> "$GCLOUD_LOG"
+if [[ "$4" == describe ]]; then echo "$GCLOUD_STATE"; fi
+"""
+
+
+@pytest.mark.parametrize("spot", [True, False])
+def test_tpu_pod_after_a_spot_preemption_recreates_the_slice(tmp_path, spot):
+    """A stand-in gcloud answers that the slice was preempted: with --spot the same command deletes it,
+    creates it again, installs (even with --skip-install: a new slice has nothing) and runs; without
+    --spot it stops in one line that names what to do."""
+    (tmp_path / "gcloud").write_text(FAKE_GCLOUD)
+    (tmp_path / "gcloud").chmod(0o755)
+    log = tmp_path / "calls"
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "GCLOUD_LOG": str(log), "GCLOUD_STATE": "PREEMPTED",
+           "TMPDIR": str(tmp_path)}
+    proc = _bash([LAUNCH / "tpu_pod.sh", "--name=pod", "--workdir=gs://b/w", "--skip-install",
+                  *(["--spot"] if spot else [])], env_extra=env)
+    calls = [line.split()[3] for line in log.read_text().splitlines()]
+    if spot:
+        assert proc.returncode == 0, proc.stderr
+        assert calls == ["describe", "delete", "create", "scp", "ssh", "ssh"]
+        assert "--spot" in log.read_text().splitlines()[2]
+    else:
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "state PREEMPTED" in proc.stderr and "--spot" in proc.stderr and calls == ["describe"]
+
+
 @pytest.mark.parametrize("args, needle", [
     ([], "--workdir is required"),
     (["--workdir=/tmp/local"], "must be a cloud storage URL"),
+    (["--workdir=gs://b/w", "--accelerator-type=v5litepod-16", "--version=tpu-ubuntu2204-base"],
+     "allowed --version=v2-alpha-tpuv5-lite"),
+    (["--workdir=gs://b/w", "--accelerator-type=v7x-8"], "--accelerator-type=v7x-8: unknown type"),
     (["--workdir=gs://b/w", "--config=configs/nope.py"], "no file configs/nope.py"),
     (["--workdir=gs://b/w", "--distributed=explicit"], "is set by this launcher"),
 ])

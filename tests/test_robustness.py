@@ -3,6 +3,7 @@ workdirs, preemption during a save, damaged checkpoints, a non-finite loss, two 
 config files, unusable workdirs, sizes that cannot fit in memory. Each ends in exit status 0 and a run
 that resumes and finishes, or exit status 2 with one line on stderr and the workdir untouched."""
 import errno
+import importlib
 import json
 import os
 import pathlib
@@ -377,6 +378,21 @@ def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
     status, out, err = run("--workdir=gs://bucket/w", steps=30)
     assert status == 0, err
     assert "resumed from step 20" in out and params_of(local)[1] == 30
+
+
+@pytest.mark.parametrize("workdir, needle", [
+    ("hdfs://bucket/w", "--workdir=hdfs://bucket/w: hdfs:// is not supported; allowed: a local path, gs://"),
+    ("s3://bucket/w", "--workdir=s3://bucket/w: s3:// needs the s3fs package, which is not installed"),
+])
+def test_a_url_workdir_without_a_filesystem_is_one_line(tmp_path, monkeypatch, workdir, needle, no_report):
+    registry = importlib.import_module("fsspec.registry")  # s3:// as without s3fs, whether or not it is here
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
+    monkeypatch.setitem(registry.known_implementations, "s3",
+                        {"class": "lsq_jax_no_such_module.S3FileSystem", "err": "Install s3fs to access S3"})
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(f"--workdir={workdir}")
+    assert_bad_input(status, err, needle)
+    assert not list(tmp_path.iterdir()) and not out
 
 
 @pytest.mark.parametrize("override, needle", [

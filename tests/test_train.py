@@ -345,3 +345,25 @@ def test_no_recompilation_after_the_first_step():
         state, _ = advance(fns, state, i)
     assert fns.train._cache_size() == 1
     assert fns.stats._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_a_progress_line_comes_by_time_whatever_log_every_is(tmp_path, monkeypatch):
+    """With the progress intervals at 0 every step prints its rate and ETA; metrics.jsonl keeps the log_every
+    records alone."""
+    from lsq_jax.eval import report as eval_report
+    from lsq_jax.train import log as train_log
+
+    monkeypatch.setattr(train_log, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(train_log, "PROGRESS_FIRST_S", 0.0)
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
+    out = []
+    status = main.run(["lsq_jax.main", "--config=configs/baseconv.py:smoke", f"--workdir={tmp_path}",
+                       "--config.train.num_steps=6", "--config.train.log_every=100",
+                       ], log=out.append)
+    assert status == 0, out
+    lines = [line for line in out if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(6))
+    assert all("steps/s" in line and "ETA" in line for line in lines)
+    assert "ETA ?" not in lines[-1]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [0, 5]

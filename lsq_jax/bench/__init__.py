@@ -1,4 +1,4 @@
-"""Benchmarks: throughput, time-to-precision and scaling of the training step.
+r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
 
     python -m lsq_jax.bench                                   # all three, explicit-gradient BaseConv config
     python -m lsq_jax.bench --bench=throughput --config=configs/multistep_gd.py

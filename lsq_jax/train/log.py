@@ -49,6 +49,11 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+# a progress line at least this often, whatever train.log_every is; the first rate comes sooner
+PROGRESS_EVERY_S = 30.0
+PROGRESS_FIRST_S = 10.0
+
+
 class Progress:
     """Steps/s and ETA over the steps since the last report (compile time of the first step excluded)."""
 
@@ -56,12 +61,20 @@ class Progress:
         self._num_steps = num_steps
         self._last_step = start_step
         self._last_time = time.perf_counter()
+        self._lines = 0
+
+    def due(self) -> bool:
+        """Whether the last line is at least PROGRESS_EVERY_S old (PROGRESS_FIRST_S after the first line,
+        whose rate is unknown since it counts no step)."""
+        every = PROGRESS_FIRST_S if self._lines == 1 else PROGRESS_EVERY_S
+        return time.perf_counter() - self._last_time >= every
 
     def line(self, step: int, metrics: dict[str, Any]) -> str:
         now = time.perf_counter()
         done = step - self._last_step
         rate = done / max(now - self._last_time, 1e-9) if done > 0 else float("nan")
         self._last_step, self._last_time = step, now
+        self._lines += 1
         eta = (self._num_steps - 1 - step) / rate if rate > 0 else float("nan")
         loss = float(metrics["loss"])
         parts = [f"step {step}/{self._num_steps}",

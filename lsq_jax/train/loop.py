@@ -151,7 +151,8 @@ def _train_loop(steps, state, ckpt, config, writer, log, preempted):
     steps past the last checkpoint, or a measurement not yet written."""
     num_steps, every = steps.plan.exp.train.num_steps, steps.plan.exp.train.log_every
     progress = Progress(int(state.step), num_steps)
-    pending = None  # the (step, metrics) of the last measurement step, read after the next dispatch
+    pending = None  # (step, metrics, whether metrics.jsonl gets them) of the last step to report, read
+    # after the next dispatch: every log_every steps, and a progress line alone every PROGRESS_EVERY_S
     saved = int(state.step)  # the state at the start is restored or drawn again the same by a rerun
 
     def report():
@@ -165,14 +166,16 @@ def _train_loop(steps, state, ckpt, config, writer, log, preempted):
         preemption.unsaved(True)
         report()
         if step % every == 0 or step == num_steps - 1:
-            pending = (step, metrics)
+            pending = (step, metrics, True)
+        elif progress.due():
+            pending = (step, metrics, False)
         if ckpt.save(step + 1, state, config, force=step + 1 == num_steps):
             saved = step + 1
         if preempted(step + 1):
             ckpt.save(step + 1, state, config, force=True)  # a no-op when step + 1 was just saved
             report()
             return True
-        preemption.unsaved(saved != step + 1 or pending is not None)
+        preemption.unsaved(saved != step + 1 or (pending is not None and pending[2]))
         return False
 
     state, stopped = drive(steps, state, num_steps, after_step)
@@ -181,10 +184,12 @@ def _train_loop(steps, state, ckpt, config, writer, log, preempted):
     return state, stopped
 
 
-def _report(writer, progress, log, step, metrics):
-    """Write and print a measurement; other NaN scalars mean "not measured at this step" and are dropped."""
+def _report(writer, progress, log, step, metrics, record: bool):
+    """Print a measurement, and write it when `record`; other NaN scalars mean "not measured at this step"
+    and are dropped."""
     metrics = jax.device_get(metrics)
     metrics = {k: v for k, v in metrics.items()
                if k in ALWAYS_LOGGED or not (jnp.ndim(v) == 0 and math.isnan(float(v)))}
-    writer.write(step, metrics)
+    if record:
+        writer.write(step, metrics)
     log(progress.line(step, metrics))
