@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
@@ -23,7 +24,7 @@ from etils import epath
 
 from lsq_jax.config.check import one_line
 from lsq_jax.config.experiment import Experiment, experiment_from_dict
-from lsq_jax.workdir import FULL_DISK, WorkdirError, is_writer
+from lsq_jax.workdir import FULL_DISK, WorkdirError, is_writer, os_error_line
 
 _POLICIES = ocp.checkpoint_managers
 
@@ -37,16 +38,35 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_not_from_orbax)
 
 
-def _without_closed_loop_errors(excepthook):
-    """sys.excepthook, quiet about 'Event loop is closed': after a save failed, the storage callbacks of
-    Orbax's other writers find their event loop closed, and each prints that traceback."""
+def _closed_loop_error(value: BaseException | None) -> bool:
+    """After a save or a restore failed, the storage callbacks of Orbax's other reads and writes find their
+    event loop closed, and each prints that traceback (as an unraisable exception, or through excepthook):
+    the failure reaches the user once, as this module's error."""
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_excepthook(excepthook):
     def hook(kind, value, tb):
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        if not _closed_loop_error(value):
             excepthook(kind, value, tb)
     return hook
 
 
-sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+def _quiet_unraisablehook(unraisablehook):
+    def hook(unraisable):
+        if not _closed_loop_error(unraisable.exc_value):
+            unraisablehook(unraisable)
+    return hook
+
+
+def _not_never_retrieved(record: logging.LogRecord) -> bool:
+    """asyncio's 'Task exception was never retrieved' of the reads a failed restore left behind."""
+    return "never retrieved" not in record.getMessage()
+
+
+sys.excepthook = _quiet_excepthook(sys.excepthook)
+sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+logging.getLogger("asyncio").addFilter(_not_never_retrieved)
 
 
 class CheckpointError(Exception):
@@ -103,13 +123,17 @@ class Checkpointer:
             self._manager.close()
 
     def _save_error(self, err: Exception) -> Exception:
-        """WorkdirError for a save that failed on a full disk (or quota), naming the workdir, what a
-        checkpoint needs and what is free; other failures unchanged. The half-written checkpoint stays
+        """WorkdirError for a save that cannot be written: on a full disk (or quota), naming the workdir, what
+        a checkpoint needs and what is free; any other OSError (a read-only or vanished directory, a file in
+        the way) naming the path and the reason. Other failures unchanged. The half-written checkpoint stays
         a temporary directory that restoring skips, so the previous checkpoints remain restorable."""
         text = str(err)
         if not (getattr(err, "errno", None) in FULL_DISK or "No space left" in text
                 or "RESOURCE_EXHAUSTED" in text or "quota" in text.lower()):
-            return err
+            cause = next((e for e in _chain(err) if isinstance(e, OSError)), None)
+            if cause is None:
+                return err
+            return WorkdirError(os_error_line(cause, cause.filename or self.directory))
         mib = 2.0**20
         try:
             free = f"{shutil.disk_usage(os.fspath(self.directory)).free / mib:.1f} MiB free"
@@ -211,6 +235,15 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self._manager.reload()
         return destination
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the exceptions it was raised from or during."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def abstract_like(state: Any, sharding) -> Any:

@@ -1,7 +1,8 @@
 """Entrypoint: python -m lsq_jax.main --config=configs/baseconv.py[:variant] [--config.a.b=v] [--workdir=W].
 Parses flags, sets up JAX (float64, matmul precision, multi-process), converts the config once into validated
 dataclasses and calls the library. Bad input (an unknown or ill-typed field, contradictory settings, a broken
-config file, an unusable or full workdir, sizes that cannot fit in memory) is ONE line on stderr, status 2."""
+config file, an unusable or full workdir, sizes that cannot fit in memory) is ONE line on stderr, status 2,
+as is a file that cannot be written. SIGTERM and SIGINT: see lsq_jax.preemption (status 0 and 130)."""
 import sys
 
 from lsq_jax import preemption
@@ -52,28 +53,28 @@ def execute(log=print) -> None:
         report.write_evaluation(exp, None, workdir, log=log, constructions=True)
 
 
-def run(argv: list[str], log=print) -> int:
-    """The whole command in this process; returns the exit status (2 and one stderr line for bad input)."""
-    from lsq_jax import checkpoint, workdir
-
+def run(argv: list[str], log=print, *, program: bool = False) -> int:
+    """The whole command in this process; returns the exit status. Puts back the signal handlers it installs
+    (unless it is the `program`: then they stay until the process ends, and a second signal changes nothing)."""
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
         return 0
+    preemption.install_early()
+    from lsq_jax import checkpoint, workdir
     try:
         parse_flags(argv)
         execute(log)
     except (checkpoint.CheckpointError, ConfigError, workdir.WorkdirError, OSError) as err:
-        if isinstance(err, OSError) and err.errno not in workdir.FULL_DISK:  # any other OSError is a bug to show
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {workdir.os_error_line(err) if isinstance(err, OSError) else one_line(err)}", file=sys.stderr)
         return 2
     except preemption.Preempted:
-        log(preemption.NOTHING_TO_SAVE)
-        return 0
+        preemption.stopping()
+        log(preemption.nothing_to_save())
     finally:
-        preemption.uninstall()
-    return 0
+        if not program:
+            preemption.uninstall()
+    return preemption.status()
 
 
 if __name__ == "__main__":
-    preemption.exit(run(sys.argv))
+    preemption.exit(preemption.guarded(run, sys.argv, program=True))

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import jax
 from etils import epath
@@ -33,7 +34,42 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk
 
 
 class WorkdirError(Exception):
-    """A workdir that cannot be used: not a directory, not writable, or in use by another run."""
+    """A workdir that cannot be used: not a directory, not writable, full, or in use by another run."""
+
+
+def os_error_line(err: OSError, path=None) -> str:
+    """One line: the path (`path`, else the error's own) and the reason."""
+    path = path if path is not None else err.filename
+    reason = err.strerror or str(err) or type(err).__name__
+    full = "; free some space or use another --workdir" if err.errno in FULL_DISK else ""
+    return f"cannot write {path}: {reason}{full}" if path is not None else f"{reason}{full}"
+
+
+@contextlib.contextmanager
+def writing(path) -> Iterator[None]:
+    """Within the block, an OSError is WorkdirError naming `path` and the reason."""
+    try:
+        yield
+    except OSError as err:
+        raise WorkdirError(os_error_line(err, path)) from None
+
+
+def write_atomically(path, text: str) -> None:
+    """Replace the file `path` whole (locally a temporary file beside it, then a rename): a failure leaves
+    the earlier file as it was and no partial one. WorkdirError naming the path."""
+    path = epath.Path(path)
+    with writing(path):
+        if "://" in str(path):  # an object store replaces the object whole
+            path.write_text(text)
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(os.fspath(tmp), os.fspath(path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 # the URL schemes a workdir may have, each with the package that gives it a filesystem (the `cloud` extra)
@@ -136,8 +172,12 @@ class WorkdirLock:
                 fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(self._record())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self._record())
+            except BaseException:  # no empty lock left behind (a full disk)
+                self.path.unlink()
+                raise
             return True
         if self.path.exists():
             return False
@@ -146,7 +186,9 @@ class WorkdirLock:
 
     def acquire(self, log=print) -> None:
         for _ in range(3):
-            if self._create():
+            with writing(self.path):
+                created = self._create()
+            if created:
                 break
             record = self.holder()
             if record is None:
@@ -170,17 +212,12 @@ class WorkdirLock:
         while not self._stop.wait(self._heartbeat_s):
             try:
                 self._rewrite()
-            except OSError:
+            except WorkdirError:  # a full disk for a while: the record keeps its older time
                 pass
 
     def _rewrite(self) -> None:
-        """Refresh the time; locally by rename, so a reader never sees a half-written record."""
-        if "://" in str(self.path):
-            self.path.write_text(self._record())  # an object store replaces the object whole
-            return
-        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
-        tmp.write_text(self._record())
-        os.replace(os.fspath(tmp), os.fspath(self.path))
+        """Refresh the time, so that a reader never sees a half-written record."""
+        write_atomically(self.path, self._record())
 
     def release(self) -> None:
         self._stop.set()
@@ -200,6 +237,7 @@ def claimed(workdir, log=print):
     lock = WorkdirLock(workdir)
     if is_writer():
         check_writable(workdir)
+        check_writable(epath.Path(workdir) / "checkpoints")  # at the start, not at the first save
         lock.acquire(log)
     try:
         with preemption.on_exit(lock.release):

@@ -103,6 +103,9 @@ def parse_flags(argv: list[str]) -> None:
         sys.argv = saved_argv
     if len(rest) > 1:
         raise ConfigError(f"unexpected positional arguments: {' '.join(rest[1:])}")
+    if FLAGS.workdir is not None and not FLAGS.workdir.strip():
+        raise ConfigError(f"--workdir: got {FLAGS.workdir!r}; allowed a directory path (leave the flag out for "
+                          "runs/<name>-<time>)")
     if FLAGS.mode == "eval" and FLAGS.workdir is None:
         raise ConfigError("--mode=eval needs --workdir (a training workdir with checkpoints)")
     if FLAGS.mode != "eval" and FLAGS.config is None:

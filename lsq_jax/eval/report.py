@@ -62,7 +62,7 @@ from lsq_jax.eval.stats import (
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
-from lsq_jax.workdir import is_writer
+from lsq_jax.workdir import is_writer, write_atomically, writing
 
 __all__ = [
     "evaluate_constructions",
@@ -364,11 +364,13 @@ def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = F
         report = evaluate_experiment(exp, params, key, **sizes)
     if is_writer():
         out = workdir / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
         log(format_table(report))
         metrics = workdir / "metrics.jsonl"
-        for path in plots.write_plots(report, plots.read_metrics(metrics) if metrics.exists() else [], out):
-            log(f"wrote {path}")
+        with writing(out):
+            for path in plots.write_plots(report, plots.read_metrics(metrics) if metrics.exists() else [], out):
+                log(f"wrote {path}")
         log(f"wrote {out / 'report.json'}")
     return report

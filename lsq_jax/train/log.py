@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from lsq_jax.workdir import is_writer
+from lsq_jax.workdir import is_writer, writing
 
 
 def to_python(value: Any):
@@ -33,11 +33,12 @@ class MetricsWriter:
             return
         line = json.dumps({"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}) + "\n"
         path = epath.Path(self._path)
-        if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
-            path.write_text((path.read_text() if path.exists() else "") + line)
-        else:
-            with path.open("a") as f:
-                f.write(line)
+        with writing(path):
+            if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
+                path.write_text((path.read_text() if path.exists() else "") + line)
+            else:
+                with path.open("a") as f:
+                    f.write(line)
 
 
 def format_duration(seconds: float) -> str:

@@ -21,7 +21,7 @@ from lsq_jax.train.log import MetricsWriter, Progress
 from lsq_jax.train.plan import RunPlan, make_plan
 from lsq_jax.train.state import TrainState, init_state, place_state
 from lsq_jax.train.step import Steps, advance, evaluate_loss
-from lsq_jax.workdir import claimed, is_writer
+from lsq_jax.workdir import claimed, is_writer, write_atomically
 
 ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
@@ -74,7 +74,7 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
         state = resume_or_init(exp, ckpt, mesh, allow_config_change=allow_config_change, log=log)
         config = experiment_to_dict(exp)
         if is_writer():
-            (workdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_atomically(workdir / "config.json", json.dumps(config, indent=2) + "\n")
         steps = Steps(plan)
         with preemption.on_exit(ckpt.wait):
 
@@ -89,7 +89,7 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
                 ckpt.save(int(state.step), state, config, force=True)
             state, stopped = _train_loop(steps, state, ckpt, config, writer, log, preempted)
         if stopped:
-            log(f"preempted: saved step {int(state.step)}; run the same command to resume")
+            log(preemption.saved_line(int(state.step)))
             return Trained(state, None, True)
     finally:
         ckpt.close()
