@@ -100,13 +100,15 @@ class Checkpointer:
     def save(self, step: int, state: Any, config: dict, *, force: bool = False) -> bool:
         """Save (asynchronously) if `step` is due, or always with `force`, unless `step` is saved already
         (a preemption right after a regular save). Every process must call it."""
-        if step == self._manager.latest_step():
-            return False
-        self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         try:
+            if not self._manager.is_saving_in_progress():  # an earlier save that failed ends the run now
+                self._manager.wait_until_finished()
+            if step == self._manager.latest_step():
+                return False
+            self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
             return self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)), force=force)
-        except Exception as err:  # noqa: BLE001 -- a failed asynchronous save surfaces at the next one
+        except Exception as err:  # noqa: BLE001 -- a failed asynchronous save surfaces here
             raise self._save_error(err) from None
 
     def wait(self) -> None:

@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 GRACE_S = 1.0  # how long the watcher leaves a signal to the main thread
-SIGNALS = {signal.SIGTERM: ("preempted", 0), signal.SIGINT: ("interrupted", 130)}  # (what it says, status)
+# (what it says, exit status); SIGTERM's handler last: once Python (SigCgt) shows it, both are in place
+SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("preempted", 0)}
 
 
 class Preempted(BaseException):
