@@ -229,22 +229,30 @@ def test_a_directory_in_the_way_of_a_run_file_is_one_line(tmp_path, capsys, in_t
     assert not (tmp_path / "lock").exists()
 
 
-@pytest.mark.slow
-def test_checkpoints_deleted_during_the_run_end_it_in_one_line(tmp_path, capsys, monkeypatch):
+# main as a program, whose checkpoints directory is deleted once step 10 is saved, a file taking its place
+CHECKPOINTS_DELETED = textwrap.dedent("""
+    import os, runpy, shutil
+    from lsq_jax.checkpoint import Checkpointer
     real = Checkpointer.save
-
     def save_then_delete(self, step, *args, **kwargs):
         saved = real(self, step, *args, **kwargs)
         if step == 10:
             self.wait()
-            shutil.rmtree(tmp_path / "checkpoints")
-            (tmp_path / "checkpoints").write_text("")  # and a file in its place
+            shutil.rmtree(os.fspath(self.directory))
+            open(os.fspath(self.directory), "w").close()
         return saved
+    Checkpointer.save = save_then_delete
+    runpy.run_module("lsq_jax.main", run_name="__main__", alter_sys=True)
+""")
 
-    monkeypatch.setattr(Checkpointer, "save", save_then_delete)
-    status, _, err = run_here(tmp_path, steps=40, capsys=capsys)
-    assert status == 2
-    one_error_line(err, str(tmp_path / "checkpoints"))
+
+@pytest.mark.slow
+def test_checkpoints_deleted_during_the_run_end_it_in_one_line(tmp_path):
+    workdir = tmp_path / "w"
+    code, out, err, _ = Run(command(workdir, steps=2000), tmp_path, program=CHECKPOINTS_DELETED).end()
+    assert code == 2 and "step 1000/" not in out, out
+    one_error_line(err, str(workdir / "checkpoints"), "Not a directory")
+    assert not (workdir / "lock").exists()
 
 
 @pytest.mark.slow
