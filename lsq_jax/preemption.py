@@ -13,8 +13,9 @@ the interpreter's exit until it ends (minutes, for a large model) and then crash
 process at once. An exception raised where Python cannot pass it on (a weakref callback, a destructor)
 is lost, and a call into C that does not check (a long device step, a large host computation) keeps the
 handler waiting. So `install` also has the signal written to a pipe (`signal.set_wakeup_fd`) that a
-watcher thread reads: when GRACE_S after the signal the main thread has not acted on it (`requested`
-returned true, or the caller caught Preempted) and nothing is unsaved, the watcher runs the cleanups
+watcher thread reads: when GRACE_S after the signal (UNWIND_S after a Preempted on its way, not lost)
+the main thread has not acted on it (`requested` returned true, or the caller caught Preempted and said
+so with `stopping` or `exit`) and nothing is unsaved, the watcher runs the cleanups
 registered with `on_exit` (an in-flight checkpoint is finished, the workdir lock released), says "nothing
 to save" and ends the process.
 
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 GRACE_S = 1.0  # how long the watcher leaves a signal to the main thread
+UNWIND_S = 10.0  # how long it leaves a raised Preempted (not reported lost) to reach the main thread's caller
 # (what it says, exit status); SIGTERM's handler last: once Python (SigCgt) shows it, both are in place
 SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("preempted", 0)}
 
@@ -62,10 +64,13 @@ class _Watch:
         self.log = log
         self.signum: int | None = None  # the first signal, as the handler or the watcher saw it
         self.handled = False  # the main thread's handler ran
+        self.raised: float | None = None  # when it raised Preempted
+        self.lost = False  # Python could not pass that exception on
         self.acting = False  # the main thread acts on the signal (saves and stops, or ends)
         self.unsaved = False  # the run holds work that the next save would keep
         self.cleanups: list[Callable[[], None]] = []
         self.exiting = threading.Event()  # the watcher is ending the process
+        self.deciding = threading.RLock()  # who ends the process: the watcher, or the main thread (`act`)
         self.closed = threading.Event()
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
@@ -89,12 +94,15 @@ class _Watch:
             self.handled = True
             return
         self.handled = True
+        self.raised = time.monotonic()
         raise Preempted
 
     def unraisable(self, unraisable) -> None:
         """Quiet about a Preempted that Python could not pass on (raised in a weakref callback): the watcher
         acts on its signal."""
-        if not isinstance(unraisable.exc_value, Preempted):
+        if isinstance(unraisable.exc_value, Preempted):
+            self.lost = True
+        else:
             self.previous_unraisablehook(unraisable)
 
     def watch(self) -> None:
@@ -112,21 +120,35 @@ class _Watch:
             self.follow(time.monotonic() + GRACE_S)
 
     def follow(self, deadline: float) -> None:
-        """Until the main thread acts on the signal; past `deadline` with nothing unsaved, end the process."""
+        """Until the main thread acts on the signal; past `deadline` (UNWIND_S after a Preempted that was not
+        lost: the main thread's `finally` blocks may finish a save) with nothing unsaved, end the process."""
         told = False
         while not self.closed.wait(0.05):
             if self.acting:
                 return
-            if time.monotonic() < deadline:
+            unwinding = self.raised is not None and not self.lost
+            if time.monotonic() < (self.raised + UNWIND_S if unwinding else deadline):
                 continue
             if not self.unsaved:
+                with self.deciding:
+                    if self.acting:
+                        return
+                    self.exiting.set()
                 self.exit()
             if not told:
                 self.log(f"{_name(self.signum)}: saving once the current computation returns")
                 told = True
 
+    def act(self) -> None:
+        """The main thread acts on the signal; when the watcher is already ending the process, it waits for
+        that."""
+        with self.deciding:
+            if not self.exiting.is_set():
+                self.acting = True
+                return
+        threading.Event().wait()
+
     def exit(self) -> None:
-        self.exiting.set()
         for cleanup in reversed(self.cleanups):
             try:
                 cleanup()
@@ -174,11 +196,12 @@ def install(log: Callable[[str], None] = print) -> None:
     raise Preempted, or (when that does not end the run within GRACE_S) end the process; see the module's
     docstring. In a multi-process run only the handlers of `install_early` are put back (call it after
     jax.distributed has started). `uninstall` puts back what was there."""
-    global _watch
+    global _watch, _signum
     import jax  # here: importing this module stays cheap (main's --help)
 
     if _watch is not None:
         return
+    _signum = None
     if jax.process_count() == 1:
         _watch = _Watch(log)
     else:  # jax.distributed.initialize gave SIGTERM to JAX's notifier, under Python's record of a handler
@@ -228,7 +251,7 @@ def stopping() -> None:
     """The main thread ends the run for the signal received (it caught Preempted): the watcher leaves it to
     it, and a second signal changes nothing."""
     if _watch is not None:
-        _watch.acting = True
+        _watch.act()
 
 
 def guarded(main: Callable[..., int], *args, **kwargs) -> int:
@@ -258,7 +281,7 @@ def requested() -> bool:
     to it)."""
     if _watch is None or _watch.signum is None:
         return False
-    _watch.acting = True
+    _watch.act()
     return True
 
 
@@ -269,7 +292,7 @@ def unsaved(value: bool) -> None:
         return
     _watch.unsaved = value
     if not value and _watch.signum is not None and not _watch.acting:
-        _watch.acting = True
+        _watch.act()
         raise Preempted
 
 

@@ -237,9 +237,10 @@ def claimed(workdir, log=print):
     lock = WorkdirLock(workdir)
     if is_writer():
         check_writable(workdir)
-        check_writable(epath.Path(workdir) / "checkpoints")  # at the start, not at the first save
         lock.acquire(log)
     try:
+        if is_writer():
+            check_writable(epath.Path(workdir) / "checkpoints")  # at the start, not at the first save
         with preemption.on_exit(lock.release):
             yield
     finally:
