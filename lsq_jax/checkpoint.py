@@ -135,7 +135,7 @@ class Checkpointer:
             cause = next((e for e in _chain(err) if isinstance(e, OSError)), None)
             if cause is None:
                 return err
-            return WorkdirError(os_error_line(cause, cause.filename or self.directory))
+            return WorkdirError(os_error_line(cause, cause.filename or self.directory, "cannot write the checkpoint "))
         mib = 2.0**20
         try:
             free = f"{shutil.disk_usage(os.fspath(self.directory)).free / mib:.1f} MiB free"
@@ -195,15 +195,15 @@ class Checkpointer:
         makes the checkpoint unusable). `target(experiment)` gives the abstract state to restore onto
         (ShapeDtypeStructs with concrete shardings; with `partial` some of its fields, see `restore`); it
         raises CheckpointError for an experiment it cannot use, anything else (a config the caller
-        refuses) propagates. Without `step` it falls back past unusable checkpoints with a warning; with
-        `set_aside` (training), once an earlier one has restored, the unusable ones are moved to
-        <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint at
-        all; CheckpointError (nothing moved) when none restores.
+        refuses) propagates. Without `step` it falls back past unusable checkpoints, with a warning line for
+        each once an earlier one has restored; with `set_aside` (training) the unusable ones are then moved
+        to <workdir>/unrestorable/ so the run can save those steps again. None when there is no checkpoint
+        at all; CheckpointError (nothing moved; one line, the newest's reason) when none restores.
         """
         steps = self.steps()
         if step is not None and step not in steps:
             raise CheckpointError(f"step {step} is not in {self.directory}: available are {steps or 'none'}")
-        unusable = []
+        unusable: list[tuple[int, CheckpointError]] = []
         for s in [step] if step is not None else list(reversed(steps)):
             try:
                 config = self.saved_config(s)
@@ -216,14 +216,15 @@ class Checkpointer:
             except CheckpointError as err:
                 if step is not None:
                     raise
-                log(f"warning: {err}; trying an earlier checkpoint")
-                unusable.append(s)
+                unusable.append((s, err))
                 continue
-            for bad in unusable if set_aside else ():
-                log(f"warning: moved the unusable checkpoint {bad} to {self._set_aside(bad)}")
+            for bad, err in unusable:  # one line each, once an earlier one has restored
+                log(f"warning: {err}; " + (f"moved it to {self._set_aside(bad)}" if set_aside
+                                           else f"using the earlier checkpoint {s}"))
             return s, exp, state
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored")
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be restored; the newest: "
+                                  f"{unusable[0][1]}")
         return None
 
     def _set_aside(self, step: int) -> epath.Path:

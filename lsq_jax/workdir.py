@@ -37,12 +37,12 @@ class WorkdirError(Exception):
     """A workdir that cannot be used: not a directory, not writable, full, or in use by another run."""
 
 
-def os_error_line(err: OSError, path=None) -> str:
-    """One line: the path (`path`, else the error's own) and the reason."""
+def os_error_line(err: OSError, path=None, doing: str = "") -> str:
+    """One line: what was being done to the path (`path`, else the error's own), and the reason."""
     path = path if path is not None else err.filename
     reason = err.strerror or str(err) or type(err).__name__
     full = "; free some space or use another --workdir" if err.errno in FULL_DISK else ""
-    return f"cannot write {path}: {reason}{full}" if path is not None else f"{reason}{full}"
+    return f"{doing}{path}: {reason}{full}" if path is not None else f"{reason}{full}"
 
 
 @contextlib.contextmanager
@@ -51,7 +51,7 @@ def writing(path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise WorkdirError(os_error_line(err, path)) from None
+        raise WorkdirError(os_error_line(err, path, "cannot write ")) from None
 
 
 def write_atomically(path, text: str) -> None:

@@ -255,19 +255,29 @@ def test_checkpoints_deleted_during_the_run_end_it_in_one_line(tmp_path):
     assert not (workdir / "lock").exists()
 
 
+def truncate(workdir, step) -> None:
+    for path in (workdir / "checkpoints").glob(f"{step}/state/d/*"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 @pytest.mark.slow
 def test_falling_back_past_damaged_checkpoints_prints_one_line_each(trained, tmp_path):
-    """Every checkpoint's data truncated: one warning per checkpoint, then the one error line; nothing from
-    Orbax's or TensorStore's threads (each failed read's callbacks find the event loop closed)."""
+    """The newest checkpoint's data truncated: one warning line as the run sets it aside and goes on from
+    the one before; every checkpoint truncated: the one error line. Nothing from Orbax's or TensorStore's
+    threads (each failed read's callbacks find the event loop closed)."""
     workdir = copy_of(trained, tmp_path)
     steps = Checkpointer(workdir, read_only=True).steps()
-    for path in (workdir / "checkpoints").glob("*/state/d/*"):
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    truncate(workdir, steps[-1])
     code, out, err, _ = Run(command(workdir), tmp_path).end()
-    assert code == 2
-    one_error_line(err, f"none of the checkpoints {steps}", "can be restored")
     warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == len(steps) and out.count("\n") == len(steps) + 1, out
+    assert code == 0 and err == "", err
+    assert len(warnings) == 1 and f"checkpoint {steps[-1]} " in warnings[0] and "unrestorable" in warnings[0]
+    assert f"resumed from step {steps[-2]}" in out
+    for step in Checkpointer(workdir, read_only=True).steps():
+        truncate(workdir, step)
+    code, out, err, _ = Run(command(workdir), tmp_path).end()
+    assert code == 2 and out.splitlines() == [f"workdir: {workdir}"], out
+    one_error_line(err, "none of the checkpoints", "can be restored", f"checkpoint {steps[-1]} ")
 
 
 def test_an_empty_workdir_is_refused(tmp_path, capsys, monkeypatch):

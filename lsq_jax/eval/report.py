@@ -369,8 +369,9 @@ def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = F
         write_atomically(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
         log(format_table(report))
         metrics = workdir / "metrics.jsonl"
+        records = plots.read_metrics(metrics) if metrics.exists() else []
         with writing(out):
-            for path in plots.write_plots(report, plots.read_metrics(metrics) if metrics.exists() else [], out):
+            for path in plots.write_plots(report, records, out):
                 log(f"wrote {path}")
         log(f"wrote {out / 'report.json'}")
     return report
