@@ -103,6 +103,13 @@ def _checked(exp: Experiment) -> Experiment:
     if exp.optim.schedule == "adaptive":
         require("train.grad_stats_batches", exp.train.grad_stats_batches, exp.train.grad_stats_batches > 0,
                 "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
+    n_rows = len(exp.task.rows())
+    if n_rows > 1:
+        require("task.n_points_min", exp.task.n_points_min, exp.points.inc == 0 and exp.points.start == exp.points.end,
+                "None with a points curriculum (the range of rows replaces it)")
+        require("train.batch_size", exp.train.batch_size, exp.train.batch_size % n_rows == 0,
+                f"multiples of {n_rows} with task.n_points_min={exp.task.n_points_min} (an equal share of the "
+                f"batch for each row count in [{exp.task.n_points_min}, {exp.task.n_points}])")
     return exp
 
 

@@ -9,6 +9,7 @@ from lsq_jax.config.check import fail, is_int, is_real
 PRIMITIVE_NAMES = ("identity", "square", "elementwise_multiply", "read", "linear")
 LEAST_SQUARES_NAMES = ("least_squares", "least_squares_icl", "explicit_gradient", "multistep_gd")
 TASK_NAMES = PRIMITIVE_NAMES + LEAST_SQUARES_NAMES
+ROWS_RANGE_NAMES = ("explicit_gradient", "multistep_gd", "least_squares")  # one target per problem
 
 # Tasks with a `setting`: the allowed values, the first being the default.
 SETTINGS = {
@@ -38,6 +39,14 @@ class TaskConfig:
         normalize_a, scale_cond, normalize_x, scale_target: least-squares sampler options (unit rows of
             A; condition number kappa >= 1; unit x*, x0; multiply x*, x0 by scale_target > 0).
             Sampler options of the other family are validated but unused.
+        n_points_min: training over a range of rows: None (default: L = n_points only) or L_min in
+            [1, n_points]; each training batch then holds an equal share of problems of every L in
+            [n_points_min, n_points] (explicit_gradient 'last', multistep_gd and least_squares only: one
+            target per problem). The model's positions are sized by n_points.
+        scale_cond_max: None (default: kappa = scale_cond) or kappa_max >= scale_cond: each problem's kappa
+            is drawn log-uniform in [scale_cond, scale_cond_max].
+        scale_target_max: None (default: scale_target) or a maximum >= scale_target: each problem's target
+            scale is drawn log-uniform in [scale_target, scale_target_max].
         dtype: 'float64' (default) or 'float32', the dtype of every floating array a task returns.
     """
 
@@ -55,6 +64,9 @@ class TaskConfig:
     scale_cond: float = 1.0
     normalize_x: bool = False
     scale_target: float = 1.0
+    n_points_min: int | None = None
+    scale_cond_max: float | None = None
+    scale_target_max: float | None = None
     dtype: str = "float64"
 
     def __post_init__(self):
@@ -98,8 +110,41 @@ class TaskConfig:
         small = min(self.n_points, self.n_dims) < 2
         if self.scale_cond != 1 and self.name in LEAST_SQUARES_NAMES and small:
             fail("scale_cond", self.scale_cond, "1 when min(n_points, n_dims) < 2")
+        self._check_ranges()
         if self.dtype not in DTYPES:
             fail("dtype", self.dtype, " | ".join(map(repr, DTYPES)))
+
+    def _check_ranges(self):
+        lo = self.n_points_min
+        if lo is not None:
+            if not is_int(lo) or not 1 <= lo <= self.n_points:
+                fail("n_points_min", lo, f"None or integers in [1, n_points={self.n_points}]")
+            if self.name not in ROWS_RANGE_NAMES or self.setting == "all":
+                fail("n_points_min", lo, f"None for {self.name}{' ' + repr(self.setting) if self.setting else ''} "
+                     "(a range of rows: explicit_gradient 'last', multistep_gd, least_squares; with 'all' every "
+                     "prefix is a target already)")
+        for field, low in (("scale_cond_max", self.scale_cond), ("scale_target_max", self.scale_target)):
+            value = getattr(self, field)
+            if value is not None and (not is_real(value) or value < low):
+                fail(field, value, f"None or finite numbers >= {field[:-4]}={low:g} (log-uniform in between)")
+        if self.kappa_range()[1] != 1 and self.name in LEAST_SQUARES_NAMES:
+            if self.n_dims >= 2 and lo is not None and lo < 2:
+                fail("n_points_min", lo, "integers >= 2 when kappa is not 1 (with one row it is undefined)")
+            if min(self.n_points, self.n_dims) < 2:
+                fail("scale_cond_max", self.scale_cond_max, "None or 1 when min(n_points, n_dims) < 2")
+
+    def rows(self) -> tuple[int, ...]:
+        """The row counts L a training batch holds: [n_points_min, n_points], or (n_points,)."""
+        lo = self.n_points if self.n_points_min is None else self.n_points_min
+        return tuple(range(lo, self.n_points + 1))
+
+    def kappa_range(self) -> tuple[float, float]:
+        """[kappa_min, kappa_max] of the problems a run trains on."""
+        return self.scale_cond, self.scale_cond if self.scale_cond_max is None else self.scale_cond_max
+
+    def scale_range(self) -> tuple[float, float]:
+        """[min, max] of the target scale of the problems a run trains on."""
+        return self.scale_target, self.scale_target if self.scale_target_max is None else self.scale_target_max
 
 
 @dataclasses.dataclass(frozen=True)

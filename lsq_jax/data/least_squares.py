@@ -34,6 +34,8 @@ class LeastSquaresFamilyTask(Task):
             scale_target=cfg.scale_target,
             n_dims_truncated=n_dims_truncated,
             dtype=self.dtype,
+            scale_cond_max=cfg.scale_cond_max,
+            scale_target_max=cfg.scale_target_max,
         )
 
     def _unpack(self, sample: LeastSquaresSample) -> LeastSquaresSample:

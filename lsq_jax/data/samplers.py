@@ -288,6 +288,8 @@ def least_squares(
     scale_target: float = 1.0,
     n_dims_truncated: int | None = None,
     dtype: Any = jnp.float64,
+    scale_cond_max: float | None = None,
+    scale_target_max: float | None = None,
 ) -> LeastSquaresSample:
     """Least-squares problems, one per key (the reference\'s `least_squares`).
 
@@ -297,6 +299,11 @@ def least_squares(
     `n_dims_truncated` zeroes the trailing coordinates of A, x* and x0 (after the rescaling, so it
     changes the spectrum, as in the reference); b = A x* last, no noise. A, x* and x0 are disjoint rows
     of one (L + 2, D) standard normal draw from the example's key, hence independent.
+
+    Ranges: with `scale_cond_max` (`scale_target_max`) each example's kappa (target scale) is drawn
+    log-uniform in [scale_cond, scale_cond_max] ([scale_target, scale_target_max]): lo (hi / lo)^u with
+    u ~ U[0, 1) from fold_in(key, 1) (kappa u[0], scale u[1]), so the normal draw is the same as without
+    a range; A's singular values are then mapped onto [1, kappa] whatever kappa is (1 included).
 
     Args:
         keys: a batch of B PRNG keys, one per example.
@@ -308,6 +315,8 @@ def least_squares(
         scale_target: multiply x* and x0 by this (> 0).
         n_dims_truncated: None, or keep only the first n_dims_truncated coordinates (1..D).
         dtype: floating dtype of every array.
+        scale_cond_max, scale_target_max: None (a fixed value), or the top of a log-uniform range whose
+            bottom is scale_cond, scale_target (>= it).
 
     Returns:
         LeastSquaresSample(a (B, L, D), b (B, L), x_star (B, D), x0 (B, D)).
@@ -317,37 +326,60 @@ def least_squares(
     _check_positive_int("n_dims", n_dims)
     _check_bool("normalize_a", normalize_a)
     _check_kappa("scale_cond", scale_cond)
-    if scale_cond != 1 and min(n_points, n_dims) < 2:
-        raise ValueError(
-            f"scale_cond={scale_cond!r} is invalid with n_points={n_points}, n_dims={n_dims}: "
-            "rescaling the singular values needs min(n_points, n_dims) >= 2 (or scale_cond=1)"
-        )
     _check_bool("normalize_x", normalize_x)
     _check_positive_number("scale_target", scale_target)
+    kappa_hi = _check_range("scale_cond_max", scale_cond_max, scale_cond)
+    scale_hi = _check_range("scale_target_max", scale_target_max, scale_target)
+    if kappa_hi != 1 and min(n_points, n_dims) < 2:
+        raise ValueError(
+            f"scale_cond={scale_cond!r}, scale_cond_max={scale_cond_max!r} is invalid with n_points={n_points}, "
+            f"n_dims={n_dims}: rescaling the singular values needs min(n_points, n_dims) >= 2 (or kappa 1)"
+        )
     _check_truncation(n_dims_truncated, n_dims)
     dtype = _check_dtype(dtype)
     return _least_squares(keys, _keep_dims(n_dims_truncated, n_dims), jnp.asarray(normalize_a),
                           jnp.asarray(scale_cond, dtype), jnp.asarray(normalize_x),
-                          jnp.asarray(scale_target, dtype), n_points=n_points, n_dims=n_dims,
-                          rescale=scale_cond != 1, dtype=dtype)
+                          jnp.asarray(scale_target, dtype), jnp.asarray(kappa_hi, dtype), jnp.asarray(scale_hi, dtype),
+                          n_points=n_points, n_dims=n_dims, rescale=kappa_hi != 1,
+                          ranges=(kappa_hi != scale_cond, scale_hi != scale_target), dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("n_points", "n_dims", "rescale", "dtype"))
-def _least_squares(keys, keep_dims, normalize_a, scale_cond, normalize_x, scale_target, *,
-                   n_points, n_dims, rescale, dtype):
-    def vector(v):
+def _check_range(name: str, top: Any, bottom: float) -> float:
+    """The top of a range whose bottom is `bottom` (None: the bottom itself, a fixed value)."""
+    if top is None:
+        return bottom
+    _check_positive_number(name, top)
+    if top < bottom:
+        raise ValueError(f"{name}={top!r} is invalid: allowed values are None or numbers >= {bottom!r}")
+    return top
+
+
+def _log_uniform(lo: jax.Array, hi: jax.Array, u: jax.Array) -> jax.Array:
+    """lo (hi / lo)^u: for u ~ U[0, 1), log-uniform on [lo, hi)."""
+    return lo * jnp.exp(u * jnp.log(hi / lo))
+
+
+@functools.partial(jax.jit, static_argnames=("n_points", "n_dims", "rescale", "ranges", "dtype"))
+def _least_squares(keys, keep_dims, normalize_a, scale_cond, normalize_x, scale_target, kappa_hi, scale_hi, *,
+                   n_points, n_dims, rescale, ranges, dtype):
+    def vector(v, scale):
         v = jnp.where(normalize_x, _normalize_rows(v), v)
-        return v * scale_target
+        return v * scale
 
     def one(key):
         # A, x* and x0 are disjoint rows of one standard normal draw (independent; one RNG call is
         # cheaper to compile and run than three).
         z = jax.random.normal(key, (n_points + 2, n_dims), dtype)
+        kappa, scale = scale_cond, scale_target
+        if any(ranges):  # a second stream, so the normal draw is the same with and without a range
+            u = jax.random.uniform(jax.random.fold_in(key, 1), (2,), dtype)
+            kappa = _log_uniform(scale_cond, kappa_hi, u[0]) if ranges[0] else kappa
+            scale = _log_uniform(scale_target, scale_hi, u[1]) if ranges[1] else scale
         a = jnp.where(normalize_a, _normalize_rows(z[:n_points]), z[:n_points])
         if rescale:  # kappa == 1 means no SVD at all, as in the reference
-            a = _rescale_singular_values(a, scale_cond)
-        x_star = vector(z[n_points])
-        x0 = vector(z[n_points + 1])
+            a = _rescale_singular_values(a, kappa)
+        x_star = vector(z[n_points], scale)
+        x0 = vector(z[n_points + 1], scale)
         a = _truncate(a, keep_dims)
         x_star = _truncate(x_star, keep_dims)
         x0 = _truncate(x0, keep_dims)

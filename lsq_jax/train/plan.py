@@ -80,6 +80,16 @@ class RunPlan:
         """How a batch's leading axis is placed: split over the mesh's 'data' axis."""
         return batch_sharded(self.mesh)
 
+    def row_groups(self, n_points: int) -> list[tuple[int, int, int]]:
+        """(L, first global example index, count) of each part of a batch at the curriculum's `n_points`:
+        one part of every example, or with a range of rows (task.n_points_min) an equal contiguous share of
+        the batch for each L in [n_points_min, n_points], in increasing L."""
+        rows = self.exp.task.rows()
+        if len(rows) == 1:
+            return [(n_points, 0, self.exp.train.batch_size)]
+        share = self.exp.train.batch_size // len(rows)
+        return [(n, i * share, share) for i, n in enumerate(rows)]
+
     def full_size(self, lm: bool = False) -> Phase:
         """The phase at the task's full size (where the curriculum ends): the recipe's, or with `lm` LM's."""
         return Phase(self.exp.task.n_points, None, lm)
@@ -120,8 +130,8 @@ def microbatches(exp: Experiment, task: Task, n_points: int, n_devices: int, bac
     """How many microbatches each device's share of the batch is differentiated in (see TrainConfig):
     the batch over train.microbatch_size, or auto (0): on CPU the fewest that bring one (examples, T, E)
     activation down to MICROBATCH_ELEMENTS (the bound is per microbatch: CPU_SCAN_UNROLL are live at
-    once), elsewhere one."""
-    local = exp.train.batch_size // n_devices
+    once), elsewhere one. With a range of rows each row count's share of the batch is the batch here."""
+    local = exp.train.batch_size // len(exp.task.rows()) // n_devices
     size = exp.train.microbatch_size
     if size:
         if local % size:
@@ -142,14 +152,15 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
 
 def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
     """How many strided chunks the LM batch's Jacobian is built in: optim.lm_chunk problems each, or
-    (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device."""
-    n = exp.train.batch_size
+    (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device. With
+    a range of rows every chunk holds problems of each row count: the count is of each one's share."""
+    n = exp.train.batch_size // len(exp.task.rows())
     per_problem = lm_outputs(exp, task) * n_params
     candidates = [c for c in divisors(n) if (n // c) % n_devices == 0]
     if exp.optim.lm_chunk:
         if n % exp.optim.lm_chunk or (n // exp.optim.lm_chunk) not in candidates:
             raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide train.batch_size "
-                             f"{n} into chunks that split over {n_devices} devices")
+                             f"{n} (per row count) into chunks that split over {n_devices} devices")
         return n // exp.optim.lm_chunk
     return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
 
@@ -168,9 +179,13 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     try:
         check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
+        share = exp.train.batch_size // len(exp.task.rows())
+        if share % n:
+            raise ValueError(f"train.batch_size={exp.train.batch_size} is not allowed: each row count's share "
+                             f"({share}) must split evenly over {n} devices")
         task = make_task(exp.task)
-        micro = {p: microbatches(exp, task, p, n, backend) for p in curriculum_points(exp)}
-        local = exp.train.batch_size // n
+        micro = {p: microbatches(exp, task, p, n, backend) for p in sorted({*curriculum_points(exp), *exp.task.rows()})}
+        local = share // n
         live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)

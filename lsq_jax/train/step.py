@@ -84,12 +84,17 @@ def example_loss(params, keys, *, model: SequenceModel, task: Task, n_points: in
 
 def batch_gradient(params, key, step, *, plan: RunPlan, phase: Phase):
     """((task loss, per-position loss), gradient) on the global batch drawn from `key` at `step`,
-    accumulated over the plan's microbatches per device (the keys are sharded before anything is drawn)."""
-    keys = _placed(example_keys(key, step, 0, plan.exp.train.batch_size), plan.sharding)
-    loss = functools.partial(example_loss, model=plan.model, task=plan.task, n_points=phase.n_points,
-                             n_dims=phase.n_dims)
-    return accumulated_value_and_grad(loss, params, keys, plan.microbatches[phase.n_points], plan.sharding,
-                                      plan.unroll)
+    accumulated over the plan's microbatches per device (the keys are sharded before anything is drawn).
+    With a range of rows, the mean over the row counts' equal shares (plan.row_groups) of their values
+    and gradients: the mean over every example of the batch."""
+    parts = []
+    for n_points, start, count in plan.row_groups(phase.n_points):
+        keys = _placed(example_keys(key, step, start, count), plan.sharding)
+        loss = functools.partial(example_loss, model=plan.model, task=plan.task, n_points=n_points,
+                                 n_dims=phase.n_dims)
+        parts.append(accumulated_value_and_grad(loss, params, keys, plan.microbatches[n_points], plan.sharding,
+                                                plan.unroll))
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: sum(xs) / len(xs), *parts)
 
 
 def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
@@ -122,17 +127,26 @@ def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: in
 
 
 def lm_residual_fn(plan: RunPlan, phase: Phase):
-    """(params, keys) -> the (problems, K) residuals LM fits, at the phase's curriculum size."""
-    return functools.partial(lm_residuals, model=plan.model, task=plan.task, n_points=phase.n_points,
-                             n_dims=phase.n_dims)
+    """(params, keys) -> the (problems, K) residuals LM fits, at the phase's curriculum size. With a range
+    of rows the keys are a tuple, one array per row count (lm_keys), and the residuals of every row count
+    are stacked: each chunk of LM's Jacobian then holds problems of every size, each size compiled once."""
+    groups = plan.row_groups(phase.n_points)
+    by_rows = [functools.partial(lm_residuals, model=plan.model, task=plan.task, n_points=n_points,
+                                 n_dims=phase.n_dims) for n_points, _, _ in groups]
+    if len(groups) == 1:
+        return by_rows[0]
+    return lambda params, keys: jnp.concatenate([fn(params, k) for fn, k in zip(by_rows, keys)])
 
 
 def lm_keys(plan: RunPlan, step):
-    """The per-problem keys of the batch LM fits at iteration `step` (a new batch every lm_refresh_every)."""
+    """The per-problem keys of the batch LM fits at iteration `step` (a new batch every lm_refresh_every):
+    one array, or with a range of rows a tuple of one array per row count."""
     o = plan.exp.optim
     index = (step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
-    return _placed(example_keys(run_keys(plan.exp.seed)["lm"], index, 0, plan.exp.train.batch_size),
-                   plan.sharding)
+    groups = plan.row_groups(plan.exp.task.n_points)
+    keys = tuple(_placed(example_keys(run_keys(plan.exp.seed)["lm"], index, start, count), plan.sharding)
+                 for _, start, count in groups)
+    return keys[0] if len(keys) == 1 else keys
 
 
 def lm_loss(state: TrainState, *, plan: RunPlan, phase: Phase) -> jax.Array:

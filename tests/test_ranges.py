@@ -1,0 +1,156 @@
+"""Training over a range of problems: the samplers' log-uniform kappa and target scale against their closed
+forms, a batch mixing row counts against the per-size losses combined by hand (Adam's step and LM's
+residuals), and the one-line refusals of bad ranges."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsq_jax.config.check import ConfigError
+from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.config.task import TaskConfig
+from lsq_jax.data import samplers
+from lsq_jax.data.keys import run_keys
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.data.tasks import make_task
+from lsq_jax.mesh import make_mesh
+from lsq_jax.models.backbone import SequenceModel
+from lsq_jax.optim import lm
+from lsq_jax.train.plan import make_plan
+from lsq_jax.train.state import init_state
+from lsq_jax.train.step import batch_gradient, example_loss, lm_keys, lm_residual_fn, lm_residuals
+
+from config_files import get_config
+
+N = 4000  # problems per statistic: the empirical quantiles' standard error is ~0.008 in units of the range
+
+
+def _keys(n=N, seed=0):
+    return example_keys(jax.random.key(seed), 0, 0, n)
+
+
+def test_log_uniform_kappa_has_its_quantiles_and_the_exact_singular_values():
+    """kappa ~ lo (hi/lo)^U: the q-quantile of log(kappa/lo)/log(hi/lo) is q; each A's singular values are
+    the affine map onto [1, kappa] of the singular values of the Gaussian draw it came from."""
+    lo, hi = 2.0, 500.0
+    s = samplers.least_squares(_keys(), 6, 4, scale_cond=lo, scale_cond_max=hi)
+    sv = np.linalg.svd(np.asarray(s.a), compute_uv=False)
+    np.testing.assert_allclose(sv[:, -1], 1.0, rtol=1e-12)
+    kappa = sv[:, 0]
+    assert lo <= kappa.min() and kappa.max() <= hi
+    q = np.linspace(0.05, 0.95, 19)
+    np.testing.assert_allclose(np.quantile(np.log(kappa / lo) / np.log(hi / lo), q), q, atol=0.03)
+    # the Gaussian draw of the same keys without a range: its spectrum mapped onto [1, kappa]
+    s0 = np.linalg.svd(np.asarray(samplers.least_squares(_keys(), 6, 4).a), compute_uv=False)
+    expected = 1 + (s0 - s0[:, -1:]) * ((kappa[:, None] - 1) / (s0[:, :1] - s0[:, -1:]))
+    np.testing.assert_allclose(sv, expected, rtol=1e-10)
+    # b = A x* and the x* draw are untouched by the range of kappa
+    np.testing.assert_allclose(np.einsum("bld,bd->bl", s.a, s.x_star), s.b, rtol=1e-12, atol=1e-12)
+
+
+def test_log_uniform_target_scale_has_its_quantiles():
+    """With unit x*, x0: ||x*|| = ||x0|| = the problem's scale, log-uniform on [lo, hi]."""
+    lo, hi = 0.1, 10.0
+    s = samplers.least_squares(_keys(), 5, 3, normalize_x=True, scale_target=lo, scale_target_max=hi)
+    norm = np.linalg.norm(np.asarray(s.x_star), axis=1)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(s.x0), axis=1), norm, rtol=1e-14)
+    q = np.linspace(0.05, 0.95, 19)
+    np.testing.assert_allclose(np.quantile(np.log(norm / lo) / np.log(hi / lo), q), q, atol=0.03)
+    # mean of a log-uniform variable: (hi - lo) / log(hi / lo), to ~4 standard errors
+    std = np.sqrt((hi**2 - lo**2) / (2 * np.log(hi / lo)) - ((hi - lo) / np.log(hi / lo)) ** 2)
+    assert abs(norm.mean() - (hi - lo) / np.log(hi / lo)) < 4 * std / np.sqrt(N)
+
+
+def test_fixed_values_draw_exactly_what_they_drew_before():
+    """A range whose ends are equal is the fixed value: the same arrays bit for bit."""
+    plain = samplers.least_squares(_keys(64), 5, 3, scale_cond=10.0, scale_target=2.0)
+    same = samplers.least_squares(_keys(64), 5, 3, scale_cond=10.0, scale_target=2.0, scale_cond_max=10.0,
+                                  scale_target_max=2.0)
+    for a, b in zip(plain, same):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _experiment(variant, **overrides):
+    c = get_config("baseconv", variant)
+    c.update_from_flattened_dict({"task.n_dims": 3, "task.n_points": 6, "model.n_embd": 8, "model.n_layer": 2,
+                                  "train.batch_size": 12, **overrides})
+    return experiment_from_config(c)
+
+
+@pytest.mark.slow
+def test_mixed_rows_batch_loss_is_the_mean_of_the_per_size_losses():
+    """Rows L in [4, 6]: the batch's loss and gradient are the mean over the three equal shares (4
+    problems each, global indices 0-3 with L = 4, 4-7 with L = 5, 8-11 with L = 6) of each share's loss,
+    computed here on its own."""
+    exp = _experiment("smoke", **{"task.n_points_min": 4, "task.scale_cond_max": 10.0})
+    plan = make_plan(exp, make_mesh())
+    params = init_state(exp).params
+    key = run_keys(exp.seed)["data"]
+    (loss, _), grads = jax.jit(lambda p: batch_gradient(p, key, 3, plan=plan, phase=plan.full_size()))(params)
+    model, task = SequenceModel(exp.model), make_task(exp.task)
+
+    def by_hand(p):
+        parts = [example_loss(p, example_keys(key, 3, 4 * i, 4), model=model, task=task, n_points=n,
+                              n_dims=None)[0] for i, n in enumerate((4, 5, 6))]
+        return (parts[0] + parts[1] + parts[2]) / 3
+
+    want_loss, want = jax.jit(jax.value_and_grad(by_hand))(params)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-13)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_lm_fits_the_residuals_of_every_row_count():
+    """LM's batch with rows in [4, 6]: the residuals of each share at its own L, stacked; their mean square
+    (what LM minimises, in chunks) is the mean of the per-size losses."""
+    exp = _experiment("lm", **{"task.n_points_min": 4, "optim.lm_chunk": 2})
+    plan = make_plan(exp, make_mesh())
+    assert plan.lm_chunks == 2
+    params = init_state(exp).params
+    keys = lm_keys(plan, 0)
+    assert len(keys) == 3
+    fn = lm_residual_fn(plan, plan.full_size(lm=True))
+    model, task = SequenceModel(exp.model), make_task(exp.task)
+    lm_key = run_keys(exp.seed)["lm"]
+    want = jax.jit(lambda p: [lm_residuals(p, example_keys(lm_key, 0, 4 * i, 4), model=model, task=task,
+                                           n_points=n, n_dims=None) for i, n in enumerate((4, 5, 6))])(params)
+    got, mean_sq, (_, _, loss) = jax.jit(lambda p: (fn(p, keys), lm.mean_squared_residual(fn, p, keys, 2),
+                                                    lm.normal_equations(fn, p, keys, 2)))(params)
+    np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-14)
+    np.testing.assert_allclose(float(mean_sq), np.mean([np.mean(np.square(w)) for w in want]), rtol=1e-13)
+    np.testing.assert_allclose(float(loss), float(mean_sq), rtol=1e-13)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("n_points_min", 0, "None or integers in [1, n_points=6]"),
+    ("n_points_min", 7, "None or integers in [1, n_points=6]"),
+    ("scale_cond_max", 0.5, "None or finite numbers >= scale_cond=1"),
+    ("scale_target_max", float("inf"), "None or finite numbers >= scale_target=1"),
+])
+def test_bad_ranges_are_one_config_error(field, value, allowed):
+    with pytest.raises(ConfigError, match=rf"^{field}: got .*; allowed {__import__('re').escape(allowed)}"):
+        TaskConfig(name="explicit_gradient", n_dims=3, n_points=6, **{field: value})
+
+
+def test_a_range_of_rows_is_refused_where_it_cannot_hold():
+    with pytest.raises(ConfigError, match=r"^n_points_min: got 4; allowed None for explicit_gradient 'all'"):
+        TaskConfig(name="explicit_gradient", n_dims=3, n_points=6, setting="all", n_points_min=4)
+    with pytest.raises(ConfigError, match=r"^train.batch_size: got 10; allowed multiples of 3"):
+        _experiment("smoke", **{"task.n_points_min": 4, "train.batch_size": 10})
+    with pytest.raises(ConfigError, match=r"^task.n_points_min: got 4; allowed None with a points curriculum"):
+        _experiment("smoke", **{"task.n_points_min": 4, "curriculum.points.start": 4,
+                                "curriculum.points.inc": 1, "curriculum.points.interval": 10})
+
+
+def test_a_bad_range_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    workdir = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", "--config=configs/baseconv.py:smoke",
+                           f"--workdir={workdir}", "--config.task.scale_cond_max=0.5"],
+                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "task.scale_cond_max: got 0.5" in proc.stderr
+    assert not workdir.exists()
