@@ -38,7 +38,7 @@ def test_write_plots_writes_every_figure(report, tmp_path):
     pytest.importorskip("matplotlib")
     paths = plots.write_plots(report, training_records(), tmp_path / "eval")
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
-    assert names == ["convergence.png", "error_vs_kappa.png", "forward_error.png", "training_curve.png"]
+    assert names == ["convergence.png", "forward_error.png", "one_step_error.png", "training_curve.png"]
     for p in paths:
         data = open(p, "rb").read()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
@@ -52,6 +52,17 @@ def test_write_plots_draws_only_what_the_inputs_allow(report, tmp_path):
         "training_curve.png"]
     no_ood = {k: v for k, v in report.items() if k != "ood"}
     assert len(plots.write_plots(no_ood, None, tmp_path)) == 2
+
+
+def test_the_one_step_error_figure_reads_a_report_of_the_earlier_grid(report, tmp_path):
+    """A report written before the grid had axes of its own (kappa x scale cells, no in_range, no trained
+    range) still gives the figure: its lines are chosen by the cells' values."""
+    pytest.importorskip("matplotlib")
+    ood = {**report["ood"], "cells": [{k: v for k, v in c.items() if k != "in_range"} | {"axis": "kappa_scale"}
+                                      for c in report["ood"]["cells"]]}
+    del ood["trained"]
+    paths = plots.write_plots({**report, "iterated": None, "ood": ood}, None, tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["one_step_error.png"]
 
 
 def test_without_matplotlib_plots_are_skipped_with_one_line(report, tmp_path, monkeypatch, capsys):
@@ -73,7 +84,7 @@ def test_cli_redraws_from_the_workdir(report, tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert len(printed) == 4
     assert all((tmp_path / "eval" / name).stat().st_size > 0 for name in (
-        "forward_error.png", "convergence.png", "error_vs_kappa.png", "training_curve.png"))
+        "forward_error.png", "convergence.png", "one_step_error.png", "training_curve.png"))
 
 
 def test_cli_without_metrics_still_plots_the_report(report, tmp_path):

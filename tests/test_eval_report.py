@@ -125,14 +125,23 @@ def test_evaluate_experiment_with_an_exact_stand_in():
                                    rtol=1e-9, atol=1e-14)
     assert max(methods["learned"]["distance_to_gd"]["p90"]) <= 1e-13
     cells = report["ood"]["cells"]
-    assert len(cells) == 4 + 2 + 1  # kappa x scale, rows (4, 6), dims (2)
+    # the reference, kappa 5, scale 10, rows 4 and 6 (the model reads no more than 8), dims 2
+    assert [(c["axis"], c["kappa"], c["scale_target"], c["n_points"], c["n_dims"]) for c in cells] == [
+        ("in_distribution", 1.0, 1.0, 8, 3), ("kappa", 5.0, 1.0, 8, 3), ("scale", 1.0, 10.0, 8, 3),
+        ("rows", 1.0, 1.0, 4, 3), ("rows", 1.0, 1.0, 6, 3), ("dims", 1.0, 1.0, 8, 2)]
+    assert [c["in_range"] for c in cells] == [True] + [False] * 5
+    assert report["ood"]["trained"] == {"n_points": [8], "every_prefix": False, "kappa": [1.0, 1.0],
+                                        "scale_target": [1.0, 1.0], "n_dims": 3}
     for cell in cells:
-        for name in ("learned", "baseconv_gd"):
-            assert cell["methods"][name]["step_error"]["p90"] <= 1e-14
+        assert list(cell["methods"]) == ["learned", "baseconv_gd", "linear_attention_gd", "gd"]
+        for name, m in cell["methods"].items():
+            assert m["step_error"]["p90"] <= 1e-14, name  # exact: the rounding of one GD step
+            assert "final_error_gap" not in m and "step_error_gap" in m  # None here: 0 / 0
         assert cell["methods"]["learned"]["final_vs_gd"]["median"] == pytest.approx(1.0, rel=1e-6)
     table = format_table(report)
     for name in methods:
         assert name in table
+    assert "generality" in table and " OUT " in table
 
 
 def test_evaluate_experiment_single_step_only_for_other_tasks():

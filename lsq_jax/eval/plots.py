@@ -9,8 +9,9 @@ canvas (no pyplot, so no global backend switch in the caller's process) and writ
     forward_error.png    ||x_t - x*|| / ||x*|| against GD-step equivalents, every method of the report
                          (median, 10-90% band), with the median kappa(A) eps for scale
     convergence.png      relative residual ||A x_t - b|| / ||b|| and distance to exact GD's iterate
-    error_vs_kappa.png   from the out-of-distribution grid: single-step error and final forward error
-                         against the sampler's kappa, at the in-distribution scale, rows and dims
+    one_step_error.png   from the generality grid: the one-step error against kappa, against L and against
+                         the target scale (the others at their in-distribution values), learned next to
+                         the constructions and GD's rounding, the trained range shaded
     training_curve.png   training loss against step (log), learning rate on a second axis
 
 The command reads <workdir>/eval/report.json (written by --mode=eval or --mode=construct) and, when
@@ -148,46 +149,69 @@ def _convergence_figure(report: dict[str, Any], out_dir: epath.Path) -> str:
     return _save(fig, out_dir, "convergence.png")
 
 
-def _kappa_cells(ood: dict[str, Any]) -> list[dict[str, Any]]:
+# The generality figure's panels: the cell field on the x axis, its label, whether the axis is logarithmic.
+_GENERALITY_AXES = (("kappa", r"$\kappa$ (sampler scale_cond; 1 = Gaussian A)", True),
+                    ("n_points", "L (rows of A)", False),
+                    ("scale_target", "target scale (||x*|| ~ scale sqrt(D))", True))
+
+
+def _line_cells(ood: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """The cells that differ from the in-distribution cell in `field` alone (and that cell), sorted by it."""
     base = ood["in_distribution"]
-    cells = [c for c in ood["cells"] if c["axis"] == "kappa_scale" and c["scale_target"] == base["scale_target"]
-             and c["n_points"] == base["n_points"] and c["n_dims"] == base["n_dims"]]
-    return sorted(cells, key=lambda c: c["kappa"])
+    others = [k for k in ("kappa", "scale_target", "n_points", "n_dims") if k != field]
+    cells = [c for c in ood["cells"] if all(c[k] == base[k] for k in others)]
+    return sorted(cells, key=lambda c: c[field])
 
 
-def _error_vs_kappa_figure(report: dict[str, Any], out_dir: epath.Path) -> str | None:
-    cells = _kappa_cells(report["ood"])
-    if len(cells) < 2:
+def _trained_span(ax, trained: dict[str, Any] | None, field: str) -> None:
+    """Shade the trained range of `field` (a line where it is one value)."""
+    if not trained:
+        return
+    values = trained[field]
+    lo, hi = (1, values[-1]) if field == "n_points" and trained.get("every_prefix") else (values[0], values[-1])
+    if lo == hi:
+        ax.axvline(lo, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
+    else:
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.08, linewidth=0, zorder=0)
+
+
+def _generality_figure(report: dict[str, Any], out_dir: epath.Path) -> str | None:
+    ood = report["ood"]
+    panels = [(field, label, log, _line_cells(ood, field)) for field, label, log in _GENERALITY_AXES]
+    panels = [p for p in panels if len(p[3]) >= 2]
+    if not panels:
         return None
-    kappas = [c["kappa"] for c in cells]
-    names = list(dict.fromkeys(name for c in cells for name in c["methods"]))
-    fig, (ax_s, ax_f) = _new_figure(2)
-    for i, name in enumerate(names):
-        style = _style(name, i)
-        for ax, key in ((ax_s, "step_error"), (ax_f, "final_forward_error")):
-            stats = [c["methods"].get(name, {}).get(key) for c in cells]
-            if all(s is None for s in stats):
+    fig, axes = _new_figure(len(panels), width=5.2)
+    for ax, (field, label, log, cells) in zip(axes, panels):
+        xs = [c[field] for c in cells]
+        names = list(dict.fromkeys(name for c in cells for name in c["methods"]))
+        for i, name in enumerate(names):
+            stats = [c["methods"].get(name, {}).get("step_error") for c in cells]
+            if all(st is None for st in stats):
                 continue
-            pick = lambda q: _values([None if s is None else s[q] for s in stats])  # noqa: E731
-            ax.plot(kappas, pick("median"), marker="o", markersize=4, label=_LABEL.get(name, name), **style)
-            ax.fill_between(kappas, pick("p10"), pick("p90"), color=style["color"], alpha=0.12, linewidth=0)
-    base = report["ood"]["in_distribution"]
-    for ax in (ax_s, ax_f):
-        ax.set_xscale("log")
+            style = _style(name, i)
+            pick = lambda q: _values([None if st is None else st[q] for st in stats])  # noqa: E731
+            label = "exact GD (the rounding of its step)" if name == "gd" else _LABEL.get(name, name)
+            ax.plot(xs, pick("median"), marker="o", markersize=4, label=label, **style)
+            ax.fill_between(xs, pick("p10"), pick("p90"), color=style["color"], alpha=0.12, linewidth=0)
+        out = [c[field] for c in cells if c.get("in_range") is False]
+        if out:
+            ax.plot(out, [0.02] * len(out), linestyle="none", marker="x", color="tab:red",
+                    transform=ax.get_xaxis_transform(), label="outside the trained range")
+        _trained_span(ax, ood.get("trained"), field)
+        if log:
+            ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(r"$\kappa$ (sampler scale_cond; 1 = Gaussian A)")
+        ax.set_xlabel(label)
         ax.grid(True, which="major", alpha=0.3)
-        ax.axvline(base["kappa"], color="0.5", linewidth=0.8, linestyle="--", zorder=0)
-    ax_s.set_ylabel(r"single-step error $\|x_1 - x^{GD}_k\| / \|x^{GD}_k - x_0\|$")
-    ax_f.set_ylabel(r"final forward error $\|x_T - x^*\| / \|x^*\|$")
-    ax_s.set_title("One step against exact GD (= relative gradient error)", fontsize=10)
-    ax_f.set_title(f"After T = {report['ood']['n_iters']} iterations", fontsize=10)
-    ax_f.legend(fontsize=8, loc="best")
-    eta = report["ood"]["eta"]
-    fig.suptitle(f"Out of distribution: median and 10-90% band over problems; scale_target = "
-                 f"{base['scale_target']:g}, L = {base['n_points']}, D = {base['n_dims']}, eta = {eta}; "
-                 "dashed: training kappa", fontsize=10)
-    return _save(fig, out_dir, "error_vs_kappa.png")
+        ax.set_title(f"against {label.split(' (')[0]}", fontsize=10)
+    axes[0].set_ylabel(r"one-step error $\|x_1 - x^{GD}_k\| / \|x^{GD}_k - x_0\|$")
+    axes[-1].legend(fontsize=8, loc="best")
+    base = ood["in_distribution"]
+    fig.suptitle(f"Generality: one step against exact GD, median and 10-90% band over problems; elsewhere "
+                 f"kappa = {base['kappa']:g}, scale = {base['scale_target']:g}, L = {base['n_points']}, "
+                 f"D = {base['n_dims']}; shaded (dashed): trained range", fontsize=10)
+    return _save(fig, out_dir, "one_step_error.png")
 
 
 def _training_figure(records: Sequence[dict[str, Any]], out_dir: epath.Path) -> str | None:
@@ -228,7 +252,7 @@ def write_plots(report: dict[str, Any] | None, metrics_records: Sequence[dict[st
     Args:
         report: an evaluation report (evaluate_experiment / evaluate_constructions, or its JSON), or None.
             Its 'iterated' part gives forward_error.png and convergence.png, its 'ood' part
-            error_vs_kappa.png.
+            one_step_error.png.
         metrics_records: the records of metrics.jsonl (dicts with 'step', 'loss', 'learning_rate', and
             'eval_mse' for the final evaluation), or None: training_curve.png.
         out_dir: a local or cloud (etils.epath) folder.
@@ -249,7 +273,7 @@ def write_plots(report: dict[str, Any] | None, metrics_records: Sequence[dict[st
         written.append(_forward_error_figure(report, out))
         written.append(_convergence_figure(report, out))
     if report and report.get("ood"):
-        written.append(_error_vs_kappa_figure(report, out))
+        written.append(_generality_figure(report, out))
     if metrics_records:
         written.append(_training_figure(metrics_records, out))
     return [p for p in written if p is not None]

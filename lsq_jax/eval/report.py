@@ -30,7 +30,8 @@ from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.data.tasks import make_task
 from lsq_jax.eval import plots
 from lsq_jax.eval.constructions import construction_solvers
-from lsq_jax.eval.ood import OOD_KAPPAS, OOD_SCALES, draw_cell, ood_cells, ood_report
+from lsq_jax.eval.ood import MORE_ROWS, OOD_KAPPAS, OOD_SCALES, TrainedRange, draw_cell, ood_cells, ood_report, \
+    trained_range
 from lsq_jax.eval.solvers import (
     Solver,
     canonical_eta,
@@ -227,8 +228,8 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
     Single-step metrics on fresh problems for every task; for a task whose model is a one-step solver
     (`Task.is_one_step_solver`: explicit_gradient, multistep_gd) also iterated use of the learned model
     next to both constructions, GD, optimal GD, CG and lstsq (`iterated_report`, curves at its default
-    report points), and the out-of-distribution grid (`ood_report`) for the learned model and the
-    BaseConv construction. The step size is the one the model learned (`Task.learned_eta`: multistep_gd's
+    report points), and the generality grid (`ood_report`: inside and outside the trained range, lsq_jax.eval.ood)
+    for the learned model, both constructions and GD. The step size is the one the model learned (`Task.learned_eta`: multistep_gd's
     eta, its iterate t standing for k t GD steps), else 'auto'.
 
     Args:
@@ -240,8 +241,9 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
         n_iters: iterations T of iterated use (multistep_gd: T applications of the model, and the other
             methods get the same k T GD-step equivalents).
         n_ood_problems, n_ood_iters: sizes per OOD cell (default min(n_problems, 64) and min(n_iters, 250):
-            the grid has ~20 cells).
-        ood_kappas, ood_scales: the kappa x scale_target axes of the grid (`ood_cells`).
+            the grid has ~12 cells, more with a range of rows).
+        ood_kappas, ood_scales: the kappa and scale_target axes of the grid (`ood_cells`), to which the
+            trained range's ends are added.
         apply_fn: apply_fn(params, inputs) -> outputs; default SequenceModel(exp.model).apply.
 
     Returns:
@@ -278,12 +280,14 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
                *_classical_solvers(eta)]
     report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta)
     n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
-    cells = ood_cells(cfg.n_dims, cfg.n_points, kappa=cfg.scale_cond, scale_target=cfg.scale_target,
-                      kappas=ood_kappas, scales=ood_scales)
+    trained = trained_range(cfg, exp.model.causal)
+    max_rows = max(n for n in range(cfg.n_points, cfg.n_points + MORE_ROWS + 1)
+                   if task.seq_len(n) <= exp.model.n_positions)
+    cells = ood_cells(trained, max_rows=max_rows, kappas=ood_kappas, scales=ood_scales)
     draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=cfg.n_dims,
                              normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=task.dtype)
-    report["ood"] = ood_report(lambda n: [learned, constructions(n)[0]], draw, cells,
-                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    report["ood"] = ood_report(lambda n: [learned, *constructions(n)], draw, cells,
+                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta, trained=trained)
     return report
 
 
@@ -309,7 +313,8 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
     Both constructions (BaseConv, linear attention) next to GD, optimal GD, CG and lstsq in one
     `iterated_report` on least-squares problems (A Gaussian, scale_cond 1; x*, x0 unscaled, scale_target
     1); the single-step part is each construction's relative step error against one exact GD step; the
-    OOD grid (kappa x scale, fewer rows, fewer dims) holds the BaseConv construction. Problems: iterated
+    generality grid (kappa, scale, rows, fewer dims; 'in_range' relative to the size the weights are built
+    for) holds both constructions and GD. Problems: iterated
     from fold_in(key, 1), OOD from fold_in(key, 2). Sizes and OOD axes as in `evaluate_experiment`.
 
     Returns:
@@ -336,10 +341,11 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
         "iterated": iterated,
     }
     n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
-    cells = ood_cells(n_dims, n_points, kappas=ood_kappas, scales=ood_scales)
+    nominal = TrainedRange((n_points,), (1.0, 1.0), (1.0, 1.0), n_dims)  # what the weights are built for
+    cells = ood_cells(nominal, max_rows=n_points + MORE_ROWS, kappas=ood_kappas, scales=ood_scales)
     draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=n_dims, dtype=dtype)
-    report["ood"] = ood_report(lambda n: constructions(n)[:1], draw, cells,
-                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta)
+    report["ood"] = ood_report(constructions, draw, cells, min(n_iters, 250) if n_ood_iters is None else n_ood_iters,
+                               eta=eta, trained=nominal)
     return report
 
 

@@ -17,6 +17,13 @@ def _fmt(x, spec: str = ".1e") -> str:
     return format(x, spec)
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines, the first column left-aligned and the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
 def _iterated_lines(it: dict[str, Any]) -> list[str]:
     """The iterated report's header line and its method table, columns aligned."""
     lines = [f"iterated use: {it['n_problems']} problems, {it['n_gd_steps']} GD steps' worth per method "
@@ -31,11 +38,7 @@ def _iterated_lines(it: dict[str, Any]) -> list[str]:
                      _fmt(m["floor"]), _fmt(m["floor_over_kappa_eps"], ".3g"),
                      *(_fmt(m["iters_to"][t]) for t in thr),
                      _fmt(m["contraction"], ".4g"), _fmt(m["contraction_theory"], ".4g")])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        lines.append("  ".join(cells))
-    return lines
+    return lines + _aligned(rows)
 
 
 def _single_step_lines(single: dict[str, Any]) -> list[str]:
@@ -50,27 +53,33 @@ def _single_step_lines(single: dict[str, Any]) -> list[str]:
 
 
 def _ood_lines(ood: dict[str, Any]) -> list[str]:
-    """One line per OOD cell: each method's step and final errors with their gaps."""
-    lines = []
-    for cell in ood["cells"]:
-        desc = (f"ood {cell['axis']:<11} kappa={cell['kappa']:<5g} scale={cell['scale_target']:<4g} "
-                f"L={cell['n_points']:<3} D={cell['n_dims']:<3}")
-        cols = []
-        for name, m in cell["methods"].items():
-            if "step_error" in m:
-                cols.append(f"{name}: step {_fmt(m['step_error']['median'])}"
-                            f" (gap {_fmt(m['step_error_gap'], '.3g')})"
-                            f" final {_fmt(m['final_forward_error']['median'])}"
-                            f" (gap {_fmt(m['final_error_gap'], '.3g')},"
-                            f" vs gd {_fmt(m['final_vs_gd']['median'], '.3g')})")
-        lines.append(desc + " | " + " | ".join(cols))
-    return lines
+    """The generality grid: one row per cell (axis, inside or outside the trained range, kappa, scale, L,
+    D), then per method its median one-step error and gap, and its final error over GD's (GD: its final
+    error)."""
+    cells = ood["cells"]
+    names = list(dict.fromkeys(name for c in cells for name in c["methods"]))
+    header = ["generality", "range", "kappa", "scale", "L", "D"]
+    for name in names:
+        header += [f"{name} step", "gap", "final err" if name == "gd" else "final/gd"]
+    rows = [header]
+    for c in cells:
+        row = [c["axis"], {True: "in", False: "OUT"}.get(c.get("in_range"), "-"), f"{c['kappa']:g}",
+               f"{c['scale_target']:g}", str(c["n_points"]), str(c["n_dims"])]
+        for name in names:
+            m = c["methods"].get(name, {})
+            final = m.get("final_forward_error") if name == "gd" else m.get("final_vs_gd")
+            row += [_fmt((m.get("step_error") or {}).get("median")), _fmt(m.get("step_error_gap"), ".3g"),
+                    _fmt((final or {}).get("median"), ".3g")]
+        rows.append(row)
+    return [f"generality: one-step error against exact GD (median over problems), gap = over the in-distribution "
+            f"cell's; final after T = {ood['n_iters']} iterations, over GD's"] + _aligned(rows)
 
 
 def format_table(report: dict[str, Any]) -> str:
     """A short terminal table: one row per method of the iterated report (GD steps per iteration k, its
     iterations, final forward error, floor, floor / (kappa eps), iterations to 1e-6 / 1e-10 / 1e-14,
-    contraction and its theory), then the single-step metrics and the OOD cells with their gaps."""
+    contraction and its theory), then the single-step metrics and the generality grid (one row per cell,
+    inside or outside the trained range, each method's one-step error and gap)."""
     lines = []
     cfg = report.get("config", {})
     if cfg:
