@@ -1,6 +1,9 @@
 """Training over a range of problems: the samplers' log-uniform kappa and target scale against their closed
 forms, a batch mixing row counts against the per-size losses combined by hand (Adam's step and LM's
 residuals), and the one-line refusals of bad ranges."""
+import json
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -23,7 +26,9 @@ from lsq_jax.train.plan import make_plan
 from lsq_jax.train.state import init_state
 from lsq_jax.train.step import batch_gradient, example_loss, lm_keys, lm_residual_fn, lm_residuals
 
-from config_files import get_config
+from config_files import SMALL_REPORT_FLAGS, get_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 N = 4000  # problems per statistic: the empirical quantiles' standard error is ~0.008 in units of the range
 
@@ -132,7 +137,7 @@ def test_lm_fits_the_residuals_of_every_row_count():
     ("scale_target_max", float("inf"), "None or finite numbers >= scale_target=1"),
 ])
 def test_bad_ranges_are_one_config_error(field, value, allowed):
-    with pytest.raises(ConfigError, match=rf"^{field}: got .*; allowed {__import__('re').escape(allowed)}"):
+    with pytest.raises(ConfigError, match=rf"^{field}: got .*; allowed {re.escape(allowed)}"):
         TaskConfig(name="explicit_gradient", n_dims=3, n_points=6, **{field: value})
 
 
@@ -150,7 +155,38 @@ def test_a_bad_range_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     workdir = tmp_path / "w"
     proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", "--config=configs/baseconv.py:smoke",
                            f"--workdir={workdir}", "--config.task.scale_cond_max=0.5"],
-                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                          capture_output=True, text=True, cwd=str(REPO))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "task.scale_cond_max: got 0.5" in proc.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_a_run_over_ranges_reports_in_and_out_of_its_range(tmp_path):
+    """The CLI trains over rows [5, 6], kappa [1, 10] and target scale [0.5, 2], and its report says which
+    cells lie inside that range: every trained L and the ranges' ends in, the rest out."""
+    proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", "--config=configs/baseconv.py:smoke",
+                           f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.task.n_dims=3",
+                           "--config.task.n_points=6", "--config.task.n_points_min=5", "--config.model.n_positions=9",
+                           "--config.task.scale_cond_max=10", "--config.task.scale_target=0.5",
+                           "--config.task.scale_target_max=2", "--config.optim.schedule=step",
+                           "--config.train.grad_stats_batches=0", *SMALL_REPORT_FLAGS],
+                          capture_output=True, text=True, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    ood = report["ood"]
+    assert ood["trained"] == {"n_points": [5, 6], "every_prefix": False, "kappa": [1.0, 10.0],
+                              "scale_target": [0.5, 2.0], "n_dims": 3}
+    cells = {(c["axis"], c["kappa"], c["scale_target"], c["n_points"], c["n_dims"]): c for c in ood["cells"]}
+    expected_in = {("in_distribution", 1.0, 1.0, 6, 3), ("kappa", 10.0, 1.0, 6, 3), ("scale", 1.0, 0.5, 6, 3),
+                   ("scale", 1.0, 2.0, 6, 3), ("rows", 1.0, 1.0, 5, 3)}
+    assert {k for k, c in cells.items() if c["in_range"]} == expected_in
+    # outside: kappa 100 and 1,000, scales 0.01 to 100 but the ends, 3 and 4 rows (fewer), 8 (more), 2 dims
+    assert {k[3] for k in cells if k[0] == "rows"} == {3, 4, 5, 8}
+    for cell in ood["cells"]:
+        assert set(cell["methods"]) == {"learned", "baseconv_gd", "linear_attention_gd", "gd"}
+        learned = cell["methods"]["learned"]
+        assert {"step_error", "step_error_gap", "final_forward_error", "final_vs_gd"} <= set(learned)
+        assert "final_error_gap" not in learned
+    assert cells[("in_distribution", 1.0, 1.0, 6, 3)]["methods"]["learned"]["step_error_gap"] == 1.0
+    assert " OUT " in proc.stdout and "generality" in proc.stdout
