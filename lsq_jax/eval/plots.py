@@ -191,8 +191,8 @@ def _generality_figure(report: dict[str, Any], out_dir: epath.Path) -> str | Non
                 continue
             style = _style(name, i)
             pick = lambda q: _values([None if st is None else st[q] for st in stats])  # noqa: E731
-            label = "exact GD (the rounding of its step)" if name == "gd" else _LABEL.get(name, name)
-            ax.plot(xs, pick("median"), marker="o", markersize=4, label=label, **style)
+            legend = "exact GD (the rounding of its step)" if name == "gd" else _LABEL.get(name, name)
+            ax.plot(xs, pick("median"), marker="o", markersize=4, label=legend, **style)
             ax.fill_between(xs, pick("p10"), pick("p90"), color=style["color"], alpha=0.12, linewidth=0)
         out = [c[field] for c in cells if c.get("in_range") is False]
         if out:
