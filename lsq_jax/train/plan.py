@@ -153,14 +153,15 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
 def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
     """How many strided chunks the LM batch's Jacobian is built in: optim.lm_chunk problems each, or
     (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device. With
-    a range of rows every chunk holds problems of each row count: the count is of each one's share."""
+    a range of rows every chunk holds an equal part of each row count's share (optim.lm_chunk problems of
+    each), and the count is of that share."""
     n = exp.train.batch_size // len(exp.task.rows())
-    per_problem = lm_outputs(exp, task) * n_params
+    per_problem = lm_outputs(exp, task) * n_params * len(exp.task.rows())  # the Jacobian of one of each row count
     candidates = [c for c in divisors(n) if (n // c) % n_devices == 0]
     if exp.optim.lm_chunk:
         if n % exp.optim.lm_chunk or (n // exp.optim.lm_chunk) not in candidates:
             raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide train.batch_size "
-                             f"{n} (per row count) into chunks that split over {n_devices} devices")
+                             f"{n} (of each row count) into chunks that split over {n_devices} devices")
         return n // exp.optim.lm_chunk
     return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
 
