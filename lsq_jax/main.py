@@ -17,7 +17,7 @@ def execute(log=print) -> None:
     from lsq_jax import checkpoint, mesh
     from lsq_jax.config.experiment import experiment_from_config, matmul_precision_of
     from lsq_jax.eval import memory, report
-    from lsq_jax.workdir import check_writable, is_writer, resolve_workdir, writer_only
+    from lsq_jax.workdir import check_writable, eval_dir, is_writer, resolve_workdir, writer_only
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -44,10 +44,10 @@ def execute(log=print) -> None:
                                                       mesh.replicated(mesh.make_mesh()), log=log)
         memory.check_report_memory(exp)
         if is_writer():
-            check_writable(workdir / "eval")  # before the evaluation's minutes, not after
+            check_writable(out := eval_dir(workdir, exp.name))  # before the evaluation's minutes, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
-        report.write_evaluation(exp, params, workdir, log=log)
+        report.write_evaluation(exp, params, workdir, log=log, out=out if is_writer() else None)
     else:
         check_writable(workdir / "eval")
         report.write_evaluation(exp, None, workdir, log=log, constructions=True)

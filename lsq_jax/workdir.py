@@ -103,6 +103,19 @@ def resolve_workdir(workdir: str) -> epath.Path:
     return path
 
 
+RELEASE_NOTE = "RELEASE.md"  # a released checkpoint's description: its folder is read, never written
+
+
+def eval_dir(workdir: epath.Path, name: str) -> epath.Path:
+    """Where --mode=eval writes its report: <workdir>/eval, or for a released checkpoint (one whose folder
+    holds RELEASE_NOTE) runs/<name>-eval-<timestamp>/eval under the current directory."""
+    from lsq_jax.config.load import default_workdir
+
+    if (workdir / RELEASE_NOTE).exists():
+        return resolve_workdir(default_workdir(name, "eval")) / "eval"
+    return workdir / "eval"
+
+
 def check_writable(directory) -> None:
     """Create `directory` (and its parents) and write and remove a probe file in it, or raise WorkdirError."""
     directory = epath.Path(directory)

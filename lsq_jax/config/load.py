@@ -113,7 +113,7 @@ def parse_flags(argv: list[str]) -> None:
 
 
 def default_workdir(name: str, mode: str = "train") -> str:
-    """runs/<name>-<timestamp> (runs/<name>-construct-<timestamp> for --mode=construct): the workdir when
-    --workdir is not given."""
-    name += "-construct" if mode == "construct" else ""
+    """runs/<name>-<timestamp> (runs/<name>-<mode>-<timestamp> for another --mode): the workdir when
+    --workdir is not given, and where --mode=eval writes the report of a released checkpoint."""
+    name += "" if mode == "train" else f"-{mode}"
     return f"runs/{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -349,9 +349,10 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
     return report
 
 
-def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = False) -> dict[str, Any]:
+def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = False,
+                     out=None) -> dict[str, Any]:
     """The numerical-analysis report of a learned model, or of the hand-built GD models, written to
-    <workdir>/eval/report.json with a table on the terminal and PNG plots (process 0).
+    <out>/report.json (default <workdir>/eval) with a table on the terminal and PNG plots (process 0).
 
     Args:
         exp: an Experiment; its train section gives the sizes (eval_problems, eval_iters).
@@ -359,6 +360,7 @@ def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = F
         workdir: the run's folder (local or cloud); <workdir>/metrics.jsonl, when present, is plotted too.
         log: where the table and the written paths go.
         constructions: report the constructions (--mode=construct) instead of the model.
+        out: the report's folder, when not <workdir>/eval (a released checkpoint's folder is never written).
     """
     workdir = epath.Path(workdir)
     key = run_keys(exp.seed)["eval"]
@@ -369,7 +371,7 @@ def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = F
     else:
         report = evaluate_experiment(exp, params, key, **sizes)
     if is_writer():
-        out = workdir / "eval"
+        out = epath.Path(out) if out is not None else workdir / "eval"
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
         write_atomically(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
