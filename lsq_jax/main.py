@@ -44,7 +44,7 @@ def execute(log=print) -> None:
                                                       mesh.replicated(mesh.make_mesh()), log=log)
         memory.check_report_memory(exp)
         if is_writer():
-            check_writable(out := eval_dir(workdir, exp.name))  # before the evaluation's minutes, not after
+            check_writable(out := eval_dir(workdir, default_workdir(exp.name, "eval")))  # before, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
         report.write_evaluation(exp, params, workdir, log=log, out=out if is_writer() else None)

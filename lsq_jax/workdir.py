@@ -106,14 +106,10 @@ def resolve_workdir(workdir: str) -> epath.Path:
 RELEASE_NOTE = "RELEASE.md"  # a released checkpoint's description: its folder is read, never written
 
 
-def eval_dir(workdir: epath.Path, name: str) -> epath.Path:
+def eval_dir(workdir: epath.Path, elsewhere: str) -> epath.Path:
     """Where --mode=eval writes its report: <workdir>/eval, or for a released checkpoint (one whose folder
-    holds RELEASE_NOTE) runs/<name>-eval-<timestamp>/eval under the current directory."""
-    from lsq_jax.config.load import default_workdir
-
-    if (workdir / RELEASE_NOTE).exists():
-        return resolve_workdir(default_workdir(name, "eval")) / "eval"
-    return workdir / "eval"
+    holds RELEASE_NOTE) <elsewhere>/eval."""
+    return resolve_workdir(elsewhere) / "eval" if (workdir / RELEASE_NOTE).exists() else workdir / "eval"
 
 
 def check_writable(directory) -> None:
