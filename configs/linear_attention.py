@@ -4,6 +4,7 @@ Recipe: Adam lr 5e-4, STEP-THRESHOLD LR step_rate 12500 gamma 0.9, EMA 0.98 / 2.
 `softmax` argument gives the softmax-attention sanity check with the same settings.
 
     python -m lsq_jax.main --config=configs/linear_attention.py[:softmax][,cpu|,smoke]
+    python -m lsq_jax.main --config=configs/linear_attention.py:lm     # Levenberg-Marquardt, D = 3, width 16
 """
 from lsq_jax.config import defaults
 
@@ -27,4 +28,11 @@ def get_config(arg=None):
              "train.checkpoint_every": 1000},
         smoke={"model.n_embd": 32, "model.n_head": 4, "train.batch_size": 32, "train.num_steps": 100,
                "train.log_every": 25, "optim.step_rate": 50, "train.grad_stats_batches": 4,
-               "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50})
+               "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50},
+        # lm: Levenberg-Marquardt from random initialisation at the size of configs/baseconv.py:lm (D = 3,
+        # L = 10, width 16, here 2 heads: P = 3,571), with its LM settings: one fixed batch of 4,000
+        # problems (12,000 residuals), isotropic damping with geodesic acceleration (docs/performance.md).
+        lm={"task.n_dims": 3, "task.n_points": 10, "model.n_embd": 16, "model.n_head": 2, "optim.optimizer": "lm",
+            "optim.lm_geodesic": True,
+            "train.batch_size": 4000, "train.num_steps": 200, "train.log_every": 10,
+            "train.checkpoint_every": 25, "train.grad_stats_batches": 0, "optim.schedule": "step"})

@@ -13,6 +13,7 @@ from config_files import load
 
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
          ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),
+         ("linear_attention", "lm"),
          ("transformer_lsq", "smoke"), ("transformer_lsq", "kappa5,baseconv,cpu"), ("transformer_icl", "smoke"),
          ("transformer_icl", "cpu")] + [("primitives", f"{p},smoke") for p in
                                         ("read", "linear", "multiply", "square", "identity", "read,attention")]
