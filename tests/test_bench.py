@@ -90,6 +90,37 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
     assert precision.plot_comparison(r, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_time_to_precision_trains_the_restarts_and_goes_on_from_the_best():
+    """With optim.lm_restarts the bench trains each start, records each one's LM loss and the choice, and its
+    curve goes on from the start with the lowest loss: the same parameters as that start trained alone."""
+    from lsq_jax.bench import precision
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.plan import make_plan
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import Steps, advance, evaluate_loss
+
+    config = get_config("baseconv", "lm")
+    config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
+                                       "optim.lm_restarts": 3, "optim.lm_restart_steps": 2, **SMALL_REPORT})
+    r = precision.time_to_precision(config, budget_s=1.0)
+    losses = r["restart_losses"]
+    assert len(losses) == 3 and r["restart_chosen"] == int(np.argmin(losses))
+    assert r["curve"][1]["step"] == 2 and r["curve"][1]["seconds"] > 0.0 and r["steps"] > 2
+    exp = precision.experiment(config, **{"train.num_steps": 10**9})
+    plan = make_plan(exp, make_mesh())
+    steps, loss_after = Steps(plan), []
+    for k in range(3):
+        state = place_state(init_state(exp, k), plan.mesh)
+        for step in range(2):
+            state, _ = advance(steps.at(step), state, step)
+        loss_after.append(float(steps.at(2).lm_loss(state)))
+        if k == r["restart_chosen"]:
+            chosen = float(evaluate_loss(state.params, plan)["mse"])
+    np.testing.assert_allclose(losses, loss_after, rtol=1e-12)
+    np.testing.assert_allclose(r["curve"][1]["test_mse"], chosen, rtol=1e-12)
+
+
 def test_mse_at_takes_the_last_measurement_at_or_before_the_mark():
     from lsq_jax.bench import precision
 

@@ -5,6 +5,7 @@ r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
     python -m lsq_jax.bench --bench=precision --budget_s=600 --config=configs/baseconv.py:lm \
         --optimizers=lm_marquardt,lm_isotropic,lm,lm_delayed     # LM's damping variants (bench/lm.py)
     python -m lsq_jax.bench --bench=lm_iteration --config=configs/baseconv.py:lm
+    python -m lsq_jax.bench --bench=curvature --workdir=W     # where a finished LM run stopped (bench/curvature.py)
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
 time is reported apart, FLOPs come from XLA's cost analysis, and the roofline ratio divides the achieved
@@ -24,12 +25,13 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.lm import lm_iteration
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
 _BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
-                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration.")
+                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, curvature.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
@@ -38,6 +40,9 @@ _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "lm", "hybrid"],
                                 "Methods the time-to-precision benchmark compares (see PRECISION_METHODS).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmark.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.")
+_LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps of the curvature benchmark "
+                                      "(at most the parameter count, where the whole spectrum is spanned).")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CHILD = flags.DEFINE_integer("scaling_child", 0,
                               "Internal: one scaling measurement on this many devices, in a subprocess.")
@@ -225,6 +230,24 @@ SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"
                    ("max", "steps_per_s_max", ".2f"), ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".2f")]
 
 
+def print_curvature(c: dict) -> None:
+    """The curvature benchmark's figures (lsq_jax.bench.curvature), a few lines."""
+    bands = ", ".join(f"{n} above {b} of it" for b, n in c["jtj"]["above"].items())
+    outside = ", ".join(f"{v:.4f} with the {b} band" for b, v in c["residual_outside_band"].items())
+    lz = c["lanczos"]
+    print(f"curvature ({c['config']}, seed {c['seed']}, step {c['step']}: P = {c['params']}, {c['residuals']} "
+          f"residuals, loss {c['loss']:.3e})\n"
+          f"  J^T J: largest eigenvalue {c['jtj']['largest']:.3e}; {bands}; numerical rank {c['rank']}\n"
+          f"  residual outside range(J) (GN's best loss ratio): {c['residual_outside_range']:.4f} at rank "
+          f"{c['rank']}; {outside}\n"
+          f"  Hessian of 0.5 |r|^2 by {lz['steps']} Lanczos steps: largest {lz['largest']:.3e}, "
+          f"{lz['negative_ritz_values']} negative Ritz values, most negative "
+          + ", ".join(f"{v:.4g} (residual {e:.1e})" for v, e in zip(lz["most_negative"], lz["residual_norms"]))
+          + "\n  loss(theta +- a y) / loss(theta) along the most negative direction y: "
+          + "; ".join(f"a={p['step']:.0e}: {p['loss_ratio_plus']:.6g}, {p['loss_ratio_minus']:.6g}"
+                      for p in c["along_most_negative"]) + "\n", flush=True)
+
+
 def main(argv):
     del argv
     import jax
@@ -274,6 +297,21 @@ def main(argv):
               f"equations {row['normal_equations_s']:.2f} s; scipy dsyrk + cho_factor on the same J: "
               f"{row['scipy_syrk_s']:.2f} + {row['scipy_cho_factor_s']:.2f} s; ratio {row['ratio_to_scipy']:.2f}\n",
               flush=True)
+    if "curvature" in _BENCH.value:
+        from lsq_jax.checkpoint import CheckpointError
+        from lsq_jax.config.check import one_line
+
+        for name, value, allowed in (("workdir", _WORKDIR.value, "a finished LM run's workdir"),
+                                     ("lanczos_steps", _LANCZOS_STEPS.value, "an integer >= 1")):
+            if not value or (name == "lanczos_steps" and value < 1):
+                print(f"error: --{name}: got {value}; allowed {allowed} with --bench=curvature", file=sys.stderr)
+                sys.exit(2)
+        try:
+            results["curvature"] = workdir_curvature(_WORKDIR.value, lanczos_steps=_LANCZOS_STEPS.value)
+        except CheckpointError as err:
+            print(f"error: --workdir: {one_line(err)}", file=sys.stderr)
+            sys.exit(2)
+        print_curvature(results["curvature"])
     if "scaling" in _BENCH.value:
         results["scaling"] = scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _WINDOWS.value,
                                      _WINDOW_S.value)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import types
 
 from lsq_jax.bench.lm import LM_VARIANTS, iterated_use
 
@@ -32,7 +33,9 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
 
     After every second of training (one step when a step takes longer: an LM iteration takes seconds, an
     Adam step milliseconds) the test MSE is measured on a fixed batch of fresh problems, outside the
-    training time, so methods are compared at equal training wall-clock. `batch_size` 0 keeps
+    training time, so methods are compared at equal training wall-clock. With optim.lm_restarts the starts
+    are trained first (lsq_jax.train.loop.best_start) and their iterations count as training; the curve goes
+    on from the chosen start. `batch_size` 0 keeps
     the config's own (its learning rate is tuned for it); `overrides` are config fields ("optim.lr": ...).
     """
     import jax
@@ -40,7 +43,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
 
     from lsq_jax.config.check import ConfigError
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.loop import drive
+    from lsq_jax.train.loop import best_start, drive
     from lsq_jax.train.plan import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import Steps, evaluate_loss
@@ -66,6 +69,13 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     crossings = {}
     steps = Steps(plan, warm=True)  # each new step compiled and run once before its time counts
     trained_s, since, build_s = 0.0, time.perf_counter(), 0.0
+    restarts = {}
+    if exp.optim.lm_restarts > 1:
+        record = types.SimpleNamespace(write=lambda step, r: restarts.update(r))  # the choice, as metrics.jsonl's
+        state = jax.block_until_ready(best_start(steps, state, record, lambda _: None, lambda _: False))
+        trained_s, build_s = time.perf_counter() - since - steps.build_s, steps.build_s
+        curve.append(point(int(state.step), trained_s, state.params))
+        since = time.perf_counter()
 
     def after_step(step, state, metrics):
         """Adds the step's seconds (its building excluded); measures the test MSE once a second of
@@ -86,7 +96,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     state, _ = drive(steps, state, exp.train.num_steps, after_step)
     return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
             "budget_s": budget_s, "steps": int(state.step), "final_test_mse": curve[-1]["test_mse"],
-            "crossings": crossings, "curve": curve, **iterated_use(exp, state.params)}
+            "crossings": crossings, "curve": curve, **restarts, **iterated_use(exp, state.params)}
 
 
 def mse_at(curve: list[dict], seconds: float) -> float | None:
