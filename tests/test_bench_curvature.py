@@ -179,8 +179,9 @@ def test_a_trained_workdirs_figures_match_the_explicit_matrices(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_command_refuses_a_missing_or_empty_workdir(tmp_path):
-    for flags in ([], [f"--workdir={tmp_path}"]):
+def test_command_refuses_a_missing_or_empty_workdir_and_no_lanczos_steps(tmp_path):
+    for flags, field in (([], "workdir"), ([f"--workdir={tmp_path}"], "workdir"),
+                         ([f"--workdir={tmp_path}", "--lanczos_steps=0"], "lanczos_steps")):
         done = bench_command(*flags, f"--out={tmp_path / 'c.json'}")
-        assert done.returncode == 2 and done.stderr.startswith("error: --workdir: ")
+        assert done.returncode == 2 and done.stderr.startswith(f"error: --{field}: ")
         assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "c.json").exists()

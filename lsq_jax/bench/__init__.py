@@ -257,6 +257,13 @@ def main(argv):
     from lsq_jax.config.experiment import matmul_precision_of
     from lsq_jax.mesh import setup_jax
 
+    if "curvature" in _BENCH.value:  # its flags, checked before any benchmark's minutes
+        for flag, bad, allowed in ((_WORKDIR, not _WORKDIR.value, "a finished LM run's workdir"),
+                                   (_LANCZOS_STEPS, _LANCZOS_STEPS.value < 1, "an integer >= 1")):
+            if bad:
+                print(f"error: --{flag.name}: got {flag.value}; allowed {allowed} with --bench=curvature",
+                      file=sys.stderr)
+                sys.exit(2)
     config = _CONFIG.value
     setup_jax(matmul_precision_of(config))  # the same JAX settings as main
     if _CHILD.value:
@@ -301,11 +308,6 @@ def main(argv):
         from lsq_jax.checkpoint import CheckpointError
         from lsq_jax.config.check import one_line
 
-        for name, value, allowed in (("workdir", _WORKDIR.value, "a finished LM run's workdir"),
-                                     ("lanczos_steps", _LANCZOS_STEPS.value, "an integer >= 1")):
-            if not value or (name == "lanczos_steps" and value < 1):
-                print(f"error: --{name}: got {value}; allowed {allowed} with --bench=curvature", file=sys.stderr)
-                sys.exit(2)
         try:
             results["curvature"] = workdir_curvature(_WORKDIR.value, lanczos_steps=_LANCZOS_STEPS.value)
         except CheckpointError as err:
