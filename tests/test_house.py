@@ -22,7 +22,7 @@ MAY_IMPORT = {
     "mesh": {"config"},
     "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption", "workdir"},
     "eval": {"config", "data", "models", "mesh", "workdir"},
-    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "train", "eval"},
+    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "workdir", "train", "eval"},
     "main": {"config", "checkpoint", "mesh", "preemption", "workdir", "train", "eval", "models"},
 }
 

@@ -307,11 +307,12 @@ def main(argv):
     if "curvature" in _BENCH.value:
         from lsq_jax.checkpoint import CheckpointError
         from lsq_jax.config.check import one_line
+        from lsq_jax.workdir import WorkdirError
 
         try:
             results["curvature"] = workdir_curvature(_WORKDIR.value, lanczos_steps=_LANCZOS_STEPS.value)
-        except CheckpointError as err:
-            print(f"error: --workdir: {one_line(err)}", file=sys.stderr)
+        except (CheckpointError, WorkdirError) as err:
+            print(f"error: --workdir: {one_line(err).removeprefix('--workdir: ')}", file=sys.stderr)
             sys.exit(2)
         print_curvature(results["curvature"])
     if "scaling" in _BENCH.value:

@@ -143,14 +143,13 @@ def curvature(residual_fn, params, batch, n_chunks: int = 1, *, lanczos_steps: i
 def workdir_curvature(workdir: str, step: int | None = None, log=print, **kwargs) -> dict:
     """curvature() at a training workdir's checkpoint (`step`, or the newest good one), restored as
     --mode=eval restores it, on the batch LM fits at that iteration (lsq_jax.train.step.lm_keys)."""
-    from etils import epath
-
     from lsq_jax import checkpoint, mesh
     from lsq_jax.models.backbone import abstract_params
     from lsq_jax.train.plan import make_plan
     from lsq_jax.train.step import lm_keys, lm_residual_fn
+    from lsq_jax.workdir import resolve_workdir
 
-    exp, step, params = checkpoint.restore_params(epath.Path(workdir).expanduser(), step, lambda e: abstract_params(e.model),
+    exp, step, params = checkpoint.restore_params(resolve_workdir(workdir), step, lambda e: abstract_params(e.model),
                                                   mesh.replicated(mesh.make_mesh()), log=log)
     mesh.setup_jax(exp.matmul_precision)
     plan = make_plan(exp, mesh.make_mesh())
