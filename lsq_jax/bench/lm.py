@@ -117,6 +117,39 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
             "jnp_dtype": str(jnp.dtype(exp.task.dtype))}
 
 
+def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
+    """The LM step of `exp` on the first `n_devices` devices (0: all): seconds per iteration (median of
+    `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
+    the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.plan import make_plan
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import make_step_fns
+
+    plan = make_plan(exp, make_mesh(n_devices))
+    state = place_state(init_state(exp), plan.mesh)
+    fns = make_step_fns(plan, plan.full_size(lm=True))
+    step = fns.train.lower(state, fns.no_metric).compile()
+    times, tries = [], []
+    for _ in range(repeats + 1):
+        before = int(state.opt_state["lm"].iteration)
+        t = time.perf_counter()
+        state = jax.block_until_ready(step(state, fns.no_metric)[0])
+        times.append(time.perf_counter() - t)
+        tries.append(int(state.opt_state["lm"].iteration) - before)
+    p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
+    reduced = reduced_bytes(step.as_text()) if plan.n_devices > 1 else 0  # one device: a reduction moves nothing
+    return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
+            "chunks_per_device": plan.lm_chunks, "solver": exp.optim.lm_solver,
+            "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
+            "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
+            "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:]))}
+
+
 # --------------------------------------------------------------------------------------------------
 # Bytes reduced across devices, read from a compiled program's HLO text.
 
