@@ -223,3 +223,73 @@ def test_help_lists_the_benchs_flags():
     for flag in ("--bench", "--config", "--budget_s", "--seeds", "--out"):
         assert f"  {flag}:" in proc.stdout, proc.stdout
     assert proc.stdout.startswith("Benchmarks:")
+
+
+HLO_WITH_LOOPS = """
+HloModule m
+
+%add (a: f64[], b: f64[]) -> f64[] {
+  %a = f64[] parameter(0)
+  %b = f64[] parameter(1)
+  ROOT %s = f64[] add(%a, %b)
+}
+
+%body (p: (s64[], f64[10,10])) -> (s64[], f64[10,10]) {
+  %p = (s64[], f64[10,10]{1,0}) parameter(0)
+  %x = f64[10,10]{1,0} get-tuple-element(%p), index=1
+  %ar = f64[10,10]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %i = s64[] get-tuple-element(%p), index=0
+  ROOT %t = (s64[], f64[10,10]{1,0}) tuple(%i, %ar)
+}
+
+%cond (p: (s64[], f64[10,10])) -> pred[] {
+  %p = (s64[], f64[10,10]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (x: f64[10,10], v: f32[7]) -> (f64[10,10], f32[7]) {
+  %x = f64[10,10]{1,0} parameter(0)
+  %v = f32[7]{0} parameter(1)
+  %zero = s64[] constant(0)
+  %init = (s64[], f64[10,10]{1,0}) tuple(%zero, %x)
+  %w = (s64[], f64[10,10]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
+  %u = (s64[], f64[10,10]{1,0}) while(%init), condition=%cond, body=%body
+  %y = f64[10,10]{1,0} get-tuple-element(%w), index=1
+  %both = (f64[10,10]{1,0}, f32[7]{0}) all-reduce(%y, %v), channel_id=2, replica_groups={{0,1}}, to_apply=%add
+  ROOT %r = (f64[10,10]{1,0}, f32[7]{0}) tuple(%y, %v)
+}
+"""
+
+
+def test_reduced_bytes_counts_operands_times_known_trip_counts():
+    from lsq_jax.bench.lm import reduced_bytes
+
+    # 6 trips of a 10 x 10 float64 all-reduce, one trip of the loop without a known count, and one tuple
+    # all-reduce of 10 x 10 float64 and 7 float32
+    assert reduced_bytes(HLO_WITH_LOOPS) == 6 * 800 + 800 + 800 + 7 * 4
+
+
+@pytest.mark.slow
+def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
+    """On 2 emulated devices the compiled LM step reduces J^T J's lower triangle, J^T r and r.r once per
+    iteration, and per damped solve the trial loss and the geodesic acceleration's J^T r'': the same bytes
+    with 1 and 6 chunks per device."""
+    from lsq_jax import bench
+    from lsq_jax.models.backbone import parameter_count
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
+    sizes = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "train.batch_size": 48}
+    rows = []
+    for chunk in (24, 4):
+        config = get_config("baseconv", "lm")
+        config.update_from_flattened_dict({**sizes, "optim.lm_chunk": chunk})
+        argv = [f"--config={path}:lm", *(f"--config.{k}={v}" for k, v in {**sizes, "optim.lm_chunk": chunk}.items())]
+        rows += bench.lm_scaling(config, argv, [2], repeats=1)
+    assert [row["chunks_per_device"] for row in rows] == [1, 6]
+    config = get_config("baseconv", "lm")
+    config.update_from_flattened_dict(sizes)
+    p = parameter_count(bench.experiment(config).model)
+    for row in rows:
+        assert row["devices"] == 2 and row["n_params"] == p and row["solver"] == "cholesky"
+        assert row["allreduce_bytes_per_iteration"] == 8 * (p * (p + 1) // 2 + p + 1 + (1 + p))
+        assert row["seconds_per_iteration"] > 0 and row["tries_mean"] >= 1

@@ -2,7 +2,11 @@
 explicit-gradient weights plus noise, the hybrid's phases, and bit-identical resume through the CLI."""
 import io
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 from contextlib import redirect_stderr
 
 import jax
@@ -120,6 +124,45 @@ def test_lm_from_the_exact_weights_plus_noise_reaches_near_machine_precision():
     assert test_mse(noisy) > 1e6 * tol
     state, history = run_lm(exp, noisy, 45)
     assert test_mse(state.params) <= tol, history
+
+
+ON_DEVICES = textwrap.dedent("""
+    import sys, numpy as np, jax
+    jax.config.update("jax_enable_x64", True)
+    from jax.flatten_util import ravel_pytree
+    from lsq_jax.train.state import init_state
+    from test_lm_training import ON_DEVICES_RUN, run_lm, tiny_experiment
+    exp = tiny_experiment(**ON_DEVICES_RUN, **{"optim.lm_chunk": int(sys.argv[3])})
+    assert jax.device_count() == int(sys.argv[2])
+    state, history = run_lm(exp, init_state(exp).params, 3)
+    np.savez(sys.argv[1], theta=ravel_pytree(state.params)[0], history=history,
+             accepted=int(state.opt_state["lm"].accepted))
+""")
+ON_DEVICES_RUN = {"train.batch_size": 48, "optim.lm_damping": 1e-2}
+
+
+@pytest.mark.slow
+def test_lm_on_2_and_4_devices_equals_one_device(tmp_path):
+    """The :lm step (geodesic acceleration, retries) on 2 and 4 emulated devices, each device building J^T J
+    from its own chunks (2 and 3 problems each, against 6 on one device) and one reduction adding them:
+    the same accepted steps and parameters as one device, to round-off."""
+    exp = tiny_experiment(**ON_DEVICES_RUN, **{"optim.lm_chunk": 6})
+    state, history = run_lm(exp, init_state(exp).params, 3)
+    theta, accepted = ravel_pytree(state.params)[0], int(state.opt_state["lm"].accepted)
+    assert accepted >= 1
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    for n, chunk in ((2, 2), (4, 3)):
+        env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n} "
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+        out = tmp_path / f"{n}.npz"
+        proc = subprocess.run([sys.executable, "-c", ON_DEVICES, str(out), str(n), str(chunk)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        z = np.load(out)
+        assert int(z["accepted"]) == accepted
+        np.testing.assert_allclose(z["history"], history, rtol=1e-13)
+        assert np.linalg.norm(z["theta"] - theta) <= 1e-11 * np.linalg.norm(theta)
 
 
 def final_state(workdir):

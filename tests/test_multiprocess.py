@@ -1,4 +1,5 @@
-"""Multi-process JAX on one machine: the flags' checks, and two processes x two devices == one process x four.
+"""Multi-process JAX on one machine: the flags' checks, and two processes x two devices == one process x four,
+through the Adam recipe and then Levenberg-Marquardt (the hybrid).
 
 The slow test starts real JAX processes on 127.0.0.1 (gloo collectives between them). A process whose
 peer never arrives ABORTS (exit 134) instead of raising, so every child runs in its own session with a
@@ -28,6 +29,10 @@ from config_files import SMALL_REPORT_FLAGS, get_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 NUM_STEPS = 10
+# the hybrid: the Adam recipe for 8 steps, then 2 LM iterations (Cholesky, each device building J^T J from its
+# own problems, one reduction across the devices of both processes); narrow enough for a P x P solve, and
+# damped enough (lm_damping) that few solves are rejected: emulated devices share 2 cores
+HYBRID = {"model.n_embd": 8, "optim.optimizer": "lm", "optim.lm_after": 8, "optim.lm_damping": 1.0}
 DEADLINE_S = 240
 # emulated devices are threads: on a loaded machine one may reach a collective long after another, and
 # XLA's default 40 s rendezvous limit would abort the process
@@ -105,7 +110,8 @@ def _free_port() -> int:
 
 def _train_args(workdir) -> list[str]:
     return ["--config=configs/baseconv.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
-            "--config.train.checkpoint_every=1000", f"--workdir={workdir}", *SMALL_REPORT_FLAGS]
+            "--config.train.checkpoint_every=1000", f"--workdir={workdir}", *SMALL_REPORT_FLAGS,
+            *(f"--config.{k}={v}" for k, v in HYBRID.items())]
 
 
 def _run_together(commands, log_dir, deadline=DEADLINE_S) -> list[int]:
@@ -132,7 +138,7 @@ def _logs(log_dir) -> str:
 
 def _experiment():
     c = get_config("baseconv", "smoke")
-    c.update_from_flattened_dict({"train.num_steps": NUM_STEPS, "train.checkpoint_every": 1000})
+    c.update_from_flattened_dict({"train.num_steps": NUM_STEPS, "train.checkpoint_every": 1000, **HYBRID})
     return experiment_from_config(c)
 
 
@@ -188,7 +194,10 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(init_state(exp).params)
     assert int(state2.step) == int(state1.step) == NUM_STEPS
     assert np.linalg.norm(p1 - p0) > 1e-3 * np.linalg.norm(p0)  # training moved the parameters
-    # the gradient all-reduce sums in another order: round-off, not bitwise (STYLE.md)
+    lm2, lm1 = state2.opt_state["lm"], state1.opt_state["lm"]
+    assert int(lm1.accepted) >= 1  # LM moved them too
+    assert (int(lm2.accepted), int(lm2.rejected)) == (int(lm1.accepted), int(lm1.rejected))
+    # the gradient and J^T J reductions sum in another order: round-off, not bitwise (STYLE.md)
     assert np.linalg.norm(p2 - p1) <= 1e-12 * np.linalg.norm(p1), np.linalg.norm(p2 - p1) / np.linalg.norm(p1)
 
     # a one-process evaluation restores the checkpoint the two processes wrote

@@ -6,6 +6,7 @@ r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
         --optimizers=lm_marquardt,lm_isotropic,lm,lm_delayed     # LM's damping variants (bench/lm.py)
     python -m lsq_jax.bench --bench=lm_iteration --config=configs/baseconv.py:lm
     python -m lsq_jax.bench --bench=curvature --workdir=W     # where a finished LM run stopped (bench/curvature.py)
+    python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=1,2,4
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
 time is reported apart, FLOPs come from XLA's cost analysis, and the roofline ratio divides the achieved
@@ -26,12 +27,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from lsq_jax.bench.curvature import workdir_curvature
-from lsq_jax.bench.lm import lm_iteration
+from lsq_jax.bench.lm import lm_iteration, lm_scaling_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
 _BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
-                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, curvature.")
+                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, lm_scaling, "
+                          "curvature.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
@@ -39,13 +41,14 @@ _BUDGET_S = flags.DEFINE_float("budget_s", 120.0, "Wall-clock budget of the time
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "lm", "hybrid"],
                                 "Methods the time-to-precision benchmark compares (see PRECISION_METHODS).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.")
-_DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmark.")
+_DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmarks.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed LM iterations per device count (lm_scaling).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.")
 _LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps of the curvature benchmark "
                                       "(at most the parameter count, where the whole spectrum is spanned).")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
-_CHILD = flags.DEFINE_integer("scaling_child", 0,
-                              "Internal: one scaling measurement on this many devices, in a subprocess.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: BENCH:N, one row of scaling or lm_scaling on N devices, "
+                             "in a subprocess.")
 
 
 def _timed_windows(fn, state, n_windows: int, window_s: float):
@@ -176,14 +179,14 @@ def config_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_s: float) -> list[dict]:
-    """Steps/s on 1, 2, 4 ... devices at a fixed global batch, each on the first n devices.
+def on_device_counts(name: str, row, argv: list[str], devices: list[int], child_flags: list[str]) -> list[dict]:
+    """`row(n)` for each device count n of `devices`, each on the first n devices.
 
     On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX starts and
-    added to any XLA_FLAGS already set), so each count runs in a subprocess given the config flags of
-    `argv` (see `config_argv`). On accelerators they are real and each count runs here on `config` (a
-    subprocess would find the accelerator's memory already taken by this one); counts above what the
-    machine has are skipped.
+    added to any XLA_FLAGS already set), so each count runs in a subprocess (`--child=name:n`) given the
+    config flags of `argv` (see `config_argv`) and `child_flags`. On accelerators they are real and each
+    count runs here (a subprocess would find the accelerator's memory already taken by this one); counts
+    above what the machine has are skipped.
     """
     import jax
 
@@ -192,22 +195,39 @@ def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_
     for n in devices:
         if not emulated:
             if n > available:
-                print(f"scaling: {n} devices skipped ({available} available)", flush=True)
-                continue
-            rows.append(throughput(config, "float64", n_windows, window_s, n))
+                print(f"{name}: {n} devices skipped ({available} available)", flush=True)
+            else:
+                rows.append(row(n))
             continue
         env = dict(os.environ)
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-        cmd = [sys.executable, "-m", "lsq_jax.bench", f"--scaling_child={n}", *config_argv(argv),
-               "--dtypes=float64", f"--windows={n_windows}", f"--window_s={window_s}"]
+        # emulated devices share the cores: one may reach a collective long after another (XLA aborts after 40 s)
+        env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n} "
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
+        cmd = [sys.executable, "-m", "lsq_jax.bench", f"--child={name}:{n}", *config_argv(argv), *child_flags]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"scaling run on {n} devices failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{name} run on {n} devices failed: {proc.stderr.strip().splitlines()[-1:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_s: float) -> list[dict]:
+    """Steps/s of the training step on 1, 2, 4 ... devices at a fixed global batch (`on_device_counts`)."""
+    rows = on_device_counts("scaling", lambda n: throughput(config, "float64", n_windows, window_s, n), argv,
+                            devices, [f"--windows={n_windows}", f"--window_s={window_s}"])
     for row in rows:
         row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
         row["efficiency"] = row["speedup"] / (row["devices"] / rows[0]["devices"])
     return rows
+
+
+def lm_scaling(config, argv: list[str], devices: list[int], repeats: int) -> list[dict]:
+    """The LM step (optimizer 'lm') on 1, 2, 4 ... devices at a fixed global batch (`on_device_counts`):
+    seconds per iteration, bytes reduced across devices per iteration and the solve path
+    (lsq_jax.bench.lm.lm_scaling_row)."""
+    exp = experiment(config, **{"optim.optimizer": "lm"})
+    return on_device_counts("lm_scaling", lambda n: lm_scaling_row(exp, n, repeats), argv, devices,
+                            [f"--repeats={repeats}"])
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -228,6 +248,12 @@ THROUGHPUT_COLUMNS = [("dtype", "dtype", ""), ("microbatches", "microbatches", "
                       ("of peak", "peak_ratio", ".2f"), ("host frac", "host_dispatch_fraction", ".3f")]
 SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"), ("min", "steps_per_s_min", ".2f"),
                    ("max", "steps_per_s_max", ".2f"), ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".2f")]
+
+LM_SCALING_COLUMNS = [("devices", "devices", "d"), ("solver", "solver", ""),
+                      ("chunks/device", "chunks_per_device", "d"),
+                      ("s/iteration", "seconds_per_iteration", ".2f"), ("solves", "tries_mean", ".1f"),
+                      ("bytes reduced", "allreduce_bytes_per_iteration", ".4g"),
+                      ("/ triangle", "bytes_over_triangle", ".4f")]
 
 
 def print_curvature(c: dict) -> None:
@@ -267,7 +293,10 @@ def main(argv):
     config = _CONFIG.value
     setup_jax(matmul_precision_of(config))  # the same JAX settings as main
     if _CHILD.value:
-        print(json.dumps(throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, _CHILD.value)))
+        name, n = _CHILD.value.split(":")
+        row = (throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, int(n)) if name == "scaling" else
+               lm_scaling_row(experiment(config, **{"optim.optimizer": "lm"}), int(n), _REPEATS.value))
+        print(json.dumps(row))
         return
     results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
                            "cpu_count": os.cpu_count()}}
@@ -320,6 +349,11 @@ def main(argv):
                                      _WINDOW_S.value)
         print("scaling (float64, fixed global batch)")
         print(_table(results["scaling"], SCALING_COLUMNS) + "\n", flush=True)
+    if "lm_scaling" in _BENCH.value:
+        results["lm_scaling"] = lm_scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _REPEATS.value)
+        first = results["lm_scaling"][0]
+        print(f"LM scaling ({first['config']}, P = {first['n_params']}, fixed global batch {first['batch_size']})")
+        print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {_OUT.value}")

@@ -3,6 +3,9 @@ iteration timed against LAPACK's own normal equations on the same Jacobian, and 
 iterated use at the end of a run."""
 from __future__ import annotations
 
+import functools
+import math
+import re
 import statistics
 import time
 
@@ -112,3 +115,91 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
             "normal_equations_s": normal_s, "scipy_syrk_s": syrk_s, "scipy_cho_factor_s": chol_s,
             "ratio_to_scipy": iteration_s / (syrk_s + chol_s), "device_count": int(mesh.devices.size),
             "jnp_dtype": str(jnp.dtype(exp.task.dtype))}
+
+
+def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
+    """The LM step of `exp` on the first `n_devices` devices (0: all): seconds per iteration (median of
+    `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
+    the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.train.plan import make_plan
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import make_step_fns
+
+    plan = make_plan(exp, make_mesh(n_devices))
+    state = place_state(init_state(exp), plan.mesh)
+    fns = make_step_fns(plan, plan.full_size(lm=True))
+    step = fns.train.lower(state, fns.no_metric).compile()
+    times, tries = [], []
+    for _ in range(repeats + 1):
+        before = int(state.opt_state["lm"].iteration)
+        t = time.perf_counter()
+        state = jax.block_until_ready(step(state, fns.no_metric)[0])
+        times.append(time.perf_counter() - t)
+        tries.append(int(state.opt_state["lm"].iteration) - before)
+    p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
+    reduced = reduced_bytes(step.as_text()) if plan.n_devices > 1 else 0  # one device: a reduction moves nothing
+    return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
+            "chunks_per_device": plan.lm_chunks, "solver": exp.optim.lm_solver,
+            "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
+            "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
+            "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:]))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Bytes reduced across devices, read from a compiled program's HLO text.
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+             "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_REDUCTIONS = ("all-reduce", "all-reduce-start", "reduce-scatter")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.+?) ([\w-]+)\((.*)$")
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of every array in an HLO shape (an array, or a tuple of them): f64[3,4]{1,0} -> 96."""
+    return sum(_ITEMSIZE.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape))
+
+
+def reduced_bytes(hlo: str) -> int:
+    """Bytes one run of the program reduces across devices: the operand bytes of every all-reduce and
+    reduce-scatter, times the trip count of the loops around it (a loop without a known trip count, such as
+    LM's retries, counts once: one damped solve), the larger branch of a conditional.
+
+    Args:
+        hlo: the text of a compiled program (``jax.jit(f).lower(...).compile().as_text()``).
+    """
+    computations, shapes, name, entry = {}, {}, None, None
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            entry = header.group(2) if header.group(1) else entry
+            name = header.group(2)
+            computations[name], shapes[name] = [], {}
+        elif name is not None and (instruction := _INSTRUCTION.match(line)):
+            target, shape, op, rest = instruction.groups()
+            shapes[name][target] = shape
+            computations[name].append((op, rest))
+
+    @functools.cache
+    def total(name: str) -> int:
+        out = 0
+        for op, rest in computations[name]:
+            if op in _REDUCTIONS:
+                operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
+                out += sum(_shape_bytes(shapes[name][o]) for o in operands)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+            for callee in re.findall(r"(?:body|calls)=%([\w.-]+)", rest):
+                out += (int(trips.group(1)) if op == "while" and trips else 1) * total(callee)
+            branches = re.findall(r"(?:true_computation|false_computation)=%([\w.-]+)", rest)
+            for listed in re.findall(r"branch_computations=\{([^}]*)\}", rest):
+                branches += re.findall(r"%([\w.-]+)", listed)
+            out += max((total(b) for b in branches), default=0)
+        return out
+
+    return total(entry)

@@ -53,8 +53,8 @@ class OptimConfig:
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (Cholesky path).
-        lm_chunk: problems per Jacobian chunk (0: auto, at most 2^22 Jacobian entries per chunk); with a range
-            of rows (task.n_points_min), problems of each row count per chunk.
+        lm_chunk: problems per Jacobian chunk on each device (0: auto, at most 2^22 Jacobian entries per
+            chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
             with the lowest training loss continues (1: no restarts).
         lm_restart_steps: iterations of each start (>= 1 when lm_restarts > 1).

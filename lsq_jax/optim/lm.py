@@ -10,19 +10,23 @@ M = N K residuals; J = dr/dtheta is M x P and is never held whole)::
     pred  = loss - m(delta) = -2 Jtr.delta - delta^T JtJ delta   (= delta^T JtJ delta + 2 lam delta^T D delta
             for an exact solve), and the gain ratio rho = (loss - loss(theta + step)) / pred.
 
-Chunks: ``n_chunks`` = C must divide N, and chunk c holds the STRIDED problems c, c + C, c + 2C, ... The
-reshape (N, ...) -> (N/C, C, ...) keeps the (possibly sharded) batch axis major, so when the batch is
-sharded over devices with a ``NamedSharding`` every chunk is spread evenly over all devices and every
-``lax.scan`` iteration keeps them all busy (contiguous chunks would each sit on one device). Sums over a
-chunk's rows are ordinary contractions, so plain ``jax.jit`` lets XLA insert the all-reduce (checked with 2
-emulated CPU devices: same result as 1 device; XLA all-reduces each chunk's P x P term inside the loop, so
-on many devices few, large chunks are cheaper than many small ones).
+Chunks: ``n_chunks`` = C must divide N, and chunk c holds the STRIDED problems c, c + C, c + 2C, ...; the
+sums over chunks are carried by a ``lax.scan``.
+
+Devices: with ``axis_name`` the functions run inside ``jax.shard_map`` over that mesh axis, `batch` is
+this device's share of the problems and the chunks are this device's own (C divides its share). Each
+device accumulates its own sums over all its chunks, and one ``lax.psum`` per sum combines them after the
+loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entries), J^T r and r.r, and
+per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
+The solve is replicated: every device holds J^T J and solves the same system. Without ``axis_name`` the
+functions are ordinary jittable code on the whole batch.
 
 One iteration, :func:`lm_iteration` (Cholesky) or :func:`lm_iteration_cg`, returns its step, the new
 state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style transform.
 
 J^T J is built from its lower block triangle alone (``GRAM_MIN_ROWS``): half the multiply-adds of the
-full product, in products large enough to run at the machine's matmul rate.
+full product, in products large enough to run at the machine's matmul rate; the diagonal blocks are kept
+as their lower triangles, so the sums hold P (P + 1) / 2 entries of J^T J exactly.
 
 The scaling D and the damping rule are lsq_jax.optim.lm_damping's. References: Moré, "The
 Levenberg-Marquardt algorithm: implementation and theory" (1978); Transtrum & Sethna, "Improvements to the
@@ -31,6 +35,7 @@ geodesicLM code for the geodesic acceleration.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -88,19 +93,34 @@ def _chunks(batch, n_chunks):
     return jax.tree.map(split, batch)
 
 
-def _chunk_sum(fn, batch, n_chunks):
-    """sum_c fn(chunk_c) over the strided chunks, accumulated in a ``lax.scan`` carry."""
+def _chunk_sum(fn, batch, n_chunks, axis_name=None):
+    """sum_c fn(chunk_c) over the strided chunks, accumulated in a ``lax.scan`` carry; with `axis_name`,
+    then summed over the devices along it (one ``psum`` of the whole tree, after the loop)."""
     chunks = _chunks(batch, n_chunks)
     shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), init, chunks)[0]
+    total = jax.lax.scan(lambda acc, c: (jax.tree.map(jnp.add, acc, fn(c)), None), init, chunks)[0]
+    return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def _triangle(block: jax.Array) -> jax.Array:
+    """The lower triangle of a square block, row by row, as a vector of n (n + 1) / 2 entries."""
+    return block[jnp.tril_indices(block.shape[0])]
+
+
+def _square(triangle: jax.Array) -> jax.Array:
+    """The symmetric block whose lower triangle is `triangle` (:func:`_triangle`'s inverse)."""
+    n = (math.isqrt(8 * triangle.shape[0] + 1) - 1) // 2
+    lower = jnp.zeros((n, n), triangle.dtype).at[jnp.tril_indices(n)].set(triangle)
+    return lower + jnp.tril(lower, -1).T
 
 
 def lower_gram(Jt: jax.Array, min_rows: int = GRAM_MIN_ROWS):
-    """Jt Jt^T's lower block triangle as a tree: a leaf is a whole diagonal block Jt_i Jt_i^T (at most
-    `min_rows` rows), a node (top, Jt_b Jt_t^T, bottom) halves the rows. Trees of the same Jt shape add."""
+    """Jt Jt^T's lower triangle as a tree: a leaf is the lower triangle of a diagonal block Jt_i Jt_i^T (at
+    most `min_rows` rows, as a vector: :func:`_triangle`), a node (top, Jt_b Jt_t^T, bottom) halves the rows.
+    Trees of the same Jt shape add; their entries are (rows) (rows + 1) / 2."""
     if Jt.shape[0] <= min_rows:
-        return Jt @ Jt.T
+        return _triangle(Jt @ Jt.T)
     h = Jt.shape[0] // 2
     return lower_gram(Jt[:h], min_rows), Jt[h:] @ Jt[:h].T, lower_gram(Jt[h:], min_rows)
 
@@ -108,16 +128,20 @@ def lower_gram(Jt: jax.Array, min_rows: int = GRAM_MIN_ROWS):
 def symmetric(tree) -> jax.Array:
     """The full symmetric matrix of a :func:`lower_gram` tree."""
     if not isinstance(tree, tuple):
-        return tree
+        return _square(tree)
     top, off, bottom = tree
     return jnp.block([[symmetric(top), off.T], [off, symmetric(bottom)]])
 
 
-def _flat(residual_fn, params, batch):
-    """theta, f(theta, chunk) -> flat residuals, and M (the batch's residual count)."""
+def _flat(residual_fn, params, batch, axis_name=None):
+    """theta, f(theta, chunk) -> flat residuals, and M (the residual count of the batch of every device)."""
     theta, unravel = ravel_pytree(params)
     f = lambda t, b: residual_fn(unravel(t), b).reshape(-1)
-    return theta, f, jax.eval_shape(f, theta, batch).shape[0]
+    return theta, f, jax.eval_shape(f, theta, batch).shape[0] * _device_count(axis_name)
+
+
+def _device_count(axis_name) -> int:
+    return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
 def chunk_jacobian(f, theta, chunk, per_problem):
@@ -140,8 +164,8 @@ def chunk_jacobian(f, theta, chunk, per_problem):
     return r.reshape(-1), Jt.reshape(Jt.shape[0], -1)
 
 
-def _loss(f, theta, batch, n_chunks, m):
-    return _chunk_sum(lambda c: jnp.sum(f(theta, c) ** 2), batch, n_chunks) / m
+def _loss(f, theta, batch, n_chunks, m, axis_name=None):
+    return _chunk_sum(lambda c: jnp.sum(f(theta, c) ** 2), batch, n_chunks, axis_name) / m
 
 
 def second_directional_derivative(g: Callable[[jax.Array], jax.Array], theta: jax.Array, v: jax.Array):
@@ -149,7 +173,8 @@ def second_directional_derivative(g: Callable[[jax.Array], jax.Array], theta: ja
     return jax.jvp(lambda t: jax.jvp(g, (t,), (v,))[1], (theta,), (v,))[1]
 
 
-def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, *, per_problem: bool = True):
+def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, *, per_problem: bool = True,
+                     axis_name: str | None = None):
     """JtJ = J^T J / M, Jtr = J^T r / M and loss = r.r / M, accumulated chunk by chunk.
 
     Args:
@@ -160,24 +185,27 @@ def normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, 
         per_problem: True when problem i's residuals depend on batch row i only (any model without
             cross-example ops such as batch norm): ``residual_fn`` is then called under ``vmap`` on one
             problem at a time (leaves with a leading axis of 1). False differentiates each chunk as a whole.
+        axis_name: inside ``jax.shard_map``, the mesh axis the problems are split over (`batch` and
+            `n_chunks` are then this device's): the sums of every device are added once, after the chunks.
 
     Returns:
-        (JtJ (P, P), Jtr (P,), loss scalar), in the params' dtype.
+        (JtJ (P, P), Jtr (P,), loss scalar), in the params' dtype, of the problems of every device.
     """
-    theta, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
 
     def terms(chunk):
         r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
         return lower_gram(Jt), Jt @ r, r @ r
 
-    JtJ, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
+    JtJ, Jtr, ss = _chunk_sum(terms, batch, n_chunks, axis_name)
     return symmetric(JtJ) / m, Jtr / m, ss / m
 
 
-def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int = 1) -> jax.Array:
-    """loss = (1/M) sum r^2 over the batch, chunked."""
-    theta, f, m = _flat(residual_fn, params, batch)
-    return _loss(f, theta, batch, n_chunks, m)
+def mean_squared_residual(residual_fn: ResidualFn, params, batch, n_chunks: int = 1,
+                          axis_name: str | None = None) -> jax.Array:
+    """loss = (1/M) sum r^2 over the batch, chunked (`axis_name` as in :func:`normal_equations`)."""
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
+    return _loss(f, theta, batch, n_chunks, m, axis_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +242,7 @@ def _finish(state, step, loss, trial, pred, ok, scaling, rule, damping_min, damp
 def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                  scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
                  per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15,
-                 damping_max: float = 1e15, rel_floor: float = 1e-10):
+                 damping_max: float = 1e15, rel_floor: float = 1e-10, axis_name: str | None = None):
     """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
 
     D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
@@ -231,7 +259,7 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     ratio uses the prediction of delta alone, also as in geodesicLM.
 
     Args:
-        residual_fn, params, batch, n_chunks, per_problem: as in :func:`normal_equations`.
+        residual_fn, params, batch, n_chunks, per_problem, axis_name: as in :func:`normal_equations`.
         state: the :class:`LMState`.
         scaling: ``"isotropic"`` or ``"marquardt"`` (lsq_jax.optim.lm_damping).
         rule: the damping rule, ``"nielsen"`` or ``"delayed"`` (lsq_jax.optim.lm_damping).
@@ -248,8 +276,9 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         geodesic, accel_ratio. The state counts every solve: iteration += tries, rejected += the rejected
         solves.
     """
-    theta, f, m = _flat(residual_fn, params, batch)
-    JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem)
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
+    JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem,
+                                      axis_name=axis_name)
     D = update_scaling(scaling, state.scaling, jnp.diagonal(JtJ), rel_floor)
 
     def attempt(damping):
@@ -260,12 +289,12 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
                 g = lambda t: f(t, chunk)
                 return jax.vjp(g, theta)[1](second_directional_derivative(g, theta, delta))[0]
 
-            accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks) / m)
+            accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks, axis_name) / m)
             d_norm = lambda x: jnp.sqrt(x @ (D * x))
             accel_ratio = 2.0 * d_norm(accel) / d_norm(delta)
             ok = ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
             step = delta + accel
-        return step, _loss(f, theta + step, batch, n_chunks, m), pred, ok, accel_ratio
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 
     def body(carry):
         s, _, _ = carry
@@ -291,20 +320,22 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 
 
 def gn_matvec(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch, v: jax.Array,
-              n_chunks: int = 1) -> jax.Array:
+              n_chunks: int = 1, axis_name: str | None = None) -> jax.Array:
     """JtJ v = J^T (J v) / M, chunk by chunk, without forming J.
 
     Args:
         f: the flat residual function ``(theta, batch_chunk) -> (m,)``; M residuals over the whole batch.
         theta, batch, n_chunks: the flat parameters, and the batch in `n_chunks` strided chunks.
         v: the (P,) vector.
+        axis_name: as in :func:`normal_equations`.
     """
     def term(chunk):
         # One linearisation serves both products: J v forward, then its transpose J^T (J v).
         _, jvp = jax.linearize(lambda t: f(t, chunk), theta)
         return jax.linear_transpose(jvp, theta)(jvp(v))[0]
 
-    return _chunk_sum(term, batch, n_chunks) / jax.eval_shape(f, theta, batch).shape[0]
+    m = jax.eval_shape(f, theta, batch).shape[0] * _device_count(axis_name)
+    return _chunk_sum(term, batch, n_chunks, axis_name) / m
 
 
 def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
@@ -326,7 +357,8 @@ def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, da
 
 def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                     scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
-                    n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15):
+                    n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15,
+                    axis_name: str | None = None):
     """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_iteration`.
 
     D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
@@ -344,7 +376,7 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     Returns:
         (step, new_state, metrics) as in :func:`lm_iteration` (without tries and accel_ratio).
     """
-    theta, f, m = _flat(residual_fn, params, batch)
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
     probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
                                    (n_probes, theta.size), theta.dtype)
 
@@ -352,12 +384,12 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
         r, jvp = jax.linearize(lambda t: f(t, chunk), theta)
         return jax.linear_transpose(jvp, theta)(r)[0], r @ r, jnp.sum(jax.vmap(jvp)(probes) ** 2)
 
-    Jtr, ss, probed = _chunk_sum(terms, batch, n_chunks)
+    Jtr, ss, probed = _chunk_sum(terms, batch, n_chunks, axis_name)
     Jtr, loss = Jtr / m, ss / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
-    matvec = lambda v: gn_matvec(f, theta, batch, v, n_chunks)
+    matvec = lambda v: gn_matvec(f, theta, batch, v, n_chunks, axis_name)
     delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, D, tol=tol, maxiter=maxiter)
-    trial = _loss(f, theta + delta, batch, n_chunks, m)
+    trial = _loss(f, theta + delta, batch, n_chunks, m, axis_name)
     new_state, metrics = _finish(state, delta, loss, trial, pred, ok, D, rule, damping_min, damping_max)
     return delta, new_state, metrics

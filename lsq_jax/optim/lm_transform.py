@@ -45,8 +45,8 @@ class LMTransformation(NamedTuple):
 
     Attributes:
         init: ``init(params) -> state``.
-        update: ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, **extra_args) ->
-            (updates, state, metrics)``; for :func:`adam_then_lm` without ``residual_fn``, the Adam
+        update: ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, axis_name=None,
+            **extra_args) -> (updates, state, metrics)``; for :func:`adam_then_lm` without ``residual_fn``, the Adam
             transform's ``update(updates, state, params, **extra_args) -> (updates, state)``.
     """
 
@@ -61,11 +61,13 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
                         damping_max: float = 1e15) -> LMTransformation:
     """One Levenberg-Marquardt iteration per update, on the flattened parameters (lsq_jax.optim.lm).
 
-    ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, **extra_args)``: `updates` is
-    ignored; ``residual_fn(params, batch_chunk) -> (n, K)`` residuals, `batch` the problems LM fits (leading
-    axis N), `n_chunks` the strided chunks the Jacobian is built in (a Python int dividing N); other extra
-    arguments are ignored. Returns (updates, state, metrics): ``optax.apply_updates(params, updates)`` is
-    theta + step where the step was accepted and theta otherwise, bit for bit.
+    ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, axis_name=None, **extra_args)``:
+    `updates` is ignored; ``residual_fn(params, batch_chunk) -> (n, K)`` residuals, `batch` the problems LM
+    fits (leading axis N), `n_chunks` the strided chunks the Jacobian is built in (a Python int dividing N);
+    inside ``jax.shard_map``, `axis_name` the mesh axis the problems are split over (`batch` and `n_chunks`
+    are then one device's; lsq_jax.optim.lm); other extra arguments are ignored. Returns (updates, state,
+    metrics): ``optax.apply_updates(params, updates)`` is theta + step where the step was accepted and
+    theta otherwise, bit for bit.
 
     Args:
         solver: ``"cholesky"`` (:func:`lsq_jax.optim.lm.lm_iteration`, dense J^T J) or ``"cg"``
@@ -108,9 +110,10 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         theta = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
         return lm.init_lm_state(theta.size, theta.dtype, damping0)
 
-    def update_fn(updates, state, params, *, residual_fn, batch, n_chunks: int = 1, **extra_args):
+    def update_fn(updates, state, params, *, residual_fn, batch, n_chunks: int = 1, axis_name=None,
+                  **extra_args):
         del updates, extra_args
-        step, state, metrics = iterate(residual_fn, params, batch, state, n_chunks)
+        step, state, metrics = iterate(residual_fn, params, batch, state, n_chunks, axis_name=axis_name)
         unravel = ravel_pytree(params)[1]
         # A rejected step adds -0.0, not 0.0: p + (-0.0) is p bit for bit, p = -0.0 included.
         return unravel(jnp.where(metrics["accepted"], step, -0.0)), state, metrics

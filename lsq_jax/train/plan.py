@@ -32,7 +32,7 @@ MICROBATCH_ELEMENTS = 2**17
 # memory stays the most that is live at once.
 CPU_SCAN_UNROLL = 2
 
-LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a chunk's Jacobian holds at most this many entries (32 MiB float64)
+LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a device's chunk Jacobian holds at most this many entries (32 MiB float64)
 
 
 class Phase(NamedTuple):
@@ -56,7 +56,8 @@ class RunPlan:
         microbatches: per curriculum n_points, the microbatches each device's share of the batch is
             differentiated in.
         unroll: microbatches per iteration of the accumulating scan.
-        lm_chunks: the strided chunks LM's Jacobian is built in (1 without LM).
+        lm_chunks: the strided chunks each device builds the Jacobian of its share of LM's batch in (1
+            without LM).
         memory: the lower-bound bytes per device, by part (lsq_jax.train.memory.memory_estimate).
     """
 
@@ -151,19 +152,23 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
 
 
 def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
-    """How many strided chunks the LM batch's Jacobian is built in: optim.lm_chunk problems each, or
-    (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES; a chunk spreads over every device. With
-    a range of rows every chunk holds an equal part of each row count's share (optim.lm_chunk problems of
-    each), and the count is of that share."""
-    n = exp.train.batch_size // len(exp.task.rows())
-    per_problem = lm_outputs(exp, task) * n_params * len(exp.task.rows())  # the Jacobian of one of each row count
-    candidates = [c for c in divisors(n) if (n // c) % n_devices == 0]
+    """How many strided chunks each device builds the Jacobian of its share of the LM batch in:
+    optim.lm_chunk problems each, or (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES (a
+    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm). With a range of rows
+    every chunk holds an equal part of each row count's share (optim.lm_chunk problems of each), and the
+    count is of that share."""
+    share = exp.train.batch_size // len(exp.task.rows())
+    if share % n_devices:
+        raise ValueError(f"train.batch_size={exp.train.batch_size} is not allowed: the share of each row count "
+                         f"({share}) must split over the {n_devices} devices")
+    local = share // n_devices
     if exp.optim.lm_chunk:
-        if n % exp.optim.lm_chunk or (n // exp.optim.lm_chunk) not in candidates:
-            raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide train.batch_size "
-                             f"{n} (of each row count) into chunks that split over {n_devices} devices")
-        return n // exp.optim.lm_chunk
-    return next((c for c in candidates if (n // c) * per_problem <= LM_CHUNK_ENTRIES), candidates[-1])
+        if local % exp.optim.lm_chunk:
+            raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide the per-device "
+                             f"batch {local} (of each row count: train.batch_size / rows / {n_devices} devices)")
+        return local // exp.optim.lm_chunk
+    per_problem = lm_outputs(exp, task) * n_params * len(exp.task.rows())  # one problem of each row count
+    return next((c for c in divisors(local) if (local // c) * per_problem <= LM_CHUNK_ENTRIES), local)
 
 
 def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:

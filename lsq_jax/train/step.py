@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 from lsq_jax.data.base import Task
 from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.mesh import replicated
+from lsq_jax.mesh import DATA_AXIS, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import grad_stats, lm, recipe
 from lsq_jax.train.plan import Phase, RunPlan, scan_unroll
@@ -149,10 +150,20 @@ def lm_keys(plan: RunPlan, step):
     return keys[0] if len(keys) == 1 else keys
 
 
+def per_device(fn, plan: RunPlan):
+    """fn(replicated, keys) run on each device of the plan's mesh with its own share of the keys (split along
+    'data'): LM sums over its own problems and reduces across devices once per sum (lsq_jax.optim.lm,
+    axis_name); what fn returns is replicated. Without the replication check: under it, differentiating the
+    per-device residuals with respect to the replicated parameters would add a reduction across devices to
+    every chunk's Jacobian, the reductions this layout saves."""
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
+
+
 def lm_loss(state: TrainState, *, plan: RunPlan, phase: Phase) -> jax.Array:
     """The loss LM's next iteration fits: the mean square of the residuals of its batch at state.params."""
-    return lm.mean_squared_residual(lm_residual_fn(plan, phase), state.params, lm_keys(plan, state.step),
-                                    plan.lm_chunks)
+    loss = lambda params, keys: lm.mean_squared_residual(lm_residual_fn(plan, phase), params, keys, plan.lm_chunks,
+                                                         DATA_AXIS)
+    return per_device(loss, plan)(state.params, lm_keys(plan, state.step))
 
 
 def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
@@ -161,14 +172,19 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     residuals of train.batch_size problems.
 
     The problems are drawn from the run's 'lm' key and batch index (iteration - lm_after) // lm_refresh_every
-    (0 throughout when lm_refresh_every is 0), sharded over the devices like the step's batch; J^T J and
-    J^T r are sums over problems that XLA all-reduces. A rejected step leaves the parameters unchanged
-    and counts as skipped.
+    (0 throughout when lm_refresh_every is 0), sharded over the devices like the step's batch. Each device
+    builds J^T J, J^T r and r.r of its own problems in the plan's chunks, and one reduction across devices
+    adds them (`per_device`); every device then solves the same system. A rejected step leaves the
+    parameters unchanged and counts as skipped.
     """
     del grad_metric
-    updates, opt_state, m = run_optimizer(plan.exp).update(
-        None, state.opt_state, state.params, residual_fn=lm_residual_fn(plan, phase), batch=lm_keys(plan, state.step),
-        n_chunks=plan.lm_chunks)
+
+    def iterate(state, keys):
+        return run_optimizer(plan.exp).update(None, state.opt_state, state.params, batch=keys,
+                                              residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
+                                              axis_name=DATA_AXIS)
+
+    updates, opt_state, m = per_device(iterate, plan)(state, lm_keys(plan, state.step))
     lm_state = opt_state["lm"]
     metrics = {"loss": m["loss"], "trial_loss": m["trial_loss"], "damping": m["damping"],
                "gain_ratio": m["gain_ratio"], "step_norm": m["step_norm"],
