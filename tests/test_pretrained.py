@@ -1,7 +1,6 @@
 """The released checkpoints (pretrained/<name>: a finished run's final checkpoint, its saved config and
 RELEASE.md) restore from the repository and take one gradient-descent step as precisely as documented;
 --mode=eval on one writes its report under runs/ and leaves the released folder untouched."""
-import json
 import os
 import pathlib
 
@@ -44,15 +43,17 @@ def test_a_released_checkpoint_takes_a_gradient_step_to_its_documented_precision
     assert mse > 0  # a learned model, not the construction
 
 
-@pytest.mark.slow
 def test_eval_of_a_released_checkpoint_writes_under_runs_and_leaves_it_untouched(tmp_path, monkeypatch):
+    """Where the report goes (its content is the first test's subject and test_eval_report's)."""
+    from lsq_jax.eval import report as eval_report
+
     workdir = PRETRAINED / "baseconv-lm"
     before = snapshot(workdir)
     monkeypatch.chdir(tmp_path)
-    out = []
-    assert main.run(["lsq_jax.main", "--mode=eval", f"--workdir={os.path.relpath(workdir)}"], log=out.append) == 0
+    outs = []
+    monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, out=None, **k: outs.append(out) or {})
+    assert main.run(["lsq_jax.main", "--mode=eval", f"--workdir={os.path.relpath(workdir)}"], log=print) == 0
     assert snapshot(workdir) == before
-    reports = list(tmp_path.glob("runs/*-eval-*/eval/report.json"))
-    assert len(reports) == 1, out
-    report = json.loads(reports[0].read_text())
-    assert report["single_step"]["test_mse"] <= RELEASED["baseconv-lm"]
+    [out] = outs
+    assert pathlib.Path(str(out)).parent.parent == tmp_path / "runs" and out.name == "eval"
+    assert pathlib.Path(str(out)).parent.name.startswith("baseconv-lm-eval-")
