@@ -15,12 +15,10 @@ from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel, abstract_params
 from lsq_jax.workdir import RELEASE_NOTE, resolve_workdir
 
+from trees import snapshot
+
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / "pretrained"
 RELEASED = {"baseconv-lm": 1e-9}  # name -> bound on its single-step test MSE (README, docs/performance.md)
-
-
-def snapshot(directory: pathlib.Path) -> dict:
-    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

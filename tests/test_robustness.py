@@ -27,6 +27,7 @@ from lsq_jax.models.backbone import init_params
 from lsq_jax.train.plan import divisors, make_plan
 
 from config_files import get_config
+from trees import snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO / 'configs' / 'baseconv.py'}:smoke"
@@ -59,11 +60,6 @@ def assert_bad_input(status, err, needle):
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert "Traceback" not in err
-
-
-def snapshot(directory: pathlib.Path) -> dict:
-    """Every file under `directory` with its bytes (to show that nothing was written)."""
-    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def params_of(workdir, step=None):
