@@ -36,7 +36,7 @@ def execute(log=print) -> None:
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
         with loop.training(exp, workdir, log=log, allow_config_change=FLAGS.allow_config_change) as trained:
-            if not trained.preempted:  # the report while the run still holds its workdir
+            if FLAGS.report and not trained.preempted:  # the report while the run still holds its workdir
                 report.write_evaluation(exp, trained.state.params, workdir, log=log)
     elif FLAGS.mode == "eval":
         from lsq_jax.models.backbone import abstract_params

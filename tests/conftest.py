@@ -24,3 +24,9 @@ REFERENCE_DIR = pathlib.Path(__file__).resolve().parent / "reference"
 def reference_dir() -> pathlib.Path:
     """tests/reference: weights, inputs and outputs saved from the PyTorch reference (see its README)."""
     return REFERENCE_DIR
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a stable sort): with two workers, a long test started last would leave one worker
+    idle while it runs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -98,13 +98,15 @@ def _run_until(cmd, needle, timeout=240):
 @pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert subprocess.run(_main(full), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    # --noreport: the runs train only (the parameters are what this test compares)
+    assert subprocess.run(_main(full, "--noreport"), cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    assert (full / "checkpoints").is_dir() and not (full / "eval").exists()
     proc = _run_until(_main(killed), "step 120/")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert Checkpointer(killed, read_only=True).steps()[-1] < 200
-    resumed = subprocess.run(_main(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_main(killed, "--noreport"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stdout
     _, a = restore(full)

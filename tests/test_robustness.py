@@ -96,6 +96,13 @@ def test_a_plain_file_or_an_unwritable_place_as_workdir_is_refused(tmp_path, no_
     assert_bad_input(status, err, "not writable")
 
 
+@pytest.mark.parametrize("mode", ["eval", "construct"])
+def test_noreport_outside_training_is_one_line(tmp_path, mode, no_report):
+    status, _, err = run(f"--mode={mode}", "--noreport", f"--workdir={tmp_path / 'w'}")
+    assert_bad_input(status, err, "--noreport")
+    assert not (tmp_path / "w").exists() and not no_report
+
+
 def test_eval_into_a_read_only_workdir_stops_before_evaluating(tmp_path, no_report, monkeypatch):
     assert run(f"--workdir={tmp_path}", steps=20)[0] == 0
     before = snapshot(tmp_path)

@@ -75,11 +75,12 @@ def _timed_windows(fn, state, n_windows: int, window_s: float):
 PEAK_SIZE = 1024  # the square product that measures the machine's best matmul rate (the "of peak" ratio)
 
 
-def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: int = 1) -> float:
-    """FLOP/s of the jitted (rows x width) @ (width x width) product, the best of its timed windows (the
-    rate the machine can reach: a slow episode of a shared machine only lowers it, and would inflate a
-    ratio over it); with `chunks` > 1 the rows are multiplied `chunks` at a time in one lax.map, as the
-    microbatched step does."""
+def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, window_s: float = 0.5,
+                chunks: int = 1) -> float:
+    """FLOP/s of the jitted (rows x width) @ (width x width) product, the best of its `n_windows` timed
+    windows of about `window_s` seconds (at least 3 products each): the rate the machine can reach (a slow
+    episode of a shared machine only lowers it, and would inflate a ratio over it); with `chunks` > 1 the
+    rows are multiplied `chunks` at a time in one lax.map, as the microbatched step does."""
     import jax
     import jax.numpy as jnp
 
@@ -89,7 +90,7 @@ def matmul_rate(rows: int, width: int, dtype: str, n_windows: int = 5, chunks: i
     jax.block_until_ready(f(x, w))
     t = time.perf_counter()
     jax.block_until_ready(f(x, w))
-    reps = max(3, int(0.5 / max(time.perf_counter() - t, 1e-6)))
+    reps = max(3, int(window_s / max(time.perf_counter() - t, 1e-6)))
     rates = []
     for _ in range(n_windows):
         t0 = time.perf_counter()
@@ -151,12 +152,13 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     # on one device; real accelerators each multiply at that rate, emulated CPU devices share the cores
     # that one product already uses
     machines = 1 if jax.default_backend() == "cpu" else mesh.devices.size
-    mm_rates = {"whole": matmul_rate(rows, exp.model.n_embd, dtype) * machines}
+    timing = {"n_windows": n_windows, "window_s": min(window_s, 0.5)}  # as many windows as the step's
+    mm_rates = {"whole": matmul_rate(rows, exp.model.n_embd, dtype, **timing) * machines}
     if n_micro > 1:
-        mm_rates["microbatched"] = machines * matmul_rate(rows, exp.model.n_embd, dtype,
+        mm_rates["microbatched"] = machines * matmul_rate(rows, exp.model.n_embd, dtype, **timing,
                                                           chunks=n_micro * mesh.devices.size)
     mm = max(mm_rates.values())
-    peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype) * machines
+    peak = matmul_rate(PEAK_SIZE, PEAK_SIZE, dtype, **timing) * machines
     return {"config": exp.name, "dtype": dtype, "batch_size": exp.train.batch_size, "devices": int(mesh.devices.size),
             "microbatches": n_micro, "compile_s": compile_s, "steps_per_s": median, "steps_per_s_min": min(rates),
             "steps_per_s_max": max(rates), "examples_per_s": median * exp.train.batch_size,

@@ -31,6 +31,9 @@ flags.DEFINE_enum(
     flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: the newest good one).",
                      flag_values=FLAGS)
+flags.DEFINE_bool("report", True, "--mode=train: the final report after training (test MSE, iterated use, "
+                  "generality, plots in <workdir>/eval); --noreport trains only (evaluate later with --mode=eval).",
+                  flag_values=FLAGS)
 flags.DEFINE_enum(
     "distributed", "off", ("off", "auto", "explicit"),
     "Multi-process JAX: off; auto (cloud TPU pods, SLURM); explicit (needs the three flags below).",
@@ -108,6 +111,8 @@ def parse_flags(argv: list[str]) -> None:
                           "runs/<name>-<time>)")
     if FLAGS.mode == "eval" and FLAGS.workdir is None:
         raise ConfigError("--mode=eval needs --workdir (a training workdir with checkpoints)")
+    if not FLAGS.report and FLAGS.mode != "train":
+        raise ConfigError(f"--noreport: allowed with --mode=train only (--mode={FLAGS.mode} is a report)")
     if FLAGS.mode != "eval" and FLAGS.config is None:
         raise ConfigError("--config is required, e.g. --config=configs/baseconv.py:cpu")
 

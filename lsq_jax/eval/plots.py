@@ -72,7 +72,7 @@ def _values(seq) -> list[float]:
 
 def _save(fig, out_dir: epath.Path, name: str) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=120)
     path = out_dir / name
     path.write_bytes(buf.getvalue())
     return str(path)
