@@ -47,33 +47,13 @@ def test_step_flops_count_every_microbatch(throughput_rows):
 
 
 @pytest.mark.slow
-def test_time_to_precision_crossings_are_the_first_points_of_the_curve_below_each_level():
+def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
+    """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method,
+    its curve starts at the initial parameters and its crossings are the curve's first points below each
+    level; the table's median and range are those of the runs' curves at each mark; the plot is written."""
 
     from lsq_jax.bench import precision
     from lsq_jax.train.state import init_state
-
-    r = precision.time_to_precision(get_config("baseconv", "smoke"), budget_s=3.0, **SMALL_REPORT)
-    assert r["batch_size"] == 32  # the config's own batch unless one is given
-    curve = r["curve"]
-    assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"],
-                                            "param_norm": curve[0]["param_norm"]}
-    assert r["steps"] == curve[-1]["step"] and curve[-1]["seconds"] >= 3.0
-    initial = init_state(precision.experiment(get_config("baseconv", "smoke"))).params
-    np.testing.assert_allclose(curve[0]["param_norm"], np.linalg.norm(
-        np.concatenate([np.ravel(x) for x in jax.tree.leaves(initial)])), rtol=1e-13)
-    assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
-    for level in precision.PRECISION_LEVELS:
-        below = [p for p in curve if p["test_mse"] < level]
-        crossing = r["crossings"].get(f"{level:.0e}")
-        assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
-
-
-@pytest.mark.slow
-def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
-    """Adam and the hybrid (Adam, then LM) on a tiny LM config, 2 seeds: every run is on its seed and method, the
-    table's median and range are those of the runs' curves at each mark, and the plot is written."""
-
-    from lsq_jax.bench import precision
 
     config = get_config("baseconv", "lm")
     config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
@@ -89,7 +69,28 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
             at = sorted(precision.mse_at(x["curve"], mark) for x in runs)
             assert row[f"{mark:.0f}s"] == pytest.approx((at[0] + at[1]) / 2, rel=1e-15)
             assert row[f"{mark:.0f}s_range"] == f"{at[0]:.1e}..{at[1]:.1e}"
+    for x in (x for runs in r["runs"].values() for x in runs):
+        check_curve(x, budget_s=2.0, initial=init_state(precision.experiment(config, seed=x["seed"])).params)
     assert precision.plot_comparison(r, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
+
+
+def check_curve(r, budget_s, initial):
+    """A time-to-precision run's curve: from the initial parameters at 0 s to the budget, in increasing steps
+    and seconds, its crossings the first points below each level."""
+    from lsq_jax.bench import precision
+
+    assert r["batch_size"] == 200  # the config's own batch unless one is given
+    curve = r["curve"]
+    assert len(curve) >= 2 and curve[0] == {"step": 0, "seconds": 0.0, "test_mse": curve[0]["test_mse"],
+                                            "param_norm": curve[0]["param_norm"]}
+    assert r["steps"] == curve[-1]["step"] and curve[-1]["seconds"] >= budget_s
+    np.testing.assert_allclose(curve[0]["param_norm"], np.linalg.norm(
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(initial)])), rtol=1e-13)
+    assert all(a["step"] < b["step"] and a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
+    for level in precision.PRECISION_LEVELS:
+        below = [p for p in curve if p["test_mse"] < level]
+        crossing = r["crossings"].get(f"{level:.0e}")
+        assert crossing == ({"seconds": below[0]["seconds"], "step": below[0]["step"]} if below else None)
 
 
 @pytest.mark.slow

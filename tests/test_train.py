@@ -237,16 +237,16 @@ ATTEMPTS = 5
 
 
 @pytest.mark.slow
-def test_same_parameters_on_1_2_4_devices(tmp_path):
+def test_same_parameters_on_1_and_4_devices(tmp_path):
     results = {}
-    for n in (1, 2, 4):
+    for n in (1, 4):
         out = tmp_path / f"params{n}.npz"
         for attempt in range(ATTEMPTS):
             # emulated devices on 2 cores occasionally deadlock in XLA's in-process collective rendezvous
             # (no progress, no CPU use; ~1 run in 6 with microbatches, measured); that is the runtime, not
             # the numbers: retry a fresh process (a run takes ~6 s)
             try:
-                # 1 device: the whole batch of 32 at once; 2 and 4 devices: 4 and 2 microbatches of 4 each
+                # 1 device: the whole batch of 32 at once; 4 devices: 2 microbatches of 4 each
                 proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n), "32" if n == 1 else "4"],
                             {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SLOW_COLLECTIVES}"},
                             timeout=60)
@@ -258,7 +258,7 @@ def test_same_parameters_on_1_2_4_devices(tmp_path):
         results[n] = [z[k] for k in z.files]
     # a split batch sums its gradient in another order; after 50 Adam steps (eps 1e-16) that round-off has
     # grown to a relative 1e-12 on some CPUs (8e-13 measured), a wrong shard would give O(1)
-    for n in (2, 4):
+    for n in (4,):
         for a, b in zip(results[1], results[n]):
             assert np.linalg.norm(b - a) <= 1e-11 * np.linalg.norm(a), (n, np.linalg.norm(b - a) / np.linalg.norm(a))
 
