@@ -163,15 +163,18 @@ def test_a_bad_range_on_the_command_line_is_one_line_and_exit_2(tmp_path):
 def test_a_run_over_ranges_reports_in_and_out_of_its_range(tmp_path):
     """The CLI trains over rows [5, 6], kappa [1, 10] and target scale [0.5, 2], and its report says which
     cells lie inside that range: every trained L and the ranges' ends in, the rest out."""
-    proc = subprocess.run([sys.executable, "-m", "lsq_jax.main", "--config=configs/baseconv.py:smoke",
-                           f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.task.n_dims=4",
-                           "--config.model.n_embd=16", "--config.model.n_layer=2",
-                           "--config.task.n_points=6", "--config.task.n_points_min=5", "--config.model.n_positions=9",
-                           "--config.task.scale_cond_max=10", "--config.task.scale_target=0.5",
-                           "--config.task.scale_target_max=2", "--config.optim.schedule=step",
-                           "--config.train.grad_stats_batches=0", *SMALL_REPORT_FLAGS],
-                          capture_output=True, text=True, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from lsq_jax import main
+
+    out = []
+    status = main.run(["lsq_jax.main", f"--config={REPO / 'configs' / 'baseconv.py'}:smoke",
+                       f"--workdir={tmp_path}", "--config.train.num_steps=4", "--config.task.n_dims=4",
+                       "--config.model.n_embd=16", "--config.model.n_layer=2",
+                       "--config.task.n_points=6", "--config.task.n_points_min=5", "--config.model.n_positions=9",
+                       "--config.task.scale_cond_max=10", "--config.task.scale_target=0.5",
+                       "--config.task.scale_target_max=2", "--config.optim.schedule=step",
+                       "--config.train.grad_stats_batches=0", *SMALL_REPORT_FLAGS], log=out.append)
+    assert status == 0, out[-20:]
+    stdout = "\n".join(out)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     ood = report["ood"]
     assert ood["trained"] == {"n_points": [5, 6], "every_prefix": False, "kappa": [1.0, 10.0],
@@ -189,4 +192,4 @@ def test_a_run_over_ranges_reports_in_and_out_of_its_range(tmp_path):
         assert {"step_error", "step_error_gap", "final_forward_error", "final_vs_gd"} <= set(learned)
         assert "final_error_gap" not in learned
     assert cells[("in_distribution", 1.0, 1.0, 6, 4)]["methods"]["learned"]["step_error_gap"] == 1.0
-    assert " OUT " in proc.stdout and "generality" in proc.stdout
+    assert " OUT " in stdout and "generality" in stdout

@@ -26,7 +26,7 @@ from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import init_params
 from lsq_jax.train.plan import divisors, make_plan
 
-from config_files import get_config
+from config_files import SMALL_REPORT_FLAGS, get_config
 from trees import snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -367,8 +367,7 @@ def bucket(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_train_eval_and_resume_on_a_non_local_workdir(bucket, monkeypatch):
-    status, out, err = run("--workdir=gs://bucket/w", "--config.train.eval_problems=8",
-                           "--config.train.eval_iters=10", steps=20)
+    status, out, err = run("--workdir=gs://bucket/w", *SMALL_REPORT_FLAGS, steps=20)
     assert status == 0, err
     assert "workdir: gs://bucket/w" in out
     local = bucket / "w"
