@@ -497,6 +497,10 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
     (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_geodesic=True"],
      "optim.lm_geodesic"),
     (["--config.optim.optimizer=lm", "--config.optim.l1=0.001"], "optim.l1"),
+    (["--config.optim.lm_after=5"], "optim.lm_after: got 5; allowed 0 unless optimizer='lm'"),
+    (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'cholesky' unless optimizer='lm'"),
+    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_tries=10"],
+     "optim.lm_tries: got 10; allowed None with lm_solver='cg'"),
 ])
 def test_contradictory_lm_settings_are_one_line(tmp_path, override, needle, no_report):
     status, _, err = run(f"--workdir={tmp_path / 'w'}", *override)
@@ -512,3 +516,51 @@ def test_a_saved_config_goes_through_the_same_checks_as_a_config_file():
     saved["optim"]["schedule"], saved["train"]["grad_stats_batches"] = "adaptive", 0
     with pytest.raises(ConfigError, match="train.grad_stats_batches"):
         experiment_from_dict(saved)
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    ("name", "../x", "name: got '../x'; allowed non-empty strings without a path separator"),
+    ("seed", -1, "seed: got -1; allowed integers >= 0"),
+    ("model.n_positions", 2, "model.n_positions: got 2; allowed integers >= "),
+    ("model.out_dims", 1, "model.out_dims: got 1; allowed integers >= "),
+    ("model.in_dims", 99, "model.in_dims: got 99; allowed unset or "),
+    ("model.dtype", "float32", "model.dtype: got 'float32'; allowed unset or 'float64'"),
+    ("task.dtype", "float16", "dtype: got 'float16'; allowed one of float64, float32"),
+    ("points.end", 99, "curriculum.points.end: got 99; allowed unset or "),
+    ("nosuch", 1, "nosuch: not a known field"),
+])
+def test_a_saved_config_is_checked_like_a_config_file(path, value, needle):
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.config.experiment import experiment_from_dict, experiment_to_dict
+
+    saved = experiment_to_dict(main_experiment())
+    *sections, field = path.split(".")
+    section = saved
+    for name in sections:
+        section = section[name]
+    section[field] = value
+    with pytest.raises(ConfigError) as info:
+        experiment_from_dict(saved)
+    assert str(info.value).startswith(needle) and "\n" not in str(info.value)
+
+
+def test_a_saved_configs_old_placeholders_load_as_unset():
+    """Before unset was None, a config saved every LM setting at a placeholder (10 tries with the CG solver,
+    a chunk and a restart length of 0), and any LM setting with another optimizer, all unread: they load as
+    unset, so such a run resumes under today's config of the same run."""
+    from lsq_jax.config.experiment import experiment_from_config, experiment_from_dict, experiment_to_dict
+
+    for optim, current in [({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10, "lm_cg_iters": 7, "lm_chunk": 0,
+                             "lm_restarts": 1, "lm_restart_steps": 3}, {"optimizer": "lm", "lm_solver": "cg",
+                                                                        "lm_cg_iters": 7}),
+                           ({"optimizer": "lm", "lm_cg_iters": 100, "lm_tries": 10, "lm_restart_steps": 0},
+                            {"optimizer": "lm"}),
+                           ({"optimizer": "adam", "lm_after": 5, "lm_solver": "cg", "lm_tries": 10},
+                            {"optimizer": "adam"})]:
+        saved = experiment_to_dict(main_experiment())
+        saved["optim"] = {**{k: v for k, v in saved["optim"].items() if not k.startswith("lm_")}, **optim,
+                          "lm_scaling": "isotropic"}
+        config = get_config("baseconv", "smoke")
+        config.optim.update(current)
+        assert experiment_from_dict(saved) == experiment_from_config(config), optim
+        assert experiment_from_dict(experiment_to_dict(experiment_from_dict(saved))) == experiment_from_dict(saved)
