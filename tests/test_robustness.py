@@ -23,7 +23,7 @@ from lsq_jax.workdir import WorkdirLock, resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
-from lsq_jax.models.backbone import init_params
+from lsq_jax.models.backbone import abstract_params, init_params
 from lsq_jax.train.plan import divisors, make_plan
 
 from config_files import get_config
@@ -64,9 +64,9 @@ def assert_bad_input(status, err, needle):
 
 def params_of(workdir, step=None):
     """(parameter leaves, step) of a workdir's checkpoint, restored as --mode=eval restores them."""
-    shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
-    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), step, shape,
-                                                replicated(make_mesh()), log=lambda _: None)
+    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), step,
+                                                lambda exp: abstract_params(exp.model), replicated(make_mesh()),
+                                                log=lambda _: None)
     return [np.asarray(x) for x in jax.tree.leaves(params)], step
 
 
@@ -410,8 +410,22 @@ def test_integers_fit_int64_and_the_name_stays_in_runs(tmp_path, monkeypatch, ov
     assert not list(tmp_path.iterdir())  # no runs/ (the default workdir) and nothing outside it
 
 
-def test_the_largest_seed_is_a_usable_key():
-    assert jax.random.key(2**63 - 1).shape == ()
+def test_the_largest_seed_the_config_accepts_gives_the_runs_keys():
+    """The seed's range ends where the run's keys stop: 2^63 - 1 is accepted and gives a run its own key
+    streams, 2^63 is refused."""
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.config.experiment import experiment_from_config
+    from lsq_jax.data.keys import STREAMS, run_keys
+
+    config = get_config("baseconv", "smoke")
+    config.seed = 2**63
+    with pytest.raises(ConfigError, match="^seed: got 9223372036854775808; allowed integers >= 0 and < 2\\^63"):
+        experiment_from_config(config)
+    config.seed = 2**63 - 1
+    keys = run_keys(experiment_from_config(config).seed)
+    streams = {np.asarray(jax.random.key_data(keys[name])).tobytes() for name in STREAMS}
+    assert len(streams) == len(STREAMS) and not streams & {
+        np.asarray(jax.random.key_data(k)).tobytes() for k in run_keys(0).values()}
 
 
 def test_report_estimate_counts_what_the_report_allocates():
