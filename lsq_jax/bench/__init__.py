@@ -142,8 +142,11 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(exp, state)
-    fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
-    state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
+
+    def step(s):
+        return compiled(s, fns.no_metric)[0]
+
+    state, rates, dispatch = _timed_windows(step, state, n_windows, window_s)
     median = statistics.median(rates)
     rows = exp.train.batch_size * plan.task.seq_len(exp.task.n_points)
     n_micro = plan.microbatches[exp.task.n_points]
