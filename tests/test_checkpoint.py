@@ -157,3 +157,31 @@ def test_refuses_a_workdir_of_another_config_and_all_damaged(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "can be restored" in err, err
     assert Checkpointer(tmp_path, read_only=True).steps() == steps and not (tmp_path / "unrestorable").exists()
+
+
+QUIETING = '''
+import logging, sys
+import jax, orbax.checkpoint  # what they install on import is theirs
+
+
+def process_wide():
+    return (sys.excepthook, sys.unraisablehook, *(tuple(logging.getLogger(name).filters)
+                                                  for name in ("absl", "asyncio")))
+
+
+before = process_wide()
+from lsq_jax import checkpoint
+assert process_wide() == before, "importing lsq_jax.checkpoint changed process-wide state"
+checkpoint.quiet_orbax_failures()
+quiet = process_wide()
+checkpoint.quiet_orbax_failures()
+assert process_wide() == quiet != before
+sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+sys.excepthook(ValueError, ValueError("any other error"), None)
+'''
+
+
+def test_importing_checkpoint_installs_nothing_and_the_quieting_hides_only_orbax_leftovers():
+    proc = subprocess.run([sys.executable, "-c", QUIETING], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: any other error" in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr

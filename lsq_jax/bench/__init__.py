@@ -285,8 +285,11 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # JAX reports at INFO each backend it fails to find (tpu, cuda)
+    from lsq_jax.checkpoint import quiet_orbax_failures
     from lsq_jax.config.experiment import matmul_precision_of
     from lsq_jax.mesh import setup_jax
+
+    quiet_orbax_failures()
 
     if "curvature" in _BENCH.value:  # its flags, checked before any benchmark's minutes
         for flag, bad, allowed in ((_WORKDIR, not _WORKDIR.value, "a finished LM run's workdir"),
