@@ -45,7 +45,6 @@ class OptimConfig:
         l1: L1 regularisation weight >= 0, used by the loss (lambda * sum |p|), only carried here.
         lm_after: with optimizer ``"lm"``: iterations of the Adam recipe (the fields above) before
             Levenberg-Marquardt takes over (0: LM from the start).
-        The fields named lm_* are Levenberg-Marquardt's: with any other optimizer they keep their defaults.
         lm_refresh_every: LM fits the residuals of one batch of train.batch_size problems; a new batch
             every this many LM iterations (0: the same batch throughout).
         lm_damping: LM's initial damping lambda, relative to the scaling D, > 0.
@@ -64,8 +63,9 @@ class OptimConfig:
             with the lowest training loss continues (1: no restarts).
         lm_restart_steps: iterations of each start: None without restarts, >= 1 with.
 
-    With optimizer 'lm', the chosen solver's unset settings take their value on construction (so equal runs
-    have equal configs); the other solver's stay None.
+    The fields named lm_* are Levenberg-Marquardt's: with any other optimizer they keep their defaults. With
+    optimizer 'lm', the chosen solver's unset settings take their value on construction (so equal runs have
+    equal configs); the other solver's stay unset.
     """
 
     optimizer: str = "adam"
@@ -172,9 +172,7 @@ def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mappi
     (its default: None, or False for a flag). `names` gives the caller's own names for the error."""
     defaults = lm_defaults()
     for owner, owned in SOLVER_SETTINGS.items():
-        if owner == solver:
-            continue
-        for field in owned.keys() & settings.keys():
-            unset = defaults[field]
-            require((names or {}).get(field, field), settings[field], settings[field] is unset,
-                    f"{unset!r} with lm_solver={solver!r} (only {owner!r} reads it)")
+        for field in owned if owner != solver else ():
+            if field in settings:
+                require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
+                        f"{defaults[field]!r} with lm_solver={solver!r} (only {owner!r} reads it)")
