@@ -35,9 +35,6 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
     return "orbax" not in record.pathname
 
 
-logging.getLogger("absl").addFilter(_not_from_orbax)
-
-
 def _closed_loop_error(value: BaseException | None) -> bool:
     """After a save or a restore failed, the storage callbacks of Orbax's other reads and writes find their
     event loop closed, and each prints that traceback (as an unraisable exception, or through excepthook):
@@ -49,6 +46,7 @@ def _quiet_excepthook(excepthook):
     def hook(kind, value, tb):
         if not _closed_loop_error(value):
             excepthook(kind, value, tb)
+    hook.quiets_orbax = True
     return hook
 
 
@@ -56,6 +54,7 @@ def _quiet_unraisablehook(unraisablehook):
     def hook(unraisable):
         if not _closed_loop_error(unraisable.exc_value):
             unraisablehook(unraisable)
+    hook.quiets_orbax = True
     return hook
 
 
@@ -64,9 +63,17 @@ def _not_never_retrieved(record: logging.LogRecord) -> bool:
     return "never retrieved" not in record.getMessage()
 
 
-sys.excepthook = _quiet_excepthook(sys.excepthook)
-sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
-logging.getLogger("asyncio").addFilter(_not_never_retrieved)
+def quiet_orbax_failures() -> None:
+    """Keep a failed save or restore to this module's one error, process-wide: wrap sys.excepthook and
+    sys.unraisablehook, and filter the absl and asyncio loggers (the filters above). The entry points call
+    it before training; it stays for the process, since the callbacks it silences can still fire after the
+    run (when their tasks are collected). Calling it again changes nothing."""
+    if not getattr(sys.excepthook, "quiets_orbax", False):
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+    if not getattr(sys.unraisablehook, "quiets_orbax", False):
+        sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+    logging.getLogger("absl").addFilter(_not_from_orbax)  # a logger holds a filter once
+    logging.getLogger("asyncio").addFilter(_not_never_retrieved)
 
 
 class CheckpointError(Exception):

@@ -55,12 +55,14 @@ def execute(log=print) -> None:
 
 def run(argv: list[str], log=print, *, program: bool = False) -> int:
     """The whole command in this process; returns the exit status. Puts back the signal handlers it installs
-    (unless it is the `program`: then they stay until the process ends, and a second signal changes nothing)."""
+    (unless it is the `program`: then they stay until the process ends, and a second signal changes nothing);
+    Orbax's failures are kept to one line for the rest of the process (checkpoint.quiet_orbax_failures)."""
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
         return 0
     preemption.install_early()
     from lsq_jax import checkpoint, workdir
+    checkpoint.quiet_orbax_failures()
     try:
         parse_flags(argv)
         execute(log)

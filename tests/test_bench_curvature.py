@@ -56,7 +56,10 @@ def figures(problem):
 
 def test_jacobian_is_the_closed_form_in_chunks(problem):
     theta = np.random.default_rng(1).standard_normal(P)
-    f = lambda t, b: residual_fn(t, b).reshape(-1)  # noqa: E731
+
+    def f(t, b):
+        return residual_fn(t, b).reshape(-1)
+
     r, J = curvature.jacobian(f, jnp.asarray(theta), jax.tree.map(jnp.asarray, problem), n_chunks=5)
     # chunk c holds the strided problems c, c + 5, ...: here one problem each, so rows come in problem order
     np.testing.assert_allclose(r, numpy_residual(problem, theta), rtol=1e-13)
@@ -110,7 +113,10 @@ def test_loss_along_the_most_negative_direction_is_the_residuals_own(figures, pr
     H = explicit_hessian(problem, np.zeros(P))
     eig, vec = np.linalg.eigh(H)
     y = vec[:, 0]
-    loss = lambda t: np.mean(numpy_residual(problem, t) ** 2)  # noqa: E731
+
+    def loss(t):
+        return np.mean(numpy_residual(problem, t) ** 2)
+
     along = figures["along_most_negative"]
     assert [a["step"] for a in along] == list(curvature.STEP_SIZES)
     for a in along:
@@ -162,7 +168,10 @@ def test_a_trained_workdirs_figures_match_the_explicit_matrices(tmp_path, monkey
     plan = make_plan(exp, make_mesh())
     residuals, keys = lm_residual_fn(plan, plan.full_size(lm=True)), lm_keys(plan, step)
     theta, unravel = ravel_pytree(params)
-    f = lambda t: residuals(unravel(t), keys).reshape(-1)  # noqa: E731
+
+    def f(t):
+        return residuals(unravel(t), keys).reshape(-1)
+
     r, J = np.asarray(f(theta)), np.asarray(jax.jacfwd(f)(theta))
     H = np.asarray(jax.hessian(lambda t: 0.5 * jnp.sum(f(t) ** 2))(theta))
     assert (c["step"], c["params"], c["residuals"]) == (2, theta.size, r.size)

@@ -13,7 +13,7 @@ from lsq_jax.checkpoint import Checkpointer, CheckpointError, abstract_like, res
 from lsq_jax.config.experiment import experiment_from_dict
 from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
-from lsq_jax.models.backbone import init_params
+from lsq_jax.models.backbone import abstract_params
 from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import advance
 from steps import full_size_fns
@@ -76,8 +76,8 @@ def test_restore_params_reads_the_parameters_of_the_whole_state(name):
     placement those of the whole state's restore, for checkpoints written by an earlier version."""
     exp, full = restore(DATA / name)
     sharding = replicated(make_mesh())
-    shape = lambda e: jax.eval_shape(lambda: init_params(e.model, jax.random.key(0)))  # noqa: E731
-    exp2, step, params = restore_params(DATA / name, None, shape, sharding, log=lambda _: None)
+    exp2, step, params = restore_params(DATA / name, None, lambda e: abstract_params(e.model), sharding,
+                                        log=lambda _: None)
     assert exp2 == exp and step == int(full.step)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(full.params)
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(params), strict=True):
@@ -157,3 +157,31 @@ def test_refuses_a_workdir_of_another_config_and_all_damaged(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "can be restored" in err, err
     assert Checkpointer(tmp_path, read_only=True).steps() == steps and not (tmp_path / "unrestorable").exists()
+
+
+QUIETING = '''
+import logging, sys
+import jax, orbax.checkpoint  # what they install on import is theirs
+
+
+def process_wide():
+    return (sys.excepthook, sys.unraisablehook, *(tuple(logging.getLogger(name).filters)
+                                                  for name in ("absl", "asyncio")))
+
+
+before = process_wide()
+from lsq_jax import checkpoint
+assert process_wide() == before, "importing lsq_jax.checkpoint changed process-wide state"
+checkpoint.quiet_orbax_failures()
+quiet = process_wide()
+checkpoint.quiet_orbax_failures()
+assert process_wide() == quiet != before
+sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+sys.excepthook(ValueError, ValueError("any other error"), None)
+'''
+
+
+def test_importing_checkpoint_installs_nothing_and_the_quieting_hides_only_orbax_leftovers():
+    proc = subprocess.run([sys.executable, "-c", QUIETING], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ValueError: any other error" in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr

@@ -249,7 +249,10 @@ def harness_computations(exp) -> dict[str, tuple]:
     iterates (run_solver's jitted scan) and the statistics of the iterates."""
     task, model = make_task(exp.task), SequenceModel(exp.model)
     params = abstract_state(exp).params
-    apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
+
+    def apply_fn(p, inputs):
+        return model.apply({"params": p}, inputs)
+
     batch = jax.eval_shape(task.sample, example_keys(jax.random.key(0), 0, 0, N_PROBLEMS))
     out = {"single_step": (jax.jit(apply_fn), (params, batch.inputs), {}, False)}
     if not task.is_one_step_solver:

@@ -18,7 +18,7 @@ from lsq_jax import checkpoint, main
 from lsq_jax.workdir import resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
-from lsq_jax.models.backbone import init_params
+from lsq_jax.models.backbone import abstract_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -49,9 +49,9 @@ def run(argv):
 
 
 def final_params(workdir):
-    shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
-    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), None, shape,
-                                                replicated(make_mesh()), log=lambda _: None)
+    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), None,
+                                                lambda exp: abstract_params(exp.model), replicated(make_mesh()),
+                                                log=lambda _: None)
     return step, [np.asarray(x) for x in jax.tree.leaves(params)]
 
 

@@ -1,6 +1,7 @@
 """OptimConfig (lsq_jax.config.optim): every field's range, checked on construction."""
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -14,7 +15,7 @@ from lsq_jax.config.optim import OptimConfig
     ("metric_threshold", math.inf), ("no_increase_length", -1), ("clip_norm", 0.0), ("skip_norm", -1.0),
     ("ema_alpha", 1.2), ("ema_lambda", -0.5), ("b1", 1.0), ("b2", -0.1), ("eps", -1e-16),
     ("weight_decay", -1.0), ("momentum", 1.5), ("l1", -1.0), ("lm_scaling", "diag"), ("lm_rule", "fast"),
-    ("lm_restarts", 0), ("lm_restart_steps", -1),
+    ("lm_restarts", 0), ("lm_restart_steps", -1), ("lm_tries", 0), ("lm_cg_iters", 0), ("lm_chunk", 0),
 ])
 def test_config_rejects_out_of_range(field, value):
     with pytest.raises(ValueError, match=f"^{field}: got ") as info:
@@ -33,13 +34,15 @@ def test_config_weight_decay_only_for_adamw_and_sgd():
 
 
 def test_restarts_need_their_length_and_lm_from_the_start():
-    with pytest.raises(ValueError, match="^lm_restart_steps: got 0; allowed integers >= 1 when lm_restarts > 1"):
+    with pytest.raises(ValueError, match="^lm_restart_steps: got None; allowed integers >= 1 when lm_restarts > 1"):
         OptimConfig(optimizer="lm", lm_restarts=2)
     with pytest.raises(ValueError, match="^lm_restarts: got 2; allowed 1 unless optimizer='lm' with lm_after=0"):
         OptimConfig(optimizer="lm", lm_restarts=2, lm_restart_steps=5, lm_after=3)
     with pytest.raises(ValueError, match="^lm_restarts: got 2"):
         OptimConfig(optimizer="adam", lm_restarts=2, lm_restart_steps=5)
     OptimConfig(optimizer="lm", lm_restarts=2, lm_restart_steps=5)
+    with pytest.raises(ValueError, match="^lm_restart_steps: got 5; allowed None when lm_restarts=1"):
+        OptimConfig(optimizer="lm", lm_restart_steps=5)
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -47,9 +50,11 @@ def test_restarts_need_their_length_and_lm_from_the_start():
     ({"optimizer": "lm", "lm_after": 10, "l1": 1e-4}, "l1"),
     ({"optimizer": "lm", "lm_solver": "cg", "lm_geodesic": True}, "lm_geodesic"),
     ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 3}, "lm_tries"),
+    ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10}, "lm_tries"),  # the value unset gives, but set
+    ({"optimizer": "lm", "lm_cg_iters": 50}, "lm_cg_iters"),
 ])
 def test_settings_the_chosen_path_would_ignore_are_refused(fields, field):
-    with pytest.raises(ValueError, match=f"^{field}: got .*; allowed .*(optimizer='lm'|lm_solver='cg')"):
+    with pytest.raises(ValueError, match=f"^{field}: got .*; allowed .*(optimizer='lm'|lm_solver='(cg|cholesky)')"):
         OptimConfig(**fields)
 
 
@@ -57,3 +62,25 @@ def test_the_settings_each_path_uses_are_accepted():
     OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_iters=50)
     OptimConfig(optimizer="lm", lm_geodesic=True, lm_tries=3)
     OptimConfig(optimizer="adam", l1=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("field, value", [
+    ("lm_after", 5), ("lm_solver", "cg"), ("lm_damping", 1e-2), ("lm_scaling", "marquardt"), ("lm_tries", 10),
+    ("lm_cg_iters", 100), ("lm_geodesic", True), ("lm_chunk", 4), ("lm_refresh_every", 2),
+])
+def test_lm_settings_without_lm_are_refused(optimizer, field, value):
+    default = OptimConfig.__dataclass_fields__[field].default
+    allowed = re.escape(f"{default!r} unless optimizer='lm' (a Levenberg-Marquardt setting)")
+    with pytest.raises(ValueError, match=f"^{field}: got {re.escape(repr(value))}; allowed {allowed}$"):
+        OptimConfig(optimizer=optimizer, **{field: value})
+    assert getattr(OptimConfig(optimizer=optimizer, **{field: default}), field) == default
+
+
+@pytest.mark.parametrize("solver, tries, cg_iters", [("cholesky", 10, None), ("cg", None, 100)])
+def test_the_chosen_solvers_unset_settings_take_their_value(solver, tries, cg_iters):
+    cfg = OptimConfig(optimizer="lm", lm_solver=solver)
+    assert (cfg.lm_tries, cfg.lm_cg_iters) == (tries, cg_iters)
+    assert OptimConfig(**dataclasses.asdict(cfg)) == cfg  # a saved config decodes to itself
+    other = OptimConfig()
+    assert (other.lm_tries, other.lm_cg_iters, other.lm_chunk, other.lm_restart_steps) == (None,) * 4

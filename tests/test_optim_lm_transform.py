@@ -64,13 +64,15 @@ def applied(tx, residual_fn, n_chunks):
     return jax.jit(step)
 
 
-# (problem, damping0, transform settings, lm_update's (lm_update_cg's) settings, accepted)
+# (problem, damping0, transform settings, lm_update's (lm_update_cg's) settings, accepted); unset, the tries
+# and the CG iterations are OptimConfig's (10 and 100)
 CASES = {
-    "cholesky accepted": (mlp_problem, 1e-3, {}, {}, True),
-    "geodesic accepted": (mlp_problem, 1e-3, {"geodesic": True}, {"geodesic": True}, True),
+    "cholesky accepted": (mlp_problem, 1e-3, {}, {"max_tries": 10}, True),
+    "geodesic accepted": (mlp_problem, 1e-3, {"geodesic": True}, {"geodesic": True, "max_tries": 10}, True),
     "cg accepted": (mlp_problem, 1e-3, {"solver": "cg", "cg_iters": 30}, {"maxiter": 30}, True),
-    "cholesky rejected": (rosenbrock_problem, 1e-10, {}, {}, False),
-    "geodesic rejected": (rosenbrock_problem, 1e-10, {"geodesic": True}, {"geodesic": True}, False),
+    "cholesky rejected": (rosenbrock_problem, 1e-10, {"max_tries": 1}, {"max_tries": 1}, False),
+    "geodesic rejected": (rosenbrock_problem, 1e-10, {"geodesic": True, "max_tries": 1},
+                          {"geodesic": True, "max_tries": 1}, False),
     "cg rejected": (rosenbrock_problem, 1e-10, {"solver": "cg"}, {}, False),
     "retried until accepted": (rosenbrock_problem, 1e-10, {"max_tries": 40}, {"max_tries": 40}, True),
 }
@@ -185,8 +187,12 @@ def test_bad_settings_are_refused():
         levenberg_marquardt(max_tries=0)
     with pytest.raises(ValueError, match="damping0"):
         levenberg_marquardt(damping0=0.0)
-    with pytest.raises(ValueError, match="cholesky"):
+    with pytest.raises(ValueError, match="^geodesic: got True; allowed False with lm_solver='cg'"):
         levenberg_marquardt("cg", geodesic=True)
+    with pytest.raises(ValueError, match="^max_tries: got 1; allowed None with lm_solver='cg'"):
+        levenberg_marquardt("cg", max_tries=1)
+    with pytest.raises(ValueError, match="^cg_iters: got 100; allowed None with lm_solver='cholesky'"):
+        levenberg_marquardt("cholesky", cg_iters=100)
     with pytest.raises(ValueError, match="optimizer='lm'"):
         make_lm_optimizer(OptimConfig(optimizer="adam"))
 

@@ -23,7 +23,7 @@ from lsq_jax.workdir import WorkdirLock, resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
-from lsq_jax.models.backbone import init_params
+from lsq_jax.models.backbone import abstract_params, init_params
 from lsq_jax.train.plan import divisors, make_plan
 
 from config_files import SMALL_REPORT_FLAGS, get_config
@@ -64,9 +64,9 @@ def assert_bad_input(status, err, needle):
 
 def params_of(workdir, step=None):
     """(parameter leaves, step) of a workdir's checkpoint, restored as --mode=eval restores them."""
-    shape = lambda exp: jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))  # noqa: E731
-    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), step, shape,
-                                                replicated(make_mesh()), log=lambda _: None)
+    _, step, params = checkpoint.restore_params(resolve_workdir(str(workdir)), step,
+                                                lambda exp: abstract_params(exp.model), replicated(make_mesh()),
+                                                log=lambda _: None)
     return [np.asarray(x) for x in jax.tree.leaves(params)], step
 
 
@@ -409,8 +409,22 @@ def test_integers_fit_int64_and_the_name_stays_in_runs(tmp_path, monkeypatch, ov
     assert not list(tmp_path.iterdir())  # no runs/ (the default workdir) and nothing outside it
 
 
-def test_the_largest_seed_is_a_usable_key():
-    assert jax.random.key(2**63 - 1).shape == ()
+def test_the_largest_seed_the_config_accepts_gives_the_runs_keys():
+    """The seed's range ends where the run's keys stop: 2^63 - 1 is accepted and gives a run its own key
+    streams, 2^63 is refused."""
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.config.experiment import experiment_from_config
+    from lsq_jax.data.keys import STREAMS, run_keys
+
+    config = get_config("baseconv", "smoke")
+    config.seed = 2**63
+    with pytest.raises(ConfigError, match="^seed: got 9223372036854775808; allowed integers >= 0 and < 2\\^63"):
+        experiment_from_config(config)
+    config.seed = 2**63 - 1
+    keys = run_keys(experiment_from_config(config).seed)
+    streams = {np.asarray(jax.random.key_data(keys[name])).tobytes() for name in STREAMS}
+    assert len(streams) == len(STREAMS) and not streams & {
+        np.asarray(jax.random.key_data(k)).tobytes() for k in run_keys(0).values()}
 
 
 def test_report_estimate_counts_what_the_report_allocates():
@@ -496,6 +510,10 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
     (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_geodesic=True"],
      "optim.lm_geodesic"),
     (["--config.optim.optimizer=lm", "--config.optim.l1=0.001"], "optim.l1"),
+    (["--config.optim.lm_after=5"], "optim.lm_after: got 5; allowed 0 unless optimizer='lm'"),
+    (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'cholesky' unless optimizer='lm'"),
+    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_tries=10"],
+     "optim.lm_tries: got 10; allowed None with lm_solver='cg'"),
 ])
 def test_contradictory_lm_settings_are_one_line(tmp_path, override, needle, no_report):
     status, _, err = run(f"--workdir={tmp_path / 'w'}", *override)
@@ -511,3 +529,51 @@ def test_a_saved_config_goes_through_the_same_checks_as_a_config_file():
     saved["optim"]["schedule"], saved["train"]["grad_stats_batches"] = "adaptive", 0
     with pytest.raises(ConfigError, match="train.grad_stats_batches"):
         experiment_from_dict(saved)
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    ("name", "../x", "name: got '../x'; allowed non-empty strings without a path separator"),
+    ("seed", -1, "seed: got -1; allowed integers >= 0"),
+    ("model.n_positions", 2, "model.n_positions: got 2; allowed integers >= "),
+    ("model.out_dims", 1, "model.out_dims: got 1; allowed integers >= "),
+    ("model.in_dims", 99, "model.in_dims: got 99; allowed unset or "),
+    ("model.dtype", "float32", "model.dtype: got 'float32'; allowed unset or 'float64'"),
+    ("task.dtype", "float16", "dtype: got 'float16'; allowed one of float64, float32"),
+    ("points.end", 99, "curriculum.points.end: got 99; allowed unset or "),
+    ("nosuch", 1, "nosuch: not a known field"),
+])
+def test_a_saved_config_is_checked_like_a_config_file(path, value, needle):
+    from lsq_jax.config.check import ConfigError
+    from lsq_jax.config.experiment import experiment_from_dict, experiment_to_dict
+
+    saved = experiment_to_dict(main_experiment())
+    *sections, field = path.split(".")
+    section = saved
+    for name in sections:
+        section = section[name]
+    section[field] = value
+    with pytest.raises(ConfigError) as info:
+        experiment_from_dict(saved)
+    assert str(info.value).startswith(needle) and "\n" not in str(info.value)
+
+
+def test_a_saved_configs_old_placeholders_load_as_unset():
+    """Before unset was None, a config saved every LM setting at a placeholder (10 tries with the CG solver,
+    a chunk and a restart length of 0), and any LM setting with another optimizer, all unread: they load as
+    unset, so such a run resumes under today's config of the same run."""
+    from lsq_jax.config.experiment import experiment_from_config, experiment_from_dict, experiment_to_dict
+
+    for optim, current in [({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10, "lm_cg_iters": 7, "lm_chunk": 0,
+                             "lm_restarts": 1, "lm_restart_steps": 3}, {"optimizer": "lm", "lm_solver": "cg",
+                                                                        "lm_cg_iters": 7}),
+                           ({"optimizer": "lm", "lm_cg_iters": 100, "lm_tries": 10, "lm_restart_steps": 0},
+                            {"optimizer": "lm"}),
+                           ({"optimizer": "adam", "lm_after": 5, "lm_solver": "cg", "lm_tries": 10},
+                            {"optimizer": "adam"})]:
+        saved = experiment_to_dict(main_experiment())
+        saved["optim"] = {**{k: v for k, v in saved["optim"].items() if not k.startswith("lm_")}, **optim,
+                          "lm_scaling": "isotropic"}
+        config = get_config("baseconv", "smoke")
+        config.optim.update(current)
+        assert experiment_from_dict(saved) == experiment_from_config(config), optim
+        assert experiment_from_dict(experiment_to_dict(experiment_from_dict(saved))) == experiment_from_dict(saved)

@@ -142,8 +142,11 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     compiled = fns.train.lower(state, fns.no_metric).compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(exp, state)
-    fn = lambda s: compiled(s, fns.no_metric)[0]  # noqa: E731
-    state, rates, dispatch = _timed_windows(fn, state, n_windows, window_s)
+
+    def step(s):
+        return compiled(s, fns.no_metric)[0]
+
+    state, rates, dispatch = _timed_windows(step, state, n_windows, window_s)
     median = statistics.median(rates)
     rows = exp.train.batch_size * plan.task.seq_len(exp.task.n_points)
     n_micro = plan.microbatches[exp.task.n_points]
@@ -282,8 +285,11 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # JAX reports at INFO each backend it fails to find (tpu, cuda)
+    from lsq_jax.checkpoint import quiet_orbax_failures
     from lsq_jax.config.experiment import matmul_precision_of
     from lsq_jax.mesh import setup_jax
+
+    quiet_orbax_failures()
 
     if "curvature" in _BENCH.value:  # its flags, checked before any benchmark's minutes
         for flag, bad, allowed in ((_WORKDIR, not _WORKDIR.value, "a finished LM run's workdir"),

@@ -124,7 +124,10 @@ def curvature(residual_fn, params, batch, n_chunks: int = 1, *, lanczos_steps: i
            **range_shares(J, r, bands)}
     del J
     hvp = hessian_vector_product(f, theta, batch)
-    matvec = lambda v: np.asarray(hvp(jnp.asarray(v, theta.dtype)))  # noqa: E731
+
+    def matvec(v):
+        return np.asarray(hvp(jnp.asarray(v, theta.dtype)))
+
     values, vectors = lanczos(matvec, theta.size, lanczos_steps, seed)
     lowest = range(min(n_negative, values.size))
     out["lanczos"] = {"steps": int(values.size), "largest": float(values[-1]),

@@ -16,11 +16,15 @@ PRECISION_METHODS = {"adam": {"optim.optimizer": "adam"},
 
 
 def experiment(config, **overrides):
-    """The Experiment of an ml_collections config with flattened overrides ("optim.lr": ...)."""
+    """The Experiment of an ml_collections config with flattened overrides ("optim.lr": ...). Overrides that
+    leave Levenberg-Marquardt (an LM config compared with Adam) leave its settings too."""
     from lsq_jax.config.experiment import experiment_from_config
+    from lsq_jax.config.optim import lm_defaults
 
     c = config.copy_and_resolve_references()
     c.update_from_flattened_dict(overrides)
+    if c.optim.optimizer != "lm":
+        c.optim.update(lm_defaults())
     return experiment_from_config(c)
 
 

@@ -3,7 +3,8 @@
     task.py        TaskConfig (what to learn), CurriculumConfig, task_sizes (the token shapes)
     model.py       ModelConfig (the sequence model)
     optim.py       OptimConfig (the Adam recipe, or Levenberg-Marquardt)
-    experiment.py  TrainConfig, Experiment, and the conversions from a config and from a saved dict
+    train.py       TrainConfig (the loop: batch, steps, logging, evaluation sizes, checkpoints)
+    experiment.py  Experiment, and its one decoder (for a config and, rearranged, for a saved dict)
     defaults.py    base_config(): the ml_collections config every configs/*.py file starts from
     load.py        loading a config file and the --config flags
     check.py       ConfigError and the checks behind "section.field: got X; allowed Y"

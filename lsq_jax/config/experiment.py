@@ -11,7 +11,7 @@ from typing import Any
 
 from lsq_jax.config.check import ConfigError, check_choice, check_int, check_known, in_section, is_int, require
 from lsq_jax.config.model import ModelConfig
-from lsq_jax.config.optim import OptimConfig
+from lsq_jax.config.optim import SOLVER_SETTINGS, OptimConfig, lm_defaults
 from lsq_jax.config.task import DTYPES, CurriculumConfig, TaskConfig, task_sizes
 from lsq_jax.config.train import TrainConfig
 
@@ -51,7 +51,17 @@ def _build(section: str, cls, fields: Mapping[str, Any], **extra):
         raise in_section(section, err) from None
 
 
+def _unset_or(field: str, fields: Mapping[str, Any], value: Any, source: str) -> dict[str, Any]:
+    """`fields` less the key that ends the dotted name `field`: a value given there must be `value`, which
+    `source` makes it."""
+    key = field.rsplit(".", 1)[-1]
+    given = fields.get(key, value)
+    require(field, given, given == value, f"unset or {value!r} ({source})")
+    return {k: v for k, v in fields.items() if k != key}
+
+
 def _curriculum(var: str, spec: Mapping[str, Any], end: int) -> CurriculumConfig:
+    spec = _unset_or(f"curriculum.{var}.end", spec, end, f"task.n_{var}")
     if spec.get("start") is None:
         return CurriculumConfig.constant(end)
     return _build(f"curriculum.{var}", CurriculumConfig, {**spec, "end": end})
@@ -60,10 +70,10 @@ def _curriculum(var: str, spec: Mapping[str, Any], end: int) -> CurriculumConfig
 def _model(fields: Mapping[str, Any], task: TaskConfig, dtype: str) -> ModelConfig:
     """The model section, sized by the task: in_dims from it; n_positions and out_dims default to what it
     needs and, when given, must be at least that."""
-    fields = {k: v for k, v in fields.items() if v is not None}
-    for name in ("in_dims", "dtype"):
-        require(f"model.{name}", fields.get(name), name not in fields, "unset (it comes from the task / the top-level dtype)")
     sizes = task_sizes(task)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = _unset_or("model.in_dims", fields, sizes.in_dims, f"the width of task {task.name}'s tokens")
+    fields = _unset_or("model.dtype", fields, dtype, "the top-level dtype")
     n_positions = fields.setdefault("n_positions", sizes.seq_len)
     require("model.n_positions", n_positions, not is_int(n_positions) or n_positions >= sizes.seq_len,
             f"integers >= {sizes.seq_len} (the task's sequence length)")
@@ -74,7 +84,8 @@ def _model(fields: Mapping[str, Any], task: TaskConfig, dtype: str) -> ModelConf
 
 
 def experiment_from_config(config) -> Experiment:
-    """Validate a ConfigDict (or plain nested dict) and convert it into an Experiment.
+    """Validate a ConfigDict (or plain nested dict) and convert it into an Experiment: the one decoder, for
+    the flags and (through experiment_from_dict) for a saved config.
 
     The curriculum ends at task.n_points / task.n_dims.
     """
@@ -87,7 +98,7 @@ def experiment_from_config(config) -> Experiment:
     name = c.get("name", "run")
     require("name", name, isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\\"} & set(name),
             "non-empty strings without a path separator (the workdir is runs/<name>-<timestamp>)")
-    task = _build("task", TaskConfig, c["task"], dtype=dtype)
+    task = _build("task", TaskConfig, _unset_or("task.dtype", c["task"], dtype, "the top-level dtype"), dtype=dtype)
     cur = c.get("curriculum", {})
     check_known("curriculum.", cur, {"points", "dims"})
     return _checked(Experiment(name=name, seed=seed, task=task, model=_model(c["model"], task, dtype),
@@ -99,7 +110,7 @@ def experiment_from_config(config) -> Experiment:
 
 
 def _checked(exp: Experiment) -> Experiment:
-    """The checks that span sections, for a config and a saved dict alike."""
+    """The checks that span sections."""
     if exp.optim.schedule == "adaptive":
         require("train.grad_stats_batches", exp.train.grad_stats_batches, exp.train.grad_stats_batches > 0,
                 "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
@@ -118,23 +129,30 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     return dataclasses.asdict(exp)
 
 
-def _saved_optim(optim: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A saved optim section as it ran: LM saved before lm_scaling existed ran with Marquardt's scaling."""
-    if optim.get("optimizer") == "lm" and "lm_scaling" not in optim:
-        return {**optim, "lm_scaling": "marquardt"}
-    return optim
+def _saved_optim(optim: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved optim section as it ran, in today's fields. A run with another optimizer read no LM setting;
+    LM saved before lm_scaling existed ran with Marquardt's scaling; settings a run did not read (the other
+    solver's, the restarts' length without restarts) were saved at their old placeholders (0, or 10 tries)
+    and are unset (None) now, as is the automatic chunk (0)."""
+    if optim.get("optimizer", "adam") != "lm":
+        return {k: v for k, v in optim.items() if k not in lm_defaults()}
+    unread = {name for solver, owned in SOLVER_SETTINGS.items() if solver != optim.get("lm_solver", "cholesky")
+              for name in owned}
+    if optim.get("lm_restarts", 1) == 1:
+        unread.add("lm_restart_steps")
+    if optim.get("lm_chunk") == 0:
+        unread.add("lm_chunk")
+    return {"lm_scaling": "marquardt", **{k: v for k, v in optim.items() if k not in unread}}
 
 
 def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:
-    """The inverse of experiment_to_dict (validating every section again); a field the saved dict lacks
-    takes its default, except where that run ran otherwise (`_saved_optim`)."""
-    return _checked(Experiment(name=d["name"], seed=d["seed"], task=_build("task", TaskConfig, d["task"]),
-                               model=_build("model", ModelConfig, d["model"]),
-                               optim=_build("optim", OptimConfig, _saved_optim(d["optim"])),
-                               train=_build("train", TrainConfig, d["train"]),
-                               points=_build("points", CurriculumConfig, d["points"]),
-                               dims=_build("dims", CurriculumConfig, d["dims"]),
-                               matmul_precision=matmul_precision_of(d)))
+    """The inverse of experiment_to_dict, through the config's decoder (every check again); a field the
+    saved dict lacks takes its default, except where that run ran otherwise (`_saved_optim`)."""
+    check_known("", d, {f.name for f in dataclasses.fields(Experiment)})
+    config = {key: d[key] for key in ("name", "seed", "task", "model", "train")}
+    return experiment_from_config({**config, "dtype": d["task"].get("dtype", "float64"),
+                                   "optim": _saved_optim(d["optim"]), "matmul_precision": matmul_precision_of(d),
+                                   "curriculum": {"points": d["points"], "dims": d["dims"]}})
 
 
 # Fields that may change when a run is resumed: they do not change what is computed (the microbatch size

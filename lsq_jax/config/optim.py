@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
-from lsq_jax.config.check import check_choice, check_flag, check_int, check_optional_positive, check_real, require
+from lsq_jax.config.check import (INT_LIMIT, check_choice, check_flag, check_int, check_optional_positive, check_real,
+                                  is_int, require)
 
 SCHEDULES = ("constant", "step", "adaptive")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("cholesky", "cg")
-LM_TRIES = 10  # damped solves per LM iteration (the dense solver)
+# The settings only one LM solver reads, each with the value it takes under that solver when left None.
+SOLVER_SETTINGS = {"cholesky": {"lm_geodesic": False, "lm_tries": 10}, "cg": {"lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -49,15 +53,19 @@ class OptimConfig:
         lm_rule: how lambda moves after a step: ``"nielsen"`` (by the gain ratio, doubling growth on
             consecutive rejections) or ``"delayed"`` (/3 on accept, x2 on reject).
         lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
-        lm_cg_iters: conjugate-gradient iterations per LM step with ``"cg"``.
-        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
+        lm_cg_iters: conjugate-gradient iterations per LM step, ``"cg"`` only (unset: 100).
+        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step, ``"cholesky"`` only.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
-            damping, reusing J^T J (Cholesky path).
-        lm_chunk: problems per Jacobian chunk on each device (0: auto, at most 2^22 Jacobian entries per
+            damping, reusing J^T J; ``"cholesky"`` only (unset: 10).
+        lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
             with the lowest training loss continues (1: no restarts).
-        lm_restart_steps: iterations of each start (>= 1 when lm_restarts > 1).
+        lm_restart_steps: iterations of each start: None without restarts, >= 1 with.
+
+    The fields named lm_* are Levenberg-Marquardt's: with any other optimizer they keep their defaults. With
+    optimizer 'lm', the chosen solver's unset settings take their value on construction (so equal runs have
+    equal configs); the other solver's stay unset.
     """
 
     optimizer: str = "adam"
@@ -86,12 +94,12 @@ class OptimConfig:
     lm_scaling: str = "isotropic"
     lm_rule: str = "nielsen"
     lm_solver: str = "cholesky"
-    lm_cg_iters: int = 100
+    lm_cg_iters: int | None = None
     lm_geodesic: bool = False
-    lm_tries: int = LM_TRIES
-    lm_chunk: int = 0
+    lm_tries: int | None = None
+    lm_chunk: int | None = None
     lm_restarts: int = 1
-    lm_restart_steps: int = 0
+    lm_restart_steps: int | None = None
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -123,19 +131,48 @@ class OptimConfig:
         check_choice("lm_scaling", self.lm_scaling, LM_SCALINGS)
         check_choice("lm_rule", self.lm_rule, LM_RULES)
         check_choice("lm_solver", self.lm_solver, LM_SOLVERS)
-        check_int("lm_cg_iters", self.lm_cg_iters, 1)
+        for field in ("lm_cg_iters", "lm_tries", "lm_chunk", "lm_restart_steps"):
+            value = getattr(self, field)
+            require(field, value, value is None or (is_int(value) and 1 <= value < INT_LIMIT),
+                    "None (unset) or integers >= 1 and < 2^63")
         check_flag("lm_geodesic", self.lm_geodesic)
-        check_int("lm_tries", self.lm_tries, 1)
-        check_int("lm_chunk", self.lm_chunk, 0)
         check_int("lm_restarts", self.lm_restarts, 1)
-        check_int("lm_restart_steps", self.lm_restart_steps, 0)
-        if self.optimizer == "lm":
+        if self.optimizer != "lm":
+            _check_lm_unset(self)
+        else:
             require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
-        if self.lm_solver == "cg":  # settings of the dense solve, which the matrix-free one would ignore
-            require("lm_geodesic", self.lm_geodesic, not self.lm_geodesic, "False with lm_solver='cg'")
-            require("lm_tries", self.lm_tries, self.lm_tries == LM_TRIES, f"{LM_TRIES} (unset) with lm_solver='cg'")
+            check_solver_settings(self.lm_solver, dataclasses.asdict(self))
+            for name, unset in SOLVER_SETTINGS[self.lm_solver].items():
+                if getattr(self, name) is None:  # resolved here so that equal runs have equal configs
+                    object.__setattr__(self, name, unset)
         if self.lm_restarts > 1:
-            require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps >= 1,
+            require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps is not None,
                     "integers >= 1 when lm_restarts > 1")
-            require("lm_restarts", self.lm_restarts, self.optimizer == "lm" and self.lm_after == 0,
+            require("lm_restarts", self.lm_restarts, self.lm_after == 0,
                     "1 unless optimizer='lm' with lm_after=0 (restarts compare LM's training loss)")
+        else:
+            require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps is None,
+                    "None when lm_restarts=1 (no restarts)")
+
+
+def lm_defaults() -> dict[str, Any]:
+    """The Levenberg-Marquardt settings (the fields named lm_*) and their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(OptimConfig) if f.name.startswith("lm_")}
+
+
+def _check_lm_unset(cfg: OptimConfig) -> None:
+    """Every LM setting of a config whose optimizer is not 'lm' keeps its default (it would be ignored)."""
+    for name, default in lm_defaults().items():
+        require(name, getattr(cfg, name), getattr(cfg, name) == default,
+                f"{default!r} unless optimizer='lm' (a Levenberg-Marquardt setting)")
+
+
+def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
+    """Each of `settings` (keyed by OptimConfig's field names) that only the other LM solver reads is unset
+    (its default: None, or False for a flag). `names` gives the caller's own names for the error."""
+    defaults = lm_defaults()
+    for owner, owned in SOLVER_SETTINGS.items():
+        for field in owned if owner != solver else ():
+            if field in settings:
+                require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
+                        f"{defaults[field]!r} with lm_solver={solver!r} (only {owner!r} reads it)")

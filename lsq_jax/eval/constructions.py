@@ -114,7 +114,9 @@ def _construction_solver(kind: str, n_dims: int, n_points: int, eta: Any) -> Sol
         return ConstructionState(x0, a, b, jax.tree.map(weight, p["w0"], p["slope"], per_problem))
 
     def apply_per_problem(weights, tokens):
-        one = lambda w, t: model.apply({"params": w}, t[None])[0]  # noqa: E731
+        def one(w, t):
+            return model.apply({"params": w}, t[None])[0]
+
         return jax.vmap(one, in_axes=(axes, 0))(weights, tokens)
 
     def step_auto(p, s: ConstructionState) -> ConstructionState:

@@ -70,6 +70,11 @@ def _values(seq) -> list[float]:
     return out
 
 
+def _statistic(stats, q: str) -> list[float]:
+    """Statistic `q` ("median", "p10", ...) of each cell's stats (None: a gap), for a log axis."""
+    return _values([None if st is None else st[q] for st in stats])
+
+
 def _save(fig, out_dir: epath.Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -190,10 +195,10 @@ def _generality_figure(report: dict[str, Any], out_dir: epath.Path) -> str | Non
             if all(st is None for st in stats):
                 continue
             style = _style(name, i)
-            pick = lambda q: _values([None if st is None else st[q] for st in stats])  # noqa: E731
             legend = "exact GD (the rounding of its step)" if name == "gd" else _LABEL.get(name, name)
-            ax.plot(xs, pick("median"), marker="o", markersize=4, label=legend, **style)
-            ax.fill_between(xs, pick("p10"), pick("p90"), color=style["color"], alpha=0.12, linewidth=0)
+            ax.plot(xs, _statistic(stats, "median"), marker="o", markersize=4, label=legend, **style)
+            ax.fill_between(xs, _statistic(stats, "p10"), _statistic(stats, "p90"), color=style["color"],
+                            alpha=0.12, linewidth=0)
         out = [c[field] for c in cells if c.get("in_range") is False]
         if out:
             ax.plot(out, [0.02] * len(out), linestyle="none", marker="x", color="tab:red",

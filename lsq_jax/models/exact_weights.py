@@ -108,8 +108,10 @@ def explicit_gradient_params(cfg: ModelConfig, n_dims: int, n_points: int):
     pairs = list(itertools.combinations_with_replacement(range(d), 2))  # (i, j), i <= j
     q_ch = {p: 2 * d + m for m, p in enumerate(pairs)}
 
+    def dense():
+        return {"kernel": np.zeros((e, e)), "bias": np.zeros(e)}
+
     def block():
-        dense = lambda: {"kernel": np.zeros((e, e)), "bias": np.zeros(e)}  # noqa: E731
         return {"in_proj": dense(), "projection": dense(), "out_proj": dense(),
                 "conv": {"filter": np.zeros((e, k_len)), "bias": np.zeros(e)},
                 "branch_weights": np.zeros(2)}

@@ -178,8 +178,10 @@ def baseconv_gd_params(cfg: ModelConfig, n_dims: int, n_points: int, eta: float)
     keep = np.arange(2 * d + 1)  # a, b, w: carried through every layer
     c = float(eta) / n_points
 
+    def dense():
+        return {"kernel": np.zeros((e, e)), "bias": np.zeros(e)}
+
     def empty_layer():
-        dense = lambda: {"kernel": np.zeros((e, e)), "bias": np.zeros(e)}  # noqa: E731
         return {"in_proj": dense(), "projection": dense(), "out_proj": dense(),
                 "conv": {"filter": np.zeros((e, k_len)), "bias": np.zeros(e)}}
 

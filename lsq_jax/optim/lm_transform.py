@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax.config.optim import LM_RULES, LM_SCALINGS, LM_SOLVERS, OptimConfig
+from lsq_jax.config.optim import LM_RULES, LM_SCALINGS, LM_SOLVERS, SOLVER_SETTINGS, OptimConfig, check_solver_settings
 from lsq_jax.optim import lm, recipe
 
 
@@ -55,8 +55,9 @@ class LMTransformation(NamedTuple):
 
 
 def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic", rule: str = "nielsen",
-                        damping0: float = 1e-3, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
-                        per_problem: bool = True, rel_floor: float = 1e-10, cg_iters: int = 100,
+                        damping0: float = 1e-3, geodesic: bool = False, alpha: float = 0.75,
+                        max_tries: int | None = None, per_problem: bool = True, rel_floor: float = 1e-10,
+                        cg_iters: int | None = None,
                         cg_tol: float = 1e-10, n_probes: int = 4, damping_min: float = 1e-15,
                         damping_max: float = 1e15) -> LMTransformation:
     """One Levenberg-Marquardt iteration per update, on the flattened parameters (lsq_jax.optim.lm).
@@ -77,6 +78,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         geodesic, alpha, max_tries, per_problem, rel_floor: the Cholesky solver's settings (geodesic
             acceleration and its bound, damped solves per iteration, per-problem Jacobians, D's floor).
         cg_iters, cg_tol, n_probes: the CG solver's iterations, tolerance and Hutchinson probes.
+        max_tries and cg_iters left None take the value OptimConfig gives them (lsq_jax.config.optim).
         damping_min, damping_max: clamp of lam after each update.
 
     Returns:
@@ -84,8 +86,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         ``ravel_pytree(params)[0].size`` and its dtype.
 
     Raises:
-        ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or the Cholesky
-            solver's geodesic acceleration or retries asked of "cg".
+        ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or one solver's
+            setting given to the other (a ConfigError, lsq_jax.config.optim.check_solver_settings).
     """
     for name, value, allowed in (("solver", solver, LM_SOLVERS), ("scaling", scaling, LM_SCALINGS),
                                  ("rule", rule, LM_RULES)):
@@ -93,11 +95,13 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
             raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
     if not damping0 > 0:
         raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
+    check_solver_settings(solver, {"lm_geodesic": geodesic, "lm_tries": max_tries, "lm_cg_iters": cg_iters},
+                          names={"lm_geodesic": "geodesic", "lm_tries": "max_tries", "lm_cg_iters": "cg_iters"})
+    max_tries = SOLVER_SETTINGS["cholesky"]["lm_tries"] if max_tries is None else max_tries
+    cg_iters = SOLVER_SETTINGS["cg"]["lm_cg_iters"] if cg_iters is None else cg_iters
     for name, value in (("max_tries", max_tries), ("cg_iters", cg_iters), ("n_probes", n_probes)):
         if value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: must be >= 1")
-    if solver == "cg" and (geodesic or max_tries != 1):
-        raise ValueError("geodesic and max_tries belong to the cholesky solver: leave them unset with 'cg'")
     damping = dict(scaling=scaling, rule=rule, damping_min=damping_min, damping_max=damping_max)
     if solver == "cg":
         iterate = functools.partial(lm.lm_iteration_cg, tol=cg_tol, maxiter=cg_iters, n_probes=n_probes,
@@ -149,14 +153,11 @@ def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) ->
 def make_lm_optimizer(cfg: OptimConfig) -> LMTransformation:
     """optimizer 'lm': ``adam_then_lm(recipe.make_optimizer(cfg), levenberg_marquardt(<cfg.lm_*>))``.
 
-    The solver's own settings pass only to it: lm_geodesic and lm_tries to "cholesky", lm_cg_iters to "cg".
+    The config leaves the other solver's settings unset (lm_geodesic and lm_tries belong to "cholesky",
+    lm_cg_iters to "cg").
     """
     if cfg.optimizer != "lm":
         raise ValueError(f"make_lm_optimizer needs optimizer='lm', not {cfg.optimizer!r}")
-    if cfg.lm_solver == "cg":
-        solver = dict(cg_iters=cfg.lm_cg_iters)
-    else:
-        solver = dict(geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries)
     lm_tx = levenberg_marquardt(cfg.lm_solver, scaling=cfg.lm_scaling, rule=cfg.lm_rule, damping0=cfg.lm_damping,
-                                **solver)
+                                geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries, cg_iters=cfg.lm_cg_iters)
     return adam_then_lm(recipe.make_optimizer(cfg), lm_tx)
