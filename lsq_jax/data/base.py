@@ -57,7 +57,8 @@ class Task:
     Subclasses define `target_positions`, `_draw`, `_build`, `_read`; the shapes (`seq_len`, `in_dims`,
     `out_dims`) come from `lsq_jax.config.task.task_sizes`, which sizes the model too.
     The metric is the squared error on `read(pred)`; the training loss is its mean (the reference's
-    `get_metric` / `get_training_metric`).
+    `get_metric` / `get_training_metric`), or with config.train_loss='relative' the mean over problems of
+    each one's squared error over its target's squared norm (`train_loss`).
 
     Attributes:
         predicts: the least-squares vector the last target holds, so what read(pred)[:, -1] estimates:
