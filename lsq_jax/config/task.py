@@ -51,19 +51,20 @@ class TaskConfig:
         train_loss: what training minimises (Adam's loss and LM's residuals alike); the test MSE and the
             report stay the plain MSE. 'mse' (default): the mean squared error over every target entry of
             the batch, as the papers train. 'relative': each problem's squared error over its target's
-            squared norm, averaged over problems: (1/B) sum_b ||y_pred_b - y_b||^2 / ||y_b||^2 (the mean
-            over entries of (y_pred - y)^2 / s_b with s_b the mean of y_b^2 over the problem's own entries,
-            so LM's residuals are (y_pred - y) / sqrt(s_b)). Why the target: every least-squares target
-            (x*, b, the gradient A^T (A x0 - b) / L, GD's iterates) is linear in (x*, x0), and the gradient
-            scales with A^T A, so a problem scaled by c (x*, x0) or with a larger kappa has its error and its
-            target scaled alike and weighs the same as any other; with plain MSE the problems of a wide
-            kappa or scale range differ by orders of magnitude and the largest decide the fit. For an
-            explicit_gradient model the per-problem term is the square of the report's one-step error
-            ||g_pred - g|| / ||g||. A denominator near 0: ||y_b|| = 0 has probability 0 for the drawn
-            least-squares problems, but small targets get large weights: near 0, ||y||^2 behaves like a
-            chi-square with D degrees of freedom (D the dimension the target varies in), so the mean weight E[1 / ||y||^2]
-            is finite for D >= 3 and infinite for D <= 2, where a few problems can dominate a batch (with
-            D = 1 one can); a target that is exactly 0 is weighted 1 (its plain squared error).
+            squared norm, averaged over problems, (1/B) sum_b ||y_pred_b - y_b||^2 / ||y_b||^2: the mean over
+            entries of (y_pred - y)^2 / s_b, s_b the mean of y_b^2 over the problem's own entries, so LM's
+            residuals are (y_pred - y) / sqrt(s_b). Why the target's norm: every least-squares target (x*,
+            b, the gradient A^T (A x0 - b) / L, GD's iterates) is linear in (x*, x0), so scaling a problem's
+            x*, x0 by c (or its A by c: the gradient by c^2) scales its target, and the prediction of a model
+            that follows it, by the same factor, and its term is unchanged; under the plain MSE the
+            gradients of a range of scales [0.1, 10] and kappas [1, 100] (A^T A up to kappa^2) differ by
+            orders of magnitude and the largest decide the fit. For explicit_gradient the term is the square
+            of the report's one-step error ||g_pred - g|| / ||g||. A denominator near 0: ||y_b|| = 0 has
+            probability 0 for the drawn problems, but small targets weigh much: near 0, ||y||^2 behaves
+            like a chi-square with D degrees of freedom (D the dimension the target varies in), so the mean
+            weight E[1 / ||y||^2] is finite for D >= 3 and infinite for D <= 2, where a few problems can
+            dominate a batch (with D = 1 one can). A target that is exactly 0 has s_b = 1 (its plain
+            squared error).
         dtype: 'float64' (default) or 'float32', the dtype of every floating array a task returns.
     """
 
