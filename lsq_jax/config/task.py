@@ -10,6 +10,7 @@ PRIMITIVE_NAMES = ("identity", "square", "elementwise_multiply", "read", "linear
 LEAST_SQUARES_NAMES = ("least_squares", "least_squares_icl", "explicit_gradient", "multistep_gd")
 TASK_NAMES = PRIMITIVE_NAMES + LEAST_SQUARES_NAMES
 ROWS_RANGE_NAMES = ("explicit_gradient", "multistep_gd", "least_squares")  # one target per problem
+TRAIN_LOSSES = ("mse", "relative")  # task.train_loss, the first being the default
 
 # Tasks with a `setting`: the allowed values, the first being the default.
 SETTINGS = {
@@ -47,6 +48,23 @@ class TaskConfig:
             is drawn log-uniform in [scale_cond, scale_cond_max].
         scale_target_max: None (default: scale_target) or a maximum >= scale_target: each problem's target
             scale is drawn log-uniform in [scale_target, scale_target_max].
+        train_loss: what training minimises (Adam's loss and LM's residuals alike); the test MSE and the
+            report stay the plain MSE. 'mse' (default): the mean squared error over every target entry of
+            the batch, as the papers train. 'relative': each problem's squared error over its target's
+            squared norm, averaged over problems, (1/B) sum_b ||y_pred_b - y_b||^2 / ||y_b||^2: the mean over
+            entries of (y_pred - y)^2 / s_b, s_b the mean of y_b^2 over the problem's own entries, so LM's
+            residuals are (y_pred - y) / sqrt(s_b). Why the target's norm: every least-squares target (x*,
+            b, the gradient A^T (A x0 - b) / L, GD's iterates) is linear in (x*, x0), so scaling a problem's
+            x*, x0 by c (or its A by c: the gradient by c^2) scales its target, and the prediction of a model
+            that follows it, by the same factor, and its term is unchanged; under the plain MSE the
+            gradients of a range of scales [0.1, 10] and kappas [1, 100] (A^T A up to kappa^2) differ by
+            orders of magnitude and the largest decide the fit. For explicit_gradient the term is the square
+            of the report's one-step error ||g_pred - g|| / ||g||. A denominator near 0: ||y_b|| = 0 has
+            probability 0 for the drawn problems, but small targets weigh much: near 0, ||y||^2 behaves
+            like a chi-square with D degrees of freedom (D the dimension the target varies in), so the mean
+            weight E[1 / ||y||^2] is finite for D >= 3 and infinite for D <= 2, where a few problems can
+            dominate a batch (with D = 1 one can). A target that is exactly 0 has s_b = 1 (its plain
+            squared error).
         dtype: 'float64' (default) or 'float32', the dtype of every floating array a task returns.
     """
 
@@ -67,6 +85,7 @@ class TaskConfig:
     n_points_min: int | None = None
     scale_cond_max: float | None = None
     scale_target_max: float | None = None
+    train_loss: str = "mse"
     dtype: str = "float64"
 
     def __post_init__(self):
@@ -111,6 +130,8 @@ class TaskConfig:
         if self.scale_cond != 1 and self.name in LEAST_SQUARES_NAMES and small:
             fail("scale_cond", self.scale_cond, "1 when min(n_points, n_dims) < 2")
         self._check_ranges()
+        if self.train_loss not in TRAIN_LOSSES:
+            fail("train_loss", self.train_loss, " | ".join(map(repr, TRAIN_LOSSES)))
         if self.dtype not in DTYPES:
             fail("dtype", self.dtype, " | ".join(map(repr, DTYPES)))
 

@@ -9,6 +9,7 @@ methods are pure:
     inputs, targets = task.build(raw)               # pure on a raw sample: x, or a LeastSquaresSample
     pred = model(inputs)                            # (B, seq_len, >= out_dims)
     loss = task.loss(pred, targets)                 # mean squared error on task.read(pred)
+    loss = task.train_loss(pred, targets)           # what training minimises: that, or the relative error
 
 Shapes: inputs (B, seq_len(L), in_dims); targets (B, P, C) with P = len(target_positions(L)) and
 read(pred).shape == targets.shape.
@@ -56,7 +57,8 @@ class Task:
     Subclasses define `target_positions`, `_draw`, `_build`, `_read`; the shapes (`seq_len`, `in_dims`,
     `out_dims`) come from `lsq_jax.config.task.task_sizes`, which sizes the model too.
     The metric is the squared error on `read(pred)`; the training loss is its mean (the reference's
-    `get_metric` / `get_training_metric`).
+    `get_metric` / `get_training_metric`), or with config.train_loss='relative' the mean over problems of
+    each one's squared error over its target's squared norm (`train_loss`).
 
     Attributes:
         predicts: the least-squares vector the last target holds, so what read(pred)[:, -1] estimates:
@@ -197,6 +199,34 @@ class Task:
     def loss(self, pred: jax.Array, targets: jax.Array) -> jax.Array:
         """Training metric: mean squared error on read(pred) (reference `get_training_metric`)."""
         return jnp.mean(self.pointwise_error(pred, targets))
+
+    @_jitted
+    def error_scale(self, targets: jax.Array) -> jax.Array:
+        """s_b, (B,): what task.train_loss='relative' divides problem b's squared errors by, the mean of its
+        targets' squares over its P x C entries, so that the mean of (y_pred - y)^2 / s_b over the
+        problem's entries is ||y_pred_b - y_b||^2 / ||y_b||^2 (TaskConfig.train_loss says why). A target
+        that is exactly 0 gets s_b = 1: its plain squared error, not 0 / 0."""
+        s = jnp.mean(jnp.square(targets), axis=tuple(range(1, targets.ndim)))
+        return jnp.where(s > 0, s, jnp.ones((), s.dtype))
+
+    @_jitted
+    def train_loss(self, pred: jax.Array, targets: jax.Array) -> jax.Array:
+        """What training minimises (TaskConfig.train_loss): 'mse', the plain `loss` (the same computation,
+        so the same bits); 'relative', the mean over every entry of (y_pred - y)^2 / s_b, i.e. the mean over
+        problems of ||y_pred_b - y_b||^2 / ||y_b||^2 (`error_scale`)."""
+        if self.config.train_loss == "mse":
+            return self.loss(pred, targets)
+        scale = self.error_scale(targets).reshape(-1, *(1,) * (targets.ndim - 1))
+        return jnp.mean(self.pointwise_error(pred, targets) / scale)
+
+    @_jitted
+    def train_residuals(self, pred: jax.Array, targets: jax.Array) -> jax.Array:
+        """(B, K) residuals whose mean square is `train_loss` (what LM fits): read(pred) - targets per
+        problem, each problem's divided by sqrt(s_b) with train_loss='relative' (`error_scale`)."""
+        residuals = (self.read(pred) - targets).reshape(targets.shape[0], -1)
+        if self.config.train_loss == "mse":
+            return residuals
+        return residuals / jnp.sqrt(self.error_scale(targets))[:, None]
 
     @_jitted
     def eval_metrics(self, pred: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:

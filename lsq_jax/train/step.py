@@ -77,10 +77,11 @@ def predict(params, model: SequenceModel, task: Task, inputs, n_points: int):
 
 
 def example_loss(params, keys, *, model: SequenceModel, task: Task, n_points: int, n_dims: int | None):
-    """(task loss, per-position loss) on the examples drawn from `keys` (one key per example)."""
+    """(training loss, per-position MSE) on the examples drawn from `keys` (one key per example): the task's
+    `train_loss` (the MSE, or with task.train_loss='relative' the mean squared relative error)."""
     batch = task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
     pred = predict(params, model, task, batch.inputs, n_points)
-    return task.loss(pred, batch.targets), task.per_position_loss(pred, batch.targets)
+    return task.train_loss(pred, batch.targets), task.per_position_loss(pred, batch.targets)
 
 
 def batch_gradient(params, key, step, *, plan: RunPlan, phase: Phase):
@@ -120,11 +121,12 @@ def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Pha
 
 
 def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: int, n_dims: int | None):
-    """(problems, K) model output minus target on the problems drawn from `keys` (their mean square is the
-    task loss)."""
+    """(problems, K) residuals on the problems drawn from `keys`: model output minus target, divided per
+    problem by sqrt(s_b) with task.train_loss='relative' (Task.train_residuals); their mean square is the
+    training loss, `example_loss`'s."""
     batch = task.sample(keys, n_points=n_points, n_dims_truncated=n_dims)
     pred = predict(params, model, task, batch.inputs, n_points)
-    return (task.read(pred) - batch.targets).reshape(keys.shape[0], -1)
+    return task.train_residuals(pred, batch.targets)
 
 
 def lm_residual_fn(plan: RunPlan, phase: Phase):
