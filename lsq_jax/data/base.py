@@ -212,12 +212,11 @@ class Task:
     @_jitted
     def train_loss(self, pred: jax.Array, targets: jax.Array) -> jax.Array:
         """What training minimises (TaskConfig.train_loss): 'mse', the plain `loss` (the same computation,
-        so the same bits); 'relative', the mean over every entry of (y_pred - y)^2 / s_b, i.e. the mean over
-        problems of ||y_pred_b - y_b||^2 / ||y_b||^2 (`error_scale`)."""
+        so the same bits); 'relative', the mean square of `train_residuals`, i.e. the mean over problems of
+        ||y_pred_b - y_b||^2 / ||y_b||^2 (`error_scale`)."""
         if self.config.train_loss == "mse":
             return self.loss(pred, targets)
-        scale = self.error_scale(targets).reshape(-1, *(1,) * (targets.ndim - 1))
-        return jnp.mean(self.pointwise_error(pred, targets) / scale)
+        return jnp.mean(jnp.square(self.train_residuals(pred, targets)))
 
     @_jitted
     def train_residuals(self, pred: jax.Array, targets: jax.Array) -> jax.Array:
