@@ -24,7 +24,7 @@ from lsq_jax.data.samplers import example_keys
 from lsq_jax.mesh import DATA_AXIS, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import grad_stats, lm, recipe
-from lsq_jax.train.plan import Phase, RunPlan, scan_unroll
+from lsq_jax.train.plan import Phase, RunPlan, scan_unroll, uses_lm
 from lsq_jax.train.state import TrainState, run_optimizer
 
 
@@ -99,6 +99,12 @@ def batch_gradient(params, key, step, *, plan: RunPlan, phase: Phase):
     return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: sum(xs) / len(xs), *parts)
 
 
+def phase_optimizer(plan: RunPlan, phase: Phase):
+    """The transform of the phase: the recipe, or in a hybrid run (optimizer 'lm') the hybrid's part."""
+    tx = run_optimizer(plan.exp)
+    return tx.phase(phase.lm) if uses_lm(plan.exp) else tx
+
+
 def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One iteration of the recipe: loss, gradient (accumulated over the plan's microbatches), update
@@ -113,7 +119,8 @@ def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Pha
                                                  phase=phase)
     if exp.optim.l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
         grads = jax.tree.map(lambda g, p: g + exp.optim.l1 * jnp.sign(p), grads, state.params)
-    updates, opt_state = run_optimizer(exp).update(grads, state.opt_state, state.params, grad_metric=grad_metric)
+    updates, opt_state = phase_optimizer(plan, phase).update(grads, state.opt_state, state.params,
+                                                             grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
                **recipe.optimizer_metrics(opt_state)}
@@ -182,9 +189,9 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     del grad_metric
 
     def iterate(state, keys):
-        return run_optimizer(plan.exp).update(None, state.opt_state, state.params, batch=keys,
-                                              residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
-                                              axis_name=DATA_AXIS)
+        return phase_optimizer(plan, phase).update(None, state.opt_state, state.params, batch=keys,
+                                                   residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
+                                                   axis_name=DATA_AXIS)
 
     updates, opt_state, m = per_device(iterate, plan)(state, lm_keys(plan, state.step))
     lm_state = opt_state["lm"]
