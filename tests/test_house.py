@@ -20,10 +20,11 @@ MAY_IMPORT = {
     "workdir": {"preemption"},
     "checkpoint": {"config", "workdir"},
     "mesh": {"config"},
-    "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption", "workdir"},
-    "eval": {"config", "data", "models", "mesh", "workdir"},
-    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "workdir", "train", "eval"},
-    "main": {"config", "checkpoint", "mesh", "preemption", "workdir", "train", "eval", "models"},
+    "plan": {"config", "data", "models", "optim", "mesh"},
+    "train": {"config", "data", "models", "optim", "plan", "checkpoint", "mesh", "preemption", "workdir"},
+    "eval": {"config", "data", "models", "plan", "mesh", "workdir"},
+    "bench": {"config", "data", "models", "optim", "plan", "checkpoint", "mesh", "workdir", "train", "eval"},
+    "main": {"config", "checkpoint", "mesh", "plan", "preemption", "workdir", "train", "eval", "models"},
 }
 
 

@@ -18,11 +18,11 @@ from lsq_jax.config.optim import OptimConfig
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.optim import lm, recipe
 from lsq_jax.optim.lm_transform import adam_then_lm, levenberg_marquardt, make_lm_optimizer
-from lsq_jax.train.state import init_state
 
 from config_files import get_config
 from lm_updates import lm_update, lm_update_cg
 from trees import assert_trees_bitwise_equal
+from steps import initial_state
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 NAN = float("nan")
@@ -147,7 +147,7 @@ def tiny_lm_experiment():
 
 def test_hybrid_state_is_todays_optimizer_state():
     exp = tiny_lm_experiment()
-    state = init_state(exp)
+    state = initial_state(exp)
     hybrid_state = make_lm_optimizer(exp.optim).init(state.params)
     assert_trees_bitwise_equal(hybrid_state, state.opt_state)
     by_hand = {"adam": recipe.make_optimizer(exp.optim).init(state.params),
@@ -161,7 +161,7 @@ def test_an_old_lm_checkpoint_restores_into_the_hybrids_state(tmp_path):
     shutil.copytree(DATA / "workdir_lm", workdir)
 
     def hybrid_state(exp):
-        state = init_state(exp)
+        state = initial_state(exp)
         return state._replace(opt_state=make_lm_optimizer(exp.optim).init(state.params))
 
     ckpt = Checkpointer(workdir, read_only=True)
