@@ -19,7 +19,7 @@ def execute(log=print) -> None:
     from lsq_jax.eval import report
     from lsq_jax.plan.report import make_report_plan
     from lsq_jax.plan.run import make_plan
-    from lsq_jax.workdir import check_writable, eval_dir, is_writer, resolve_workdir, writer_only
+    from lsq_jax.workdir import Workdir, eval_dir, resolve_workdir
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -37,9 +37,9 @@ def execute(log=print) -> None:
         return make_report_plan(exp, constructions_only=FLAGS.mode == "construct")
 
     plan = planned(exp) if exp is not None else None  # eval: once the checkpoint gives the experiment
-    log = writer_only(log)
+    workdir = Workdir(resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode)))
+    log = workdir.log(log)
     preemption.install(log)
-    workdir = resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
     log(f"workdir: {workdir}")
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
@@ -48,16 +48,16 @@ def execute(log=print) -> None:
                 report.write_evaluation(plan.report, trained.state.params, workdir, log=log)
     elif FLAGS.mode == "eval":
         from lsq_jax.models.backbone import abstract_params
-        exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, lambda e: abstract_params(e.model),
+        exp, step, params = checkpoint.restore_params(workdir.path, FLAGS.step, lambda e: abstract_params(e.model),
                                                       mesh.replicated(mesh.make_mesh()), log=log)
         plan = planned(exp)
-        if is_writer():
-            check_writable(out := eval_dir(workdir, default_workdir(exp.name, "eval")))  # before, not after
+        out = eval_dir(workdir.path, default_workdir(exp.name, "eval"))
+        workdir.check_writable(out)  # before, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
-        report.write_evaluation(plan, params, workdir, log=log, out=out if is_writer() else None)
+        report.write_evaluation(plan, params, workdir, log=log, out=out)
     else:
-        check_writable(workdir / "eval")
+        workdir.check_writable(workdir / "eval")
         report.write_evaluation(plan, None, workdir, log=log)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from lsq_jax import checkpoint, main
 from lsq_jax.checkpoint import Checkpointer
-from lsq_jax.workdir import WorkdirLock, resolve_workdir
+from lsq_jax.workdir import Workdir, WorkdirLock, resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
@@ -228,6 +228,22 @@ def test_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
     assert beating.holder()["time"] > first and beating.holder()["pid"] == os.getpid()
     beating.release()
     assert beating.holder() is None
+
+
+def test_only_the_writing_process_writes_the_workdir(tmp_path):
+    """A Workdir on a process that does not write: its files, folders and lines are no-ops."""
+    lines = []
+    for writer in (False, True):
+        workdir = Workdir(tmp_path / str(writer), writer=writer)
+        workdir.check_writable(workdir.path)
+        workdir.write(workdir / "config.json", "{}\n")
+        workdir.append(workdir / "metrics.jsonl", "a\n")
+        workdir.append(workdir / "metrics.jsonl", "b\n")
+        workdir.log(lines.append)(writer)
+    assert not (tmp_path / "False").exists()
+    assert (tmp_path / "True" / "config.json").read_text() == "{}\n"
+    assert (tmp_path / "True" / "metrics.jsonl").read_text() == "a\nb\n"
+    assert lines == [True]
 
 
 # -- bad input -----------------------------------------------------------------------------------------------

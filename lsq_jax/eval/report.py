@@ -60,7 +60,7 @@ from lsq_jax.eval.stats import (
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.exact_weights import explicit_gradient_params
 from lsq_jax.plan.report import ReportPlan, ReportSizes
-from lsq_jax.workdir import is_writer, write_atomically, writing
+from lsq_jax.workdir import Workdir, writing
 
 __all__ = [
     "evaluate_constructions",
@@ -335,10 +335,10 @@ def evaluate_constructions(plan: ReportPlan) -> dict[str, Any]:
     return report
 
 
-def write_evaluation(plan: ReportPlan, params, workdir, *, log=print, out=None) -> dict[str, Any]:
+def write_evaluation(plan: ReportPlan, params, workdir: Workdir, *, log=print, out=None) -> dict[str, Any]:
     """The numerical-analysis report of a learned model, or with plan.constructions_only of the hand-built
     GD models, written to <out>/report.json (default <workdir>/eval) with a table on the terminal and PNG
-    plots (process 0).
+    plots (by the workdir's writing process).
 
     Args:
         plan: the report's plan (lsq_jax.plan.report.make_report_plan).
@@ -347,18 +347,20 @@ def write_evaluation(plan: ReportPlan, params, workdir, *, log=print, out=None) 
         log: where the table and the written paths go.
         out: the report's folder, when not <workdir>/eval (a released checkpoint's folder is never written).
     """
-    workdir = epath.Path(workdir)
     report = evaluate_constructions(plan) if plan.constructions_only else evaluate_experiment(plan, params)
-    if is_writer():
-        out = epath.Path(out) if out is not None else workdir / "eval"
-        with writing(out):
-            out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
-        log(format_table(report))
-        metrics = workdir / "metrics.jsonl"
-        records = plots.read_metrics(metrics) if metrics.exists() else []
-        with writing(out):
-            for path in plots.write_plots(report, records, out):
-                log(f"wrote {path}")
-        log(f"wrote {out / 'report.json'}")
+    workdir.writes(_write_report, report, workdir, epath.Path(out) if out is not None else workdir / "eval", log)
     return report
+
+
+def _write_report(report: dict[str, Any], workdir: Workdir, out: epath.Path, log) -> None:
+    """<out>/report.json, the table on `log`, the plots (with <workdir>/metrics.jsonl's records)."""
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    workdir.write(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    log(format_table(report))
+    metrics = workdir / "metrics.jsonl"
+    records = plots.read_metrics(metrics) if metrics.exists() else []
+    with writing(out):
+        for path in plots.write_plots(report, records, out):
+            log(f"wrote {path}")
+    log(f"wrote {out / 'report.json'}")

@@ -21,7 +21,7 @@ from lsq_jax.plan.run import RunPlan
 from lsq_jax.train.log import MetricsWriter, Progress
 from lsq_jax.train.state import TrainState, init_state, place_state
 from lsq_jax.train.step import Steps, advance, evaluate_loss
-from lsq_jax.workdir import claimed, is_writer, write_atomically
+from lsq_jax.workdir import Workdir
 
 ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
@@ -60,10 +60,10 @@ def resume_or_init(plan: RunPlan, ckpt: Checkpointer, *, allow_config_change: bo
     return state
 
 
-def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = False) -> Trained:
+def train(plan: RunPlan, workdir: Workdir, *, log=print, allow_config_change: bool = False) -> Trained:
     """Train to exp.train.num_steps iterations (resuming from the workdir's checkpoints), then measure the
     test metrics. The caller has planned the run (lsq_jax.plan.run.make_plan) and holds the workdir
-    (lsq_jax.workdir.claimed). `log` gets the progress lines (main passes lsq_jax.workdir.writer_only(print)).
+    (Workdir.claimed). `log` gets the progress lines (main passes workdir.log(print)).
 
     Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
     checkpoint_every steps and at the end. On SIGTERM while steps are unsaved (or at Orbax's preemption
@@ -71,13 +71,12 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
     with nothing unsaved, lsq_jax.preemption.Preempted propagates.
     """
     exp = plan.exp
-    ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
-    writer = MetricsWriter(workdir / "metrics.jsonl")
+    ckpt = Checkpointer(workdir.path, save_every=exp.train.checkpoint_every)
+    writer = MetricsWriter(workdir)
     try:
         state = resume_or_init(plan, ckpt, allow_config_change=allow_config_change, log=log)
         config = experiment_to_dict(exp)
-        if is_writer():
-            write_atomically(workdir / "config.json", json.dumps(config, indent=2) + "\n")
+        workdir.write(workdir / "config.json", json.dumps(config, indent=2) + "\n")
         steps = Steps(plan)
         with preemption.on_exit(ckpt.wait):
 
@@ -103,12 +102,12 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
 
 
 @contextlib.contextmanager
-def training(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
+def training(plan: RunPlan, workdir: Workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
     """The whole run of `plan` (lsq_jax.plan.run.make_plan, which refuses a run that does not fit before
     anything is written), as `with training(...) as trained:`: the workdir claimed
-    (lsq_jax.workdir.claimed), `train`; the workdir stays held until the block ends, so that what the
+    (Workdir.claimed), `train`; the workdir stays held until the block ends, so that what the
     caller does with the final state (the report) is part of the run."""
-    with claimed(workdir, log):
+    with workdir.claimed(log):
         yield train(plan, workdir, log=log, allow_config_change=allow_config_change)
 
 
