@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from lsq_jax.eval import plots

@@ -94,9 +94,10 @@ class RunPlan:
     def n_devices(self) -> int:
         return self.mesh.devices.size
 
-    def optimizer(self, phase: Phase):
-        """The transform of `phase`: the recipe, or in a hybrid run the hybrid's part (Hybrid.phase)."""
-        return self.tx.phase(phase.lm) if uses_lm(self.exp) else self.tx
+    def optimizer(self, lm: bool = False):
+        """The transform of a phase: the recipe's (in a hybrid run the hybrid's Adam part), or with `lm`
+        Levenberg-Marquardt's (Hybrid.phase)."""
+        return self.tx.phase(lm) if uses_lm(self.exp) else self.tx
 
     @property
     def sharding(self):

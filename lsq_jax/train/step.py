@@ -111,8 +111,7 @@ def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Pha
     (loss, per_position), grads = batch_gradient(state.params, plan.keys["data"], state.step, plan=plan, phase=phase)
     if l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
         grads = jax.tree.map(lambda g, p: g + l1 * jnp.sign(p), grads, state.params)
-    updates, opt_state = plan.optimizer(phase).update(grads, state.opt_state, state.params,
-                                                             grad_metric=grad_metric)
+    updates, opt_state = plan.optimizer().update(grads, state.opt_state, state.params, grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
                **recipe.optimizer_metrics(opt_state)}
@@ -181,9 +180,9 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     del grad_metric
 
     def iterate(state, keys):
-        return plan.optimizer(phase).update(None, state.opt_state, state.params, batch=keys,
-                                                   residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
-                                                   axis_name=DATA_AXIS)
+        return plan.optimizer(lm=True).update(None, state.opt_state, state.params, batch=keys,
+                                              residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
+                                              axis_name=DATA_AXIS)
 
     updates, opt_state, m = per_device(iterate, plan)(state, lm_keys(plan, state.step))
     lm_state = opt_state["lm"]
