@@ -50,10 +50,10 @@ if [[ "$backend" == "gpu" ]]; then
              --config.train.checkpoint_every=1000)
 else
   echo "no GPU (JAX backend: $backend): the CPU fallback at toy sizes"
-  # one task size for both runs (the :lm variant's): with a compilation cache (JAX_COMPILATION_CACHE_DIR) the
-  # second run's report reuses the first's compiled problems and reference solvers
-  toy=(--config.model.n_layer=1 --config.task.n_dims=3 --config.task.n_points=10 --config.train.eval_problems=4
-       --config.train.eval_iters=4 --config.train.eval_batch_size=32)
+  # one model and task size for both runs (the :lm variant's): with a compilation cache
+  # (JAX_COMPILATION_CACHE_DIR) the second run's report reuses everything the first's compiled
+  toy=(--config.model.n_layer=1 --config.model.n_embd=16 --config.task.n_dims=3 --config.task.n_points=10
+       --config.train.eval_problems=4 --config.train.eval_iters=5 --config.train.eval_batch_size=32)
   throughput=(--config=configs/baseconv.py:smoke --config.model.n_layer=1 --dtypes=float64 --windows=1
               --window_s=0.1)
   lm=(--config=configs/baseconv.py:lm --config.train.num_steps=2 --config.train.batch_size=64 "${toy[@]}")
