@@ -125,6 +125,11 @@ def lower_gram(Jt: jax.Array, min_rows: int = GRAM_MIN_ROWS):
     return lower_gram(Jt[:h], min_rows), Jt[h:] @ Jt[:h].T, lower_gram(Jt[h:], min_rows)
 
 
+def gram_depth(rows: int, min_rows: int = GRAM_MIN_ROWS) -> int:
+    """How many times :func:`lower_gram` halves `rows` rows before every block has at most `min_rows`."""
+    return 0 if rows <= min_rows else 1 + gram_depth(rows - rows // 2, min_rows)
+
+
 def symmetric(tree) -> jax.Array:
     """The full symmetric matrix of a :func:`lower_gram` tree."""
     if not isinstance(tree, tuple):

@@ -197,8 +197,9 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         check_mixing(mixing, mesh)
         n_params = parameter_count(exp.model)
         chunks = lm_chunks(exp, task, n_params, n) if uses_lm(exp) else 1
-        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing,
-                                 lm_normal_equations=uses_lm(exp) and exp.optim.lm_solver == "cholesky")
+        cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
+        rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
+        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing, lm_rows=rows)
         check_memory(memory, mesh)
     except ValueError as err:
         raise ConfigError(str(err)) from None
