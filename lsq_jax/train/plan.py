@@ -151,12 +151,13 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
     return math.prod(jax.eval_shape(lambda k: task.sample(k, n_points=exp.task.n_points).targets, keys).shape)
 
 
-def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
+def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int, backend: str = "cpu") -> int:
     """How many strided chunks each device builds the Jacobian of its share of the LM batch in:
     optim.lm_chunk problems each, or (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES (a
-    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm). With a range of rows
-    every chunk holds an equal part of each row count's share (optim.lm_chunk problems of each), and the
-    count is of that share."""
+    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm); with lm_solver 'cg',
+    which holds one chunk's activations and never a Jacobian row block, the step's microbatches at full
+    size. With a range of rows every chunk holds an equal part of each row count's share (optim.lm_chunk
+    problems of each), and the count is of that share."""
     share = exp.train.batch_size // len(exp.task.rows())
     if share % n_devices:
         raise ValueError(f"train.batch_size={exp.train.batch_size} is not allowed: the share of each row count "
@@ -167,6 +168,8 @@ def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int
             raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide the per-device "
                              f"batch {local} (of each row count: train.batch_size / rows / {n_devices} devices)")
         return local // exp.optim.lm_chunk
+    if exp.optim.lm_solver == "cg":
+        return microbatches(exp, task, exp.task.n_points, n_devices, backend)
     per_problem = lm_outputs(exp, task) * n_params * len(exp.task.rows())  # one problem of each row count
     return next((c for c in divisors(local) if (local // c) * per_problem <= LM_CHUNK_ENTRIES), local)
 
@@ -196,7 +199,7 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)
         n_params = parameter_count(exp.model)
-        chunks = lm_chunks(exp, task, n_params, n) if uses_lm(exp) else 1
+        chunks = lm_chunks(exp, task, n_params, n, backend) if uses_lm(exp) else 1
         cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
         rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
         memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing, lm_rows=rows)
