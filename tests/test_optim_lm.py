@@ -308,7 +308,7 @@ def test_second_directional_derivative_of_rosenbrock():
 
 @pytest.mark.parametrize("update, options, tol", [
     pytest.param(lm_update, {"scaling": "marquardt"}, 1e-11, marks=pytest.mark.slow),
-    (lm_update_cg, {"maxiter": 500}, 1e-9),
+    (lm_update_cg, {"maxiter": 500, "tol": 1e-13}, 1e-9),
 ], ids=["cholesky", "cg"])
 def test_geodesic_step_matches_numpy(problem, update, options, tol):
     _, params, batch, _ = problem
@@ -386,13 +386,15 @@ def test_jacobian_diagonal_is_the_column_sums_of_squares(problem, max_entries):
     np.testing.assert_allclose(diagonal, np.sum(J**2, axis=0), rtol=1e-13)
 
 
-@pytest.mark.parametrize("n_chunks", [1, 4])
-def test_cg_step_is_the_damped_solve(problem, n_chunks):
+@pytest.mark.parametrize("n_chunks, precondition", [(1, False), (4, False), (4, True)])
+def test_cg_step_is_the_damped_solve(problem, n_chunks, precondition):
     _, params, batch, _ = problem
     r, J = full_jacobian(mlp_residual, params, batch)
     state = lm.init_lm_state(J.shape[1], damping0=1e-1)
     new_params, new_state, metrics = jax.jit(
-        functools.partial(lm_update_cg, mlp_residual, n_chunks=n_chunks, maxiter=500))(params, batch, state)
+        functools.partial(lm_update_cg, mlp_residual, n_chunks=n_chunks, maxiter=500, tol=1e-13,
+                          precondition=precondition))(
+        params, batch, state)
     D = np.asarray(new_state.scaling)  # s I, s a Hutchinson estimate of mean(diag(JtJ))
     mean_diag = np.mean(np.sum(J**2, axis=0)) / r.size
     assert np.all(D == D[0]) and 0.5 < D[0] / mean_diag < 2.0

@@ -396,15 +396,18 @@ def _damped_cg(matvec, b, damping, scaling, tol, maxiter, diagonal):
 def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                     scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
                     n_probes: int = 4, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
-                    per_problem: bool = True, damping_min: float = 1e-15, damping_max: float = 1e15,
-                    axis_name: str | None = None):
+                    precondition: bool = False, per_problem: bool = True, damping_min: float = 1e-15,
+                    damping_max: float = 1e15, axis_name: str | None = None):
     """One LM iteration solved matrix-free by CG; same acceptance, damping, retries and geodesic acceleration
     as :func:`lm_iteration`.
 
     The residuals are linearised once per iteration (:func:`linearise`, in `n_chunks` chunks): J^T r, every
-    CG product J^T J v = J^T (J v) / M and, with geodesic, J^T r'' replay that linearisation. CG is
-    preconditioned by the diagonal of the damped matrix, diag(JtJ) from one pass over the batch's Jacobian
-    (:func:`jacobian_diagonal`). Retries reuse the linearisation and the diagonal.
+    CG product J^T J v = J^T (J v) / M and, with geodesic, J^T r'' replay that linearisation. With
+    `precondition`, CG is preconditioned by the diagonal of the damped matrix, diag(JtJ) from one pass over
+    the batch's Jacobian (:func:`jacobian_diagonal`). Off by default: on the BaseConv model a truncated
+    Jacobi-preconditioned CG came out further from the exact step than plain CG with the same iterations,
+    and it made the answers depend on the device count well beyond round-off (docs/performance.md).
+    Retries reuse the linearisation (and the diagonal).
 
     D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
     the first iteration's estimate, held; marquardt: its running maximum), the estimate by
@@ -415,6 +418,7 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     Args:
         tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
         n_probes: S, the Hutchinson probes per iteration.
+        precondition: precondition CG by the damped matrix's diagonal (Jacobi).
         Others: as in :func:`lm_iteration` (the acceleration's system is solved by CG too).
 
     Returns:
@@ -425,9 +429,10 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
                                    (n_probes, theta.size), theta.dtype)
     r, jvp, vjp = linearise(f, theta, batch, n_chunks)
-    Jtr, loss, probed, diagonal = total((vjp(r), jnp.sum(r * r), jnp.sum(jax.vmap(jvp)(probes) ** 2),
-                                         jacobian_diagonal(f, theta, batch, per_problem)))
-    Jtr, loss, diagonal = Jtr / m, loss / m, diagonal / m
+    diagonal = jacobian_diagonal(f, theta, batch, per_problem) if precondition else None
+    Jtr, loss, probed, diagonal = total((vjp(r), jnp.sum(r * r), jnp.sum(jax.vmap(jvp)(probes) ** 2), diagonal))
+    Jtr, loss = Jtr / m, loss / m
+    diagonal = None if diagonal is None else diagonal / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
     matvec = lambda v: total(vjp(jvp(v))) / m
