@@ -16,8 +16,10 @@ def execute(log=print) -> None:
 
     from lsq_jax import checkpoint, mesh
     from lsq_jax.config.experiment import experiment_from_config, matmul_precision_of
-    from lsq_jax.eval import memory, report
-    from lsq_jax.workdir import check_writable, eval_dir, is_writer, resolve_workdir, writer_only
+    from lsq_jax.eval import report
+    from lsq_jax.plan.report import make_report_plan
+    from lsq_jax.plan.run import make_plan
+    from lsq_jax.workdir import Workdir, eval_dir, resolve_workdir
 
     logging.set_verbosity(logging.ERROR)  # Orbax reports every save (INFO) and read-only opens (WARNING)
     try:
@@ -27,30 +29,36 @@ def execute(log=print) -> None:
         exp = experiment_from_config(FLAGS.config) if FLAGS.mode != "eval" else None
     except ValueError as err:
         raise ConfigError(one_line(err)) from None
-    if exp is not None:  # the report's memory before the run (eval: once the checkpoint gives the experiment)
-        memory.check_report_memory(exp, constructions_only=FLAGS.mode == "construct")
-    log = writer_only(log)
+
+    def planned(exp):
+        """The run's plan (train) or its report's alone: each refuses what does not fit, the report included."""
+        if FLAGS.mode == "train":
+            return make_plan(exp, mesh.make_mesh())
+        return make_report_plan(exp, constructions_only=FLAGS.mode == "construct")
+
+    plan = planned(exp) if exp is not None else None  # eval: once the checkpoint gives the experiment
+    workdir = Workdir(resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode)))
+    log = workdir.log(log)
     preemption.install(log)
-    workdir = resolve_workdir(FLAGS.workdir or default_workdir(exp.name, FLAGS.mode))
     log(f"workdir: {workdir}")
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
-        with loop.training(exp, workdir, log=log, allow_config_change=FLAGS.allow_config_change) as trained:
+        with loop.training(plan, workdir, log=log, allow_config_change=FLAGS.allow_config_change) as trained:
             if FLAGS.report and not trained.preempted:  # the report while the run still holds its workdir
-                report.write_evaluation(exp, trained.state.params, workdir, log=log)
+                report.write_evaluation(plan.report, trained.state.params, workdir, log=log)
     elif FLAGS.mode == "eval":
         from lsq_jax.models.backbone import abstract_params
-        exp, step, params = checkpoint.restore_params(workdir, FLAGS.step, lambda e: abstract_params(e.model),
+        exp, step, params = checkpoint.restore_params(workdir.path, FLAGS.step, lambda e: abstract_params(e.model),
                                                       mesh.replicated(mesh.make_mesh()), log=log)
-        memory.check_report_memory(exp)
-        if is_writer():
-            check_writable(out := eval_dir(workdir, default_workdir(exp.name, "eval")))  # before, not after
+        plan = planned(exp)
+        out = eval_dir(workdir.path, default_workdir(exp.name, "eval"))
+        workdir.check_writable(out)  # before, not after
         mesh.setup_jax(exp.matmul_precision)
         log(f"evaluating step {step} of {exp.name}")
-        report.write_evaluation(exp, params, workdir, log=log, out=out if is_writer() else None)
+        report.write_evaluation(plan, params, workdir, log=log, out=out)
     else:
-        check_writable(workdir / "eval")
-        report.write_evaluation(exp, None, workdir, log=log, constructions=True)
+        workdir.check_writable(workdir / "eval")
+        report.write_evaluation(plan, None, workdir, log=log)
 
 
 def run(argv: list[str], log=print, *, program: bool = False) -> int:

@@ -86,7 +86,6 @@ class _Watch:
             self.signum = signum
 
     def handler(self, signum, frame) -> None:
-        del frame
         self.received(signum)
         if self.exiting.is_set():  # the watcher is finishing: let it end the process
             threading.Event().wait()
@@ -95,6 +94,7 @@ class _Watch:
             return
         self.handled = True
         self.raised = time.monotonic()
+        _interrupted.append(frame)
         raise Preempted
 
     def unraisable(self, unraisable) -> None:
@@ -171,6 +171,9 @@ class _Watch:
 
 
 _watch: _Watch | None = None
+# The frames a Preempted left, kept until the process ends: an XLA compilation the signal interrupted goes on in
+# its own thread and reads the module its callers' frames hold; freeing them while it runs crashes the process.
+_interrupted: list = []
 _early: dict[int, object] = {}  # the handlers install_early replaced, put back by uninstall
 _signum: int | None = None  # the signal this process is ending for, once uninstalled
 

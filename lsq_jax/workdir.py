@@ -1,5 +1,6 @@
-"""The workdir of a run: where it is (absolute; cloud URLs as they are), whether it can be written, the
-lock that keeps a second run out of it, and what a full disk looks like. Orbax is checkpoint.py's."""
+"""The workdir of a run: where it is (absolute; cloud URLs as they are), which process writes it (`Workdir`),
+whether it can be written, the lock that keeps a second run out of it, and what a full disk looks like.
+Orbax is checkpoint.py's."""
 from __future__ import annotations
 
 import contextlib
@@ -23,12 +24,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def writer_only(fn):
-    """`fn` on the writing process (is_writer), a no-op on the others: `log = writer_only(print)`."""
-    def call(*args, **kwargs):
-        if is_writer():
-            fn(*args, **kwargs)
-    return call
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk or quota
 
@@ -239,18 +234,67 @@ class WorkdirLock:
                 pass
 
 
-@contextlib.contextmanager
-def claimed(workdir, log=print):
-    """The workdir held by one training run: process 0 checks that it is writable and holds its lock
-    (WorkdirLock) until the block ends."""
-    lock = WorkdirLock(workdir)
-    if is_writer():
-        check_writable(workdir)
-        lock.acquire(log)
-    try:
-        if is_writer():
-            check_writable(epath.Path(workdir) / "checkpoints")  # at the start, not at the first save
-        with preemption.on_exit(lock.release):
-            yield
-    finally:
-        lock.release()
+class Workdir:
+    """A run's folder (local or cloud) that knows which process writes it: the writing process (`is_writer`)
+    writes config.json, metrics.jsonl and the report's folder, prints the run's lines and holds the lock;
+    on every other process these are no-ops, so no caller asks which process it is.
+
+    Attributes:
+        path: the folder (resolve_workdir).
+        writer: whether this process writes.
+    """
+
+    def __init__(self, path, *, writer: bool | None = None):
+        self.path = epath.Path(path)
+        self.writer = is_writer() if writer is None else writer
+
+    def __truediv__(self, name) -> epath.Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def writes(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the writing process; None on the others."""
+        return fn(*args, **kwargs) if self.writer else None
+
+    def log(self, fn):
+        """`fn` on the writing process, a no-op on the others: `log = workdir.log(print)`."""
+        def call(*args, **kwargs):
+            self.writes(fn, *args, **kwargs)
+        return call
+
+    def write(self, path, text: str) -> None:
+        """Replace the file `path` whole (write_atomically)."""
+        self.writes(write_atomically, path, text)
+
+    def append(self, path, text: str) -> None:
+        """Add `text` at the end of the file `path` (an object store rewrites the object)."""
+        self.writes(_append, epath.Path(path), text)
+
+    def check_writable(self, directory) -> None:
+        """check_writable(directory), on the writing process."""
+        self.writes(check_writable, directory)
+
+    @contextlib.contextmanager
+    def claimed(self, log=print):
+        """The workdir held by one training run: the writing process checks that it is writable and holds
+        its lock (WorkdirLock) until the block ends."""
+        lock = WorkdirLock(self.path)
+        self.check_writable(self.path)
+        self.writes(lock.acquire, log)
+        try:
+            self.check_writable(self.path / "checkpoints")  # at the start, not at the first save
+            with preemption.on_exit(lock.release):
+                yield
+        finally:
+            lock.release()
+
+
+def _append(path: epath.Path, text: str) -> None:
+    with writing(path):
+        if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
+            path.write_text((path.read_text() if path.exists() else "") + text)
+        else:
+            with path.open("a") as f:
+                f.write(text)

@@ -1,7 +1,9 @@
 """Independent numpy computations (loops over problems and iterations) and exact stand-in models that the
 lsq_jax.eval tests compare with."""
+import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,6 +12,7 @@ from lsq_jax.data.lsq import gradient_descent, least_squares_gradient
 from lsq_jax.data.samplers import LeastSquaresSample
 from lsq_jax.eval.solvers import run_solver
 from lsq_jax.eval.stats import THRESHOLDS
+from lsq_jax.plan.report import make_report_plan
 
 EPS = np.finfo(np.float64).eps
 
@@ -142,3 +145,9 @@ def exact_multistep_model(k, eta):
 def small_experiment(task):
     return experiment_from_config({"task": {"name": task, "n_dims": 3, "n_points": 8},
                                    "model": {"n_embd": 8, "n_layer": 1}, "optim": {}, "train": {}})
+
+
+def sized_plan(exp, sizes, *, constructions_only=False):
+    """The report plan of `exp` with `sizes` and the key 0."""
+    plan = make_report_plan(exp, constructions_only=constructions_only)
+    return dataclasses.replace(plan, sizes=sizes, key=jax.random.key(0))

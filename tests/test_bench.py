@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from config_files import SMALL_REPORT, get_config
+from steps import initial_state
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,6 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
     level; the table's median and range are those of the runs' curves at each mark; the plot is written."""
 
     from lsq_jax.bench import precision
-    from lsq_jax.train.state import init_state
 
     config = get_config("baseconv", "lm")
     config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 8, "train.batch_size": 200,
@@ -70,7 +70,7 @@ def test_optimizer_comparison_reports_each_method_at_each_mark(tmp_path):
             assert row[f"{mark:.0f}s"] == pytest.approx((at[0] + at[1]) / 2, rel=1e-15)
             assert row[f"{mark:.0f}s_range"] == f"{at[0]:.1e}..{at[1]:.1e}"
     for x in (x for runs in r["runs"].values() for x in runs):
-        check_curve(x, budget_s=2.0, initial=init_state(precision.experiment(config, seed=x["seed"])).params)
+        check_curve(x, budget_s=2.0, initial=initial_state(precision.experiment(config, seed=x["seed"])).params)
     assert precision.plot_comparison(r, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -99,8 +99,8 @@ def test_time_to_precision_trains_the_restarts_and_goes_on_from_the_best():
     curve goes on from the start with the lowest loss: the same parameters as that start trained alone."""
     from lsq_jax.bench import precision
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.plan import make_plan
-    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.plan.run import make_plan
+    from lsq_jax.train.state import place_state
     from lsq_jax.train.step import Steps, advance, evaluate_loss
 
     config = get_config("baseconv", "lm")
@@ -114,7 +114,7 @@ def test_time_to_precision_trains_the_restarts_and_goes_on_from_the_best():
     plan = make_plan(exp, make_mesh())
     steps, loss_after = Steps(plan), []
     for k in range(3):
-        state = place_state(init_state(exp, k), plan.mesh)
+        state = place_state(initial_state(exp, k), plan.mesh)
         for step in range(2):
             state, _ = advance(steps.at(step), state, step)
         loss_after.append(float(steps.at(2).lm_loss(state)))

@@ -150,7 +150,7 @@ def test_a_trained_workdirs_figures_match_the_explicit_matrices(tmp_path, monkey
     from lsq_jax.eval import report
     from lsq_jax.mesh import make_mesh, replicated
     from lsq_jax.models.backbone import abstract_params
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.step import lm_keys, lm_residual_fn
 
     monkeypatch.setattr(report, "write_evaluation", lambda *a, **k: {})

@@ -14,9 +14,9 @@ from lsq_jax.config.experiment import experiment_from_dict
 from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import abstract_params
-from lsq_jax.train.state import init_state, place_state
+from lsq_jax.train.state import place_state
 from lsq_jax.train.step import advance
-from steps import full_size_fns
+from steps import full_size_fns, initial_state
 
 from config_files import SMALL_REPORT_FLAGS, get_config
 
@@ -37,7 +37,7 @@ def restore(workdir, step=None):
     step = ckpt.steps()[-1] if step is None else step
     exp = experiment_from_dict(ckpt.saved_config(step))
     mesh = make_mesh()
-    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), replicated(mesh))
+    abstract = abstract_like(jax.eval_shape(lambda: initial_state(exp)), replicated(mesh))
     state = ckpt.restore(step, abstract)
     ckpt.close()
     return exp, state
@@ -52,7 +52,7 @@ def test_round_trip_of_the_full_state(tmp_path):
     from lsq_jax.config.experiment import experiment_from_config, experiment_to_dict
     exp = experiment_from_config(get_config("baseconv", "smoke"))
     mesh = make_mesh()
-    state = place_state(init_state(exp), mesh)
+    state = place_state(initial_state(exp), mesh)
     fns = full_size_fns(exp, mesh)
     for i in range(3):
         state, _ = advance(fns, state, i)

@@ -5,11 +5,11 @@ import pytest
 
 from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.mesh import make_mesh
-from lsq_jax.train.plan import make_plan
-from lsq_jax.train.state import init_state
+from lsq_jax.plan.run import make_plan
 from lsq_jax.train.step import measure_grad_stats, train_step
 
 from config_files import load
+from steps import initial_state
 
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
          ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),
@@ -24,7 +24,7 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
     plan = make_plan(exp, make_mesh())
-    state = jax.eval_shape(lambda: init_state(exp))
+    state = jax.eval_shape(lambda: initial_state(exp))
     new_state, metrics = jax.eval_shape(lambda s: train_step(s, plan=plan, phase=plan.phase(0)), state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     assert metrics["loss"].shape == ()

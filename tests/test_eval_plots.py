@@ -3,11 +3,13 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from lsq_jax.eval import plots
 from lsq_jax.eval.report import evaluate_constructions
+from lsq_jax.plan.report import report_sizes
+
+from eval_numpy import sized_plan, small_experiment
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -15,8 +17,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def report():
     """A small constructions report, through JSON as the CLI would read it."""
-    r = evaluate_constructions(3, 8, jax.random.key(0), n_problems=8, n_iters=60, n_ood_problems=4, n_ood_iters=20,
-                               ood_kappas=(1.0, 5.0, 10.0), ood_scales=(1.0,))
+    sizes = report_sizes(8, 60, n_ood_problems=4, n_ood_iters=20, ood_kappas=(1.0, 5.0, 10.0), ood_scales=(1.0,))
+    r = evaluate_constructions(sized_plan(small_experiment("least_squares"), sizes, constructions_only=True))
     return json.loads(json.dumps(r, allow_nan=False))
 
 

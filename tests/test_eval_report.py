@@ -14,6 +14,7 @@ from lsq_jax.eval.solvers import cg_solver, gd_solver, lstsq_solver, optimal_gd_
 from lsq_jax.eval.stats import THRESHOLDS
 from lsq_jax.eval.table import format_table
 from lsq_jax.models.backbone import init_params
+from lsq_jax.plan.report import report_sizes
 
 from eval_numpy import (
     EPS,
@@ -24,6 +25,7 @@ from eval_numpy import (
     numpy_statistics,
     rel_err,
     run,
+    sized_plan,
     small_experiment,
 )
 
@@ -111,10 +113,9 @@ def test_single_step_report_against_numpy():
 
 @pytest.mark.slow
 def test_evaluate_experiment_with_an_exact_stand_in():
-    exp = small_experiment("explicit_gradient")
-    report = evaluate_experiment(exp, None, jax.random.key(0), n_problems=16, n_iters=150, n_ood_problems=8,
-                                    n_ood_iters=100, ood_kappas=(1.0, 5.0), ood_scales=(1.0, 10.0),
-                                    apply_fn=exact_gradient_model())
+    sizes = report_sizes(16, 150, n_ood_problems=8, n_ood_iters=100, ood_kappas=(1.0, 5.0), ood_scales=(1.0, 10.0))
+    report = evaluate_experiment(sized_plan(small_experiment("explicit_gradient"), sizes), None,
+                                 apply_fn=exact_gradient_model())
     json.dumps(report, allow_nan=False)
     assert set(report) == {"kind", "config", "single_step", "iterated", "ood"}
     assert report["single_step"]["relative_gradient_error"]["p90"] <= 1e-14
@@ -147,7 +148,7 @@ def test_evaluate_experiment_with_an_exact_stand_in():
 def test_evaluate_experiment_single_step_only_for_other_tasks():
     exp = small_experiment("identity")
     params = init_params(exp.model, jax.random.key(1))
-    report = evaluate_experiment(exp, params, jax.random.key(0), n_problems=16, n_iters=1000)
+    report = evaluate_experiment(sized_plan(exp, report_sizes(16, 1000)), params)
     assert set(report) == {"kind", "config", "single_step"}
     assert {"test_mse", "test_rel", "test_rel_l2"} <= set(report["single_step"])
     json.dumps(report, allow_nan=False)
@@ -156,8 +157,8 @@ def test_evaluate_experiment_single_step_only_for_other_tasks():
 
 @pytest.mark.slow
 def test_evaluate_constructions():
-    report = evaluate_constructions(3, 8, jax.random.key(0), n_problems=16, n_iters=300, n_ood_problems=8,
-                                       n_ood_iters=40, ood_kappas=(1.0, 10.0), ood_scales=(1.0,))
+    sizes = report_sizes(16, 300, n_ood_problems=8, n_ood_iters=40, ood_kappas=(1.0, 10.0), ood_scales=(1.0,))
+    report = evaluate_constructions(sized_plan(small_experiment("least_squares"), sizes, constructions_only=True))
     json.dumps(report, allow_nan=False)
     methods = report["iterated"]["methods"]
     assert list(methods) == ["baseconv_gd", "linear_attention_gd", "gd", "optimal_gd", "cg", "lstsq"]

@@ -28,10 +28,9 @@ from lsq_jax.eval import solvers, stats
 from lsq_jax.eval.constructions import construction_solvers
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
-from lsq_jax.train.plan import CPU_SCAN_UNROLL, make_plan
-from lsq_jax.train.state import init_state
+from lsq_jax.plan.run import CPU_SCAN_UNROLL, make_plan
 from lsq_jax.train.step import evaluate_loss
-from steps import full_size_fns
+from steps import full_size_fns, initial_state
 
 from config_files import get_config
 
@@ -81,7 +80,7 @@ def step_fns(exp, lm_phase: bool = False, backend: str = BACKEND, mesh=None):
 
 def abstract_state(exp, sharding=None):
     """The TrainState's shapes and dtypes (placed with `sharding` when given), nothing allocated."""
-    return jax.eval_shape(jax.jit(lambda: init_state(exp), out_shardings=sharding))
+    return jax.eval_shape(jax.jit(lambda: initial_state(exp), out_shardings=sharding))
 
 
 def abstract_metric(exp, sharding=None):
@@ -261,7 +260,7 @@ def harness_computations(exp) -> dict[str, tuple]:
     spectra = jax.jit(lambda a: (stats.cond_b(a), *stats.gram_extremes(a), solvers.auto_step_size(a)))
     out["spectra"] = (spectra, (a,), {}, True)
     iterated = [solvers.learned_gradient_solver(apply_fn, params),
-                *construction_solvers(exp.task.n_dims, "auto", {})(exp.task.n_points),
+                *construction_solvers(exp.task.n_dims, "auto")(exp.task.n_points),
                 solvers.gd_solver(), solvers.optimal_gd_solver(), solvers.cg_solver(), solvers.lstsq_solver()]
     for solver in iterated:  # all but CG take an SVD: the 'auto' step sizes, optimal GD's spectrum, lstsq
         out[solver.name] = (solvers._run_solver, (abstract(solver), a, b, x0), {"n_iters": N_ITERS},

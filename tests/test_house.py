@@ -20,10 +20,11 @@ MAY_IMPORT = {
     "workdir": {"preemption"},
     "checkpoint": {"config", "workdir"},
     "mesh": {"config"},
-    "train": {"config", "data", "models", "optim", "checkpoint", "mesh", "preemption", "workdir"},
-    "eval": {"config", "data", "models", "mesh", "workdir"},
-    "bench": {"config", "data", "models", "optim", "checkpoint", "mesh", "workdir", "train", "eval"},
-    "main": {"config", "checkpoint", "mesh", "preemption", "workdir", "train", "eval", "models"},
+    "plan": {"config", "data", "models", "optim", "mesh"},
+    "train": {"config", "data", "models", "optim", "plan", "checkpoint", "mesh", "preemption", "workdir"},
+    "eval": {"config", "data", "models", "plan", "mesh", "workdir"},
+    "bench": {"config", "data", "models", "optim", "plan", "checkpoint", "mesh", "workdir", "train", "eval"},
+    "main": {"config", "checkpoint", "mesh", "plan", "preemption", "workdir", "train", "eval", "models"},
 }
 
 
@@ -93,3 +94,25 @@ def test_no_references_a_reader_cannot_follow(path):
     assert "sys.path" not in text or path.suffix == ".md"
     assert not re.search(r"\bSPEC\b", text), path
     assert not re.search(r"\b(issue|task|tracker) #?\d+|(?<![\w&])#\d+\b", text, re.IGNORECASE), path
+
+
+def calls(path: pathlib.Path, name: str) -> int:
+    """How many calls of a function called `name` (plain or as an attribute) `path` makes."""
+    return sum(isinstance(n, ast.Call) and name in (getattr(n.func, "id", None), getattr(n.func, "attr", None))
+               for n in ast.walk(ast.parse(path.read_text())))
+
+
+@pytest.mark.parametrize("name", ["make_task", "parameter_count"])
+def test_the_plan_alone_builds_the_task_and_counts_the_parameters(name):
+    assert {module_name(p): calls(p, name) for p in MODULES if calls(p, name)} == {"lsq_jax.plan.report": 1}
+
+
+def test_only_the_workdir_and_the_checkpoint_ask_which_process_writes():
+    askers = {module_name(p) for p in MODULES if calls(p, "is_writer") or calls(p, "process_index")}
+    assert askers == {"lsq_jax.workdir", "lsq_jax.checkpoint"}
+
+
+def test_the_plan_alone_builds_the_optimizer():
+    builders = {module_name(p) for p in MODULES if not module_name(p).startswith("lsq_jax.optim")
+                and (calls(p, "make_optimizer") or calls(p, "make_lm_optimizer"))}
+    assert builders == {"lsq_jax.plan.run"}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lsq_jax.optim import lm
-from lsq_jax.train.memory import lm_cholesky_bytes
+from lsq_jax.plan.memory import lm_cholesky_bytes
 
 
 def mlp_problem(width: int, n: int, d: int = 4, k: int = 3):

@@ -26,10 +26,10 @@ from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
 from lsq_jax.optim import lr_controller
-from lsq_jax.train.plan import make_plan
+from lsq_jax.plan.run import make_plan
 from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import Steps, advance, example_loss, lm_residuals
-from steps import full_size_fns
+from steps import full_size_fns, initial_state
 
 from config_files import get_config
 
@@ -59,7 +59,7 @@ def residuals(exp, params, keys):
 
 def run_lm(exp, params, n):
     mesh = make_mesh()
-    state = place_state(init_state(exp)._replace(params=params), mesh)
+    state = place_state(initial_state(exp)._replace(params=params), mesh)
     fns = full_size_fns(exp, mesh, lm=True)
     history = []
     for i in range(n):
@@ -71,7 +71,7 @@ def run_lm(exp, params, n):
 @pytest.mark.slow
 def test_lm_residuals_mean_square_is_the_task_loss():
     exp = tiny_experiment()
-    params = init_state(exp).params
+    params = initial_state(exp).params
     keys = lm_batch(exp)
     loss, _ = example_loss(params, keys, model=SequenceModel(exp.model), task=make_task(exp.task),
                                  n_points=exp.task.n_points, n_dims=None)
@@ -85,7 +85,7 @@ def test_one_lm_step_is_the_numpy_solve_of_the_damped_normal_equations():
     exp = tiny_experiment(**{"train.batch_size": 120, "optim.lm_damping": 1e-2, "optim.lm_tries": 1,
                              "optim.lm_geodesic": False})
     assert exp.optim.lm_scaling == "isotropic"
-    params = init_state(exp).params
+    params = initial_state(exp).params
     keys = lm_batch(exp)
     theta, unravel = ravel_pytree(params)
     J = np.asarray(jax.jacrev(lambda t: residuals(exp, unravel(t), keys).reshape(-1))(theta))
@@ -130,11 +130,11 @@ ON_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     jax.config.update("jax_enable_x64", True)
     from jax.flatten_util import ravel_pytree
-    from lsq_jax.train.state import init_state
+    from steps import initial_state
     from test_lm_training import ON_DEVICES_RUN, run_lm, tiny_experiment
     exp = tiny_experiment(**ON_DEVICES_RUN, **{"optim.lm_chunk": int(sys.argv[3])})
     assert jax.device_count() == int(sys.argv[2])
-    state, history = run_lm(exp, init_state(exp).params, 3)
+    state, history = run_lm(exp, initial_state(exp).params, 3)
     np.savez(sys.argv[1], theta=ravel_pytree(state.params)[0], history=history,
              accepted=int(state.opt_state["lm"].accepted))
 """)
@@ -148,7 +148,7 @@ def test_lm_on_4_devices_equals_one_device(tmp_path):
     accepted steps and parameters as one device, to round-off. (Two processes of two devices each:
     tests/test_multiprocess.py.)"""
     exp = tiny_experiment(**ON_DEVICES_RUN, **{"optim.lm_chunk": 6})
-    state, history = run_lm(exp, init_state(exp).params, 3)
+    state, history = run_lm(exp, initial_state(exp).params, 3)
     theta, accepted = ravel_pytree(state.params)[0], int(state.opt_state["lm"].accepted)
     assert accepted >= 1
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
@@ -172,7 +172,7 @@ def final_state(workdir):
     try:
         sharding = replicated(make_mesh())
         _, _, state = ckpt.restore_newest(
-            lambda saved: abstract_like(jax.eval_shape(lambda: init_state(saved)), sharding))
+            lambda saved: abstract_like(jax.eval_shape(lambda: initial_state(saved)), sharding))
     finally:
         ckpt.close()
     return state
@@ -213,7 +213,7 @@ def test_matrix_free_solver_trains_through_the_same_step():
     and the loss falls (slowly: the CG path solves once per iteration, so each early rejection costs one)."""
     exp = tiny_experiment(**{"optim.lm_solver": "cg", "optim.lm_cg_iters": 50, "optim.lm_geodesic": False})
     assert make_plan(exp, make_mesh()).memory["lm_normal_equations"] == 0
-    state, history = run_lm(exp, init_state(exp).params, 12)
+    state, history = run_lm(exp, initial_state(exp).params, 12)
     assert np.all(np.isfinite(history)) and history[-1] < 0.9 * history[0], history
     assert int(state.opt_state["lm"].accepted) >= 2
 
@@ -236,8 +236,8 @@ def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
     the lowest training loss goes on, and the run ends as a run from that start alone would."""
     from lsq_jax.train import loop
 
-    def init(exp, start=0):
-        state = init_state(exp, start)
+    def init(plan, start=0):
+        state = init_state(plan, start)
         return state._replace(params=jax.tree.map(jnp.zeros_like, state.params)) if start == 1 else state
 
     monkeypatch.setattr(loop, "init_state", init)
@@ -258,7 +258,7 @@ def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
     assert chosen["restart_chosen"] == int(np.argmin(losses)) != 1
     # The chosen start's own run, without restarts, from its initialisation: the same final state.
     k = chosen["restart_chosen"]
-    monkeypatch.setattr(loop, "init_state", lambda exp, start=0: init(exp, k))
+    monkeypatch.setattr(loop, "init_state", lambda plan, start=0: init(plan, k))
     assert _run([*args, f"--workdir={tmp_path / 'alone'}"])[0] == 0
     a, b = final_state(tmp_path / "w"), final_state(tmp_path / "alone")
     assert int(a.step) == int(b.step) == 4
@@ -274,6 +274,6 @@ def test_a_preemption_during_the_restarts_saves_nothing(tmp_path):
     exp = tiny_experiment(**{"optim.lm_restarts": 2, "optim.lm_restart_steps": 3, "optim.lm_geodesic": False})
     plan = make_plan(exp, make_mesh())
     checks = []
-    out = loop.best_start(Steps(plan), place_state(init_state(exp), plan.mesh), writer=None, log=lambda _: None,
+    out = loop.best_start(Steps(plan), place_state(initial_state(exp), plan.mesh), writer=None, log=lambda _: None,
                           preempted=lambda step: checks.append(step) or True)
     assert out is None and checks == [1]

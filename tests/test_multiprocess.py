@@ -23,9 +23,9 @@ from lsq_jax.checkpoint import Checkpointer, abstract_like
 from lsq_jax.config.experiment import experiment_from_config
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import _slurm_local_device_ids, initialize_distributed, make_mesh, replicated
-from lsq_jax.train.state import init_state
 
 from config_files import SMALL_REPORT_FLAGS, get_config
+from steps import initial_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _experiment():
 
 def _restore_final(workdir, exp):
     """The final TrainState of a workdir, restored in this (one-device) process."""
-    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)),
+    abstract = abstract_like(jax.eval_shape(lambda: initial_state(exp)),
                              replicated(make_mesh()))
     ckpt = Checkpointer(workdir, read_only=True)
     try:
@@ -195,7 +195,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     exp = _experiment()
     # this one-device process restores the checkpoint the two processes wrote
     state2, state1 = _restore_final(two, exp), _restore_final(one, exp)
-    p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(init_state(exp).params)
+    p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(initial_state(exp).params)
     assert int(state2.step) == int(state1.step) == NUM_STEPS
     assert np.linalg.norm(p1 - p0) > 1e-3 * np.linalg.norm(p0)  # training moved the parameters
     lm2, lm1 = state2.opt_state["lm"], state1.opt_state["lm"]

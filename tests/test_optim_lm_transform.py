@@ -18,11 +18,11 @@ from lsq_jax.config.optim import OptimConfig
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.optim import lm, recipe
 from lsq_jax.optim.lm_transform import adam_then_lm, levenberg_marquardt, make_lm_optimizer
-from lsq_jax.train.state import init_state
 
 from config_files import get_config
 from lm_updates import lm_update, lm_update_cg
 from trees import assert_trees_bitwise_equal
+from steps import initial_state
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 NAN = float("nan")
@@ -113,7 +113,7 @@ def test_hybrid_adam_phase_is_the_recipe_bit_for_bit():
     for metric in (0.5, NAN, 0.2):  # a measurement, none, another
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
         expected, adam_state = jax.jit(adam.update)(grads, adam_state, params, grad_metric=metric)
-        updates, state = jax.jit(hybrid.update)(grads, state, params, grad_metric=metric)
+        updates, state = jax.jit(hybrid.adam.update)(grads, state, params, grad_metric=metric)
         assert_trees_bitwise_equal(updates, expected)
         assert_trees_bitwise_equal(state, {"adam": adam_state, "lm": lm_state})
         params = optax.apply_updates(params, updates)
@@ -135,7 +135,7 @@ def test_hybrid_lm_phase_is_the_configured_lm_update(lm_settings, reference, ref
     lm_state = lm.init_lm_state(3, jnp.float64, cfg.lm_damping)
     expected = jax.jit(functools.partial(reference, residual_fn, n_chunks=n_chunks, **reference_settings))(
         params, batch, lm_state)
-    new_params, new_state, metrics = applied(hybrid, residual_fn, n_chunks)(params, batch, state)
+    new_params, new_state, metrics = applied(hybrid.phase(lm=True), residual_fn, n_chunks)(params, batch, state)
     assert_trees_bitwise_equal((new_params, new_state["lm"], metrics), expected)
     assert_trees_bitwise_equal(new_state["adam"], state["adam"])
 
@@ -148,7 +148,7 @@ def tiny_lm_experiment():
 
 def test_hybrid_state_is_todays_optimizer_state():
     exp = tiny_lm_experiment()
-    state = init_state(exp)
+    state = initial_state(exp)
     hybrid_state = make_lm_optimizer(exp.optim).init(state.params)
     assert_trees_bitwise_equal(hybrid_state, state.opt_state)
     by_hand = {"adam": recipe.make_optimizer(exp.optim).init(state.params),
@@ -162,7 +162,7 @@ def test_an_old_lm_checkpoint_restores_into_the_hybrids_state(tmp_path):
     shutil.copytree(DATA / "workdir_lm", workdir)
 
     def hybrid_state(exp):
-        state = init_state(exp)
+        state = initial_state(exp)
         return state._replace(opt_state=make_lm_optimizer(exp.optim).init(state.params))
 
     ckpt = Checkpointer(workdir, read_only=True)
@@ -200,5 +200,15 @@ def test_adam_then_lm_accepts_a_transform_without_extra_args():
     _, params, _, _ = mlp_problem()
     hybrid = adam_then_lm(optax.sgd(0.1), levenberg_marquardt())
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = hybrid.update(grads, hybrid.init(params), params, grad_metric=0.5)
+    updates, _ = hybrid.phase(lm=False).update(grads, hybrid.init(params), params, grad_metric=0.5)
     assert_trees_bitwise_equal(updates, jax.tree.map(lambda g: -0.1 * g, grads))
+
+
+def test_the_hybrids_adam_phase_chains():
+    _, params, _, _ = mlp_problem()
+    hybrid = adam_then_lm(optax.sgd(0.1), levenberg_marquardt())
+    chained = optax.chain(hybrid.adam, optax.scale(2.0))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, (state, _) = chained.update(grads, chained.init(params), params, grad_metric=0.5)
+    assert_trees_bitwise_equal(updates, jax.tree.map(lambda g: -0.2 * g, grads))
+    assert set(state) == {"adam", "lm"}

@@ -42,6 +42,7 @@ PROGRAM = textwrap.dedent("""
     except preemption.Preempted:
         print("Preempted", flush=True)
         status = 3
+    time.sleep(1)  # the interrupted compilation goes on meanwhile: the process must not crash
     preemption.exit(status)
 """)
 

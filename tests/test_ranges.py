@@ -21,11 +21,11 @@ from lsq_jax.data.tasks import make_task
 from lsq_jax.mesh import make_mesh
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import lm
-from lsq_jax.train.plan import make_plan
-from lsq_jax.train.state import init_state
+from lsq_jax.plan.run import make_plan
 from lsq_jax.train.step import batch_gradient, example_loss, lm_keys, lm_residual_fn, lm_residuals
 
 from config_files import SMALL_REPORT_FLAGS, get_config
+from steps import initial_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_mixed_rows_batch_loss_is_the_mean_of_the_per_size_losses():
     computed here on its own."""
     exp = _experiment("smoke", **{"task.n_points_min": 4, "task.scale_cond_max": 10.0})
     plan = make_plan(exp, make_mesh())
-    params = init_state(exp).params
+    params = initial_state(exp).params
     key = run_keys(exp.seed)["data"]
     (loss, _), grads = jax.jit(lambda p: batch_gradient(p, key, 3, plan=plan, phase=plan.full_size()))(params)
     model, task = SequenceModel(exp.model), make_task(exp.task)
@@ -115,7 +115,7 @@ def test_lm_fits_the_residuals_of_every_row_count():
     exp = _experiment("lm", **{"task.n_points_min": 4, "optim.lm_chunk": 2})
     plan = make_plan(exp, make_mesh())
     assert plan.lm_chunks == 2
-    params = init_state(exp).params
+    params = initial_state(exp).params
     keys = lm_keys(plan, 0)
     assert len(keys) == 3
     fn = lm_residual_fn(plan, plan.full_size(lm=True))

@@ -22,11 +22,11 @@ from lsq_jax.data.tasks import make_task
 from lsq_jax.mesh import make_mesh
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import lm
-from lsq_jax.train.plan import make_plan
-from lsq_jax.train.state import init_state
+from lsq_jax.plan.run import make_plan
 from lsq_jax.train.step import example_loss, lm_keys, lm_residual_fn, lm_residuals, predict
 
 from config_files import get_config
+from steps import initial_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_the_default_is_the_previous_loss_bit_for_bit():
     exp = _experiment()
     assert exp.task.train_loss == "mse"
     model, task = SequenceModel(exp.model), make_task(exp.task)
-    params = init_state(exp).params
+    params = initial_state(exp).params
     keys = _keys(12)
     sizes = dict(model=model, task=task, n_points=5, n_dims=None)
 
@@ -169,7 +169,7 @@ def test_lm_residuals_mean_square_is_the_relative_loss_with_a_range_of_rows():
     same problems; and differs from the plain MSE of the same model."""
     exp = _experiment(**{"task.train_loss": "relative", "task.n_points_min": 4, "optim.lm_chunk": 2})
     plan = make_plan(exp, make_mesh())
-    params = init_state(exp).params
+    params = initial_state(exp).params
     keys = lm_keys(plan, 0)
     fn = lm_residual_fn(plan, plan.full_size(lm=True))
     model, task = SequenceModel(exp.model), make_task(exp.task)

@@ -19,12 +19,12 @@ import pytest
 
 from lsq_jax import checkpoint, main
 from lsq_jax.checkpoint import Checkpointer
-from lsq_jax.workdir import WorkdirLock, resolve_workdir
+from lsq_jax.workdir import Workdir, WorkdirLock, resolve_workdir
 from lsq_jax.eval import report as eval_report
 from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import abstract_params, init_params
-from lsq_jax.train.plan import divisors, make_plan
+from lsq_jax.plan.run import divisors, make_plan
 
 from config_files import SMALL_REPORT_FLAGS, get_config
 from trees import snapshot
@@ -230,6 +230,22 @@ def test_lock_of_another_host_is_stale_only_once_its_heartbeat_stops(tmp_path):
     assert beating.holder() is None
 
 
+def test_only_the_writing_process_writes_the_workdir(tmp_path):
+    """A Workdir on a process that does not write: its files, folders and lines are no-ops."""
+    lines = []
+    for writer in (False, True):
+        workdir = Workdir(tmp_path / str(writer), writer=writer)
+        workdir.check_writable(workdir.path)
+        workdir.write(workdir / "config.json", "{}\n")
+        workdir.append(workdir / "metrics.jsonl", "a\n")
+        workdir.append(workdir / "metrics.jsonl", "b\n")
+        workdir.log(lines.append)(writer)
+    assert not (tmp_path / "False").exists()
+    assert (tmp_path / "True" / "config.json").read_text() == "{}\n"
+    assert (tmp_path / "True" / "metrics.jsonl").read_text() == "a\nb\n"
+    assert lines == [True]
+
+
 # -- bad input -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, source, needle", [
@@ -430,7 +446,7 @@ def test_the_largest_seed_the_config_accepts_gives_the_runs_keys():
 def test_report_estimate_counts_what_the_report_allocates():
     """Each part of the report's estimate against the arrays the report really makes, at a small size."""
     from lsq_jax.data import samplers
-    from lsq_jax.eval.memory import report_estimate
+    from lsq_jax.plan.report import make_report_plan
     from lsq_jax.eval.solvers import gd_solver, run_solver
     from lsq_jax.models import gd_weights
     from lsq_jax.models.backbone import mixing_bytes
@@ -438,7 +454,7 @@ def test_report_estimate_counts_what_the_report_allocates():
 
     exp = main_experiment()
     d, n, problems, iters = exp.task.n_dims, exp.task.n_points, exp.train.eval_problems, exp.train.eval_iters
-    parts = report_estimate(exp)
+    parts = make_report_plan(exp).memory
     sample = samplers.least_squares(samplers.example_keys(jax.random.key(0), 0, 0, problems), n, d)
     xs = run_solver(gd_solver("auto"), sample.a, sample.b, sample.x0, iters)
     assert parts["report_trajectories"] == 2 * xs.nbytes  # exact GD's iterates and one method's

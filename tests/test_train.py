@@ -19,11 +19,11 @@ from lsq_jax.eval.plots import read_metrics
 from lsq_jax.mesh import make_mesh
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import recipe, step_guard
-from lsq_jax.train.plan import CPU_SCAN_UNROLL, Phase, make_plan, microbatches
-from lsq_jax.train.state import init_state, place_state
+from lsq_jax.plan.run import CPU_SCAN_UNROLL, Phase, make_plan, microbatches
+from lsq_jax.train.state import place_state
 from lsq_jax.train import step as step_module
 from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch
-from steps import full_size_fns
+from steps import full_size_fns, initial_state
 
 from config_files import SMALL_REPORT_FLAGS, get_config
 
@@ -38,7 +38,7 @@ def smoke_experiment(**overrides):
 
 def run_steps(exp, n, state=None):
     mesh = make_mesh()
-    state = place_state(state if state is not None else init_state(exp), mesh)
+    state = place_state(state if state is not None else initial_state(exp), mesh)
     fns = full_size_fns(exp, mesh)
     for i in range(int(state.step), int(state.step) + n):
         state, metrics = advance(fns, state, i)
@@ -67,7 +67,7 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
                               "train.grad_stats_batches": 0, "optim.clip_norm": 1e12,
                               "train.microbatch_size": microbatch_size})
     assert make_plan(exp, make_mesh()).microbatches[exp.task.n_points] == 32 // microbatch_size
-    state0 = init_state(exp)
+    state0 = initial_state(exp)
     params0 = jax.tree_util.tree_map(np.asarray, state0.params)
     state, metrics = run_steps(exp, 1, state0)
     task = make_task(exp.task)
@@ -85,7 +85,7 @@ def test_step_is_sgd_with_l1_on_the_drawn_batch(microbatch_size):
 
 def test_non_finite_loss_is_never_written_into_the_parameters():
     exp = smoke_experiment()
-    state = init_state(exp)
+    state = initial_state(exp)
     # a read-out bias of 1e300 makes the squared error overflow: loss and gradient are inf / NaN
     params = jax.tree_util.tree_map(lambda x: x, state.params)
     params["read_out"]["bias"] = params["read_out"]["bias"].at[0].set(1e300)
@@ -102,7 +102,7 @@ def test_non_finite_loss_is_never_written_into_the_parameters():
 def test_gradient_statistics_only_on_measurement_steps():
     exp = smoke_experiment(**{"train.log_every": 3})
     mesh = make_mesh()
-    state = place_state(init_state(exp), mesh)
+    state = place_state(initial_state(exp), mesh)
     fns = full_size_fns(exp, mesh)
     seen = []
     for i in range(4):
@@ -116,7 +116,7 @@ def test_measured_cosine_reaches_the_adaptive_lr():
     absorbs: its EMA after step 0 is decay * EMA before + (1 - decay) * cosine, computed here by hand."""
     exp = smoke_experiment()
     mesh = make_mesh()
-    state = place_state(init_state(exp), mesh)
+    state = place_state(initial_state(exp), mesh)
     fns = full_size_fns(exp, mesh)
     key = "gradient_cosine_metric_lrscheduler"
     before = float(recipe.optimizer_metrics(state.opt_state)[key])
@@ -204,7 +204,7 @@ DUMP_PARAMS = textwrap.dedent("""
     from lsq_jax.config.experiment import experiment_from_config
     from lsq_jax.mesh import make_mesh
     from lsq_jax.train.state import init_state, place_state
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.step import make_step_fns
     c = runpy.run_path("configs/baseconv.py")["get_config"]("smoke")
     # without the gradient statistics: on an oversubscribed 2-core machine the emulated devices'
@@ -214,8 +214,8 @@ DUMP_PARAMS = textwrap.dedent("""
     exp = experiment_from_config(c)
     mesh = make_mesh()
     assert mesh.devices.size == int(sys.argv[2]), mesh
-    state = place_state(init_state(exp), mesh)
     plan = make_plan(exp, mesh)
+    state = place_state(init_state(plan), mesh)
     step = make_step_fns(plan, plan.full_size()).train
     for _ in range(50):
         state, _ = step(state)
@@ -351,7 +351,7 @@ def test_no_recompilation_after_the_first_step(monkeypatch):
         monkeypatch.setattr(step_module, name, counted(name, getattr(step_module, name)))
     exp = smoke_experiment()
     mesh = make_mesh()
-    state = place_state(init_state(exp), mesh)
+    state = place_state(initial_state(exp), mesh)
     fns = full_size_fns(exp, mesh)
     for i in range(5):  # step 0 measures the gradient statistics, the others pass the NaN metric
         state, _ = advance(fns, state, i)

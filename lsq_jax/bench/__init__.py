@@ -108,7 +108,7 @@ def step_flops(exp, state) -> float:
     import jax
 
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.step import make_step_fns
 
     whole = dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatch_size=exp.train.batch_size))
@@ -129,14 +129,14 @@ def throughput(config, dtype: str, n_windows: int, window_s: float, n_devices: i
     import jax
 
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import make_step_fns
 
     exp = experiment(config, dtype=dtype, **{"train.grad_stats_batches": 0, "optim.schedule": "step"})
     plan = make_plan(exp, make_mesh(n_devices))
     mesh = plan.mesh
-    state = place_state(init_state(exp), mesh)
+    state = place_state(init_state(plan), mesh)
     fns = make_step_fns(plan, plan.full_size())  # the recipe's step at full size
     t0 = time.perf_counter()
     compiled = fns.train.lower(state, fns.no_metric).compile()

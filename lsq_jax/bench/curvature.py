@@ -148,7 +148,7 @@ def workdir_curvature(workdir: str, step: int | None = None, log=print, **kwargs
     --mode=eval restores it, on the batch LM fits at that iteration (lsq_jax.train.step.lm_keys)."""
     from lsq_jax import checkpoint, mesh
     from lsq_jax.models.backbone import abstract_params
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.step import lm_keys, lm_residual_fn
     from lsq_jax.workdir import resolve_workdir
 

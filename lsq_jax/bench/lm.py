@@ -24,28 +24,23 @@ LM_VARIANTS = {
 }
 
 
-def iterated_use(exp, params) -> dict:
+def iterated_use(plan, params) -> dict:
     """The learned gradient model as GD, applied train.eval_iters times to train.eval_problems problems
-    (those of the run's report), next to exact GD: median final forward error, floor and contraction of each
-    ({} for a task whose model does not predict the gradient)."""
+    (those of the run's report: `plan` is its lsq_jax.plan.report.ReportPlan), next to exact GD: median final
+    forward error, floor and contraction of each ({} for a task whose model does not predict the gradient)."""
     import jax
 
-    from lsq_jax.data.keys import run_keys
     from lsq_jax.data.samplers import example_keys
-    from lsq_jax.data.tasks import make_task
     from lsq_jax.eval.report import iterated_report
     from lsq_jax.eval.solvers import gd_solver, learned_gradient_solver
-    from lsq_jax.models.backbone import SequenceModel
 
-    task = make_task(exp.task)
+    task, sizes = plan.task, plan.sizes
     if task.predicts != "gradient":
         return {}
-    model = SequenceModel(exp.model)
-    learned = learned_gradient_solver(lambda p, x: model.apply({"params": p}, x), params)
-    keys = example_keys(jax.random.fold_in(run_keys(exp.seed)["eval"], 1), 0, 0, exp.train.eval_problems)
-    report = iterated_report([learned, gd_solver()], task.sample(keys).raw, exp.train.eval_iters,
-                             n_report_points=4)
-    out = {"iterated_steps": exp.train.eval_iters}
+    learned = learned_gradient_solver(lambda p, x: plan.model.apply({"params": p}, x), params)
+    keys = example_keys(jax.random.fold_in(plan.key, 1), 0, 0, sizes.n_problems)
+    report = iterated_report([learned, gd_solver()], task.sample(keys).raw, sizes.n_iters, n_report_points=4)
+    out = {"iterated_steps": sizes.n_iters}
     for name, m in report["methods"].items():
         out.update({f"{name}_forward_error": m["final_forward_error"], f"{name}_floor": m["floor"],
                     f"{name}_contraction": m["contraction"]})
@@ -74,13 +69,13 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
 
     from lsq_jax.mesh import make_mesh
     from lsq_jax.optim import lm
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import lm_keys, lm_residual_fn, make_step_fns
 
     plan = make_plan(exp, make_mesh())
     mesh, phase = plan.mesh, plan.full_size(lm=True)
-    state = place_state(init_state(exp), mesh)
+    state = place_state(init_state(plan), mesh)
     fns = make_step_fns(plan, phase)
     residuals = lm_residual_fn(plan, phase)
     keys = lm_keys(plan, 0)
@@ -127,12 +122,12 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
     import numpy as np
 
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import make_step_fns
 
     plan = make_plan(exp, make_mesh(n_devices))
-    state = place_state(init_state(exp), plan.mesh)
+    state = place_state(init_state(plan), plan.mesh)
     fns = make_step_fns(plan, plan.full_size(lm=True))
     step = fns.train.lower(state, fns.no_metric).compile()
     times, tries = [], []

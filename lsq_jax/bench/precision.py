@@ -48,7 +48,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     from lsq_jax.config.check import ConfigError
     from lsq_jax.mesh import make_mesh
     from lsq_jax.train.loop import best_start, drive
-    from lsq_jax.train.plan import make_plan
+    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import Steps, evaluate_loss
 
@@ -68,7 +68,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
         mse, norm = evaluate(params)
         return {"step": step, "seconds": seconds, "test_mse": float(mse), "param_norm": float(norm)}
 
-    state = place_state(init_state(exp), plan.mesh)
+    state = place_state(init_state(plan), plan.mesh)
     curve = [point(0, 0.0, state.params)]
     crossings = {}
     steps = Steps(plan, warm=True)  # each new step compiled and run once before its time counts
@@ -100,7 +100,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     state, _ = drive(steps, state, exp.train.num_steps, after_step)
     return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
             "budget_s": budget_s, "steps": int(state.step), "final_test_mse": curve[-1]["test_mse"],
-            "crossings": crossings, "curve": curve, **restarts, **iterated_use(exp, state.params)}
+            "crossings": crossings, "curve": curve, **restarts, **iterated_use(plan.report, state.params)}
 
 
 def mse_at(curve: list[dict], seconds: float) -> float | None:

@@ -126,12 +126,10 @@ def _construction_solver(kind: str, n_dims: int, n_points: int, eta: Any) -> Sol
     return Solver(name, init_auto, step_auto, x_of, params={"w0": w0, "slope": slope}, follows="gd")
 
 
-def construction_solvers(n_dims: int, eta: Any, cache: dict) -> Callable[[int], list[Solver]]:
-    """n_points -> [BaseConv, linear attention] constructions, built once per n_points (kept in `cache`)."""
+def construction_solvers(n_dims: int, eta: Any) -> Callable[[int], list[Solver]]:
+    """n_points -> [BaseConv, linear attention] constructions (each built once per process: `construction_solver`)."""
 
     def make(n_points: int) -> list[Solver]:
-        if n_points not in cache:
-            cache[n_points] = [construction_solver(kind, n_dims, n_points, eta) for kind in CONSTRUCTIONS]
-        return cache[n_points]
+        return [construction_solver(kind, n_dims, n_points, eta) for kind in CONSTRUCTIONS]
 
     return make

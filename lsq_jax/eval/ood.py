@@ -16,11 +16,10 @@ from lsq_jax.data import samplers
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
 from lsq_jax.eval.solvers import Solver, canonical_eta, eta_param, gd_solver, resolve_eta, run_solver
 from lsq_jax.eval.stats import cond_b, error_ratio, json_ratio, quantile_dict, relative_error_b
+from lsq_jax.plan.report import OOD_KAPPAS, OOD_SCALES
 
-__all__ = ["OOD_KAPPAS", "OOD_SCALES", "TrainedRange", "draw_cell", "ood_cells", "ood_report", "trained_range"]
+__all__ = ["TrainedRange", "draw_cell", "ood_cells", "ood_report", "trained_range"]
 
-OOD_KAPPAS = (1.0, 10.0, 100.0, 1000.0)  # sampler scale_cond (1 = plain Gaussian A)
-OOD_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)  # sampler scale_target
 MORE_ROWS = 2  # the grid's longer problems: L_max + this many rows, where the model's positions allow
 
 

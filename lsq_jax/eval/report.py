@@ -25,13 +25,10 @@ from etils import epath
 
 from lsq_jax.data import samplers
 from lsq_jax.data.base import Task
-from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import LeastSquaresSample, example_keys
-from lsq_jax.data.tasks import make_task
 from lsq_jax.eval import plots
 from lsq_jax.eval.constructions import construction_solvers
-from lsq_jax.eval.ood import MORE_ROWS, OOD_KAPPAS, OOD_SCALES, TrainedRange, draw_cell, ood_cells, ood_report, \
-    trained_range
+from lsq_jax.eval.ood import MORE_ROWS, TrainedRange, draw_cell, ood_cells, ood_report, trained_range
 from lsq_jax.eval.solvers import (
     Solver,
     canonical_eta,
@@ -61,9 +58,9 @@ from lsq_jax.eval.stats import (
     trajectory_statistics,
 )
 from lsq_jax.eval.table import format_table
-from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
-from lsq_jax.workdir import is_writer, write_atomically, writing
+from lsq_jax.plan.report import ReportPlan, ReportSizes
+from lsq_jax.workdir import Workdir, writing
 
 __all__ = [
     "evaluate_constructions",
@@ -219,42 +216,30 @@ def _classical_solvers(eta: Any) -> list[Solver]:
     return [gd_solver(eta), optimal_gd_solver(), cg_solver(), lstsq_solver()]
 
 
-def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_iters: int,
-                        n_ood_problems: int | None = None, n_ood_iters: int | None = None,
-                        ood_kappas: Sequence[float] = OOD_KAPPAS, ood_scales: Sequence[float] = OOD_SCALES,
-                        apply_fn: Callable | None = None) -> dict[str, Any]:
+def evaluate_experiment(plan: ReportPlan, params: Any, *, apply_fn: Callable | None = None) -> dict[str, Any]:
     """The evaluation report of a trained model (the CLI's --mode=eval).
 
     Single-step metrics on fresh problems for every task; for a task whose model is a one-step solver
     (`Task.is_one_step_solver`: explicit_gradient, multistep_gd) also iterated use of the learned model
     next to both constructions, GD, optimal GD, CG and lstsq (`iterated_report`, curves at its default
-    report points), and the generality grid (`ood_report`: inside and outside the trained range, lsq_jax.eval.ood)
-    for the learned model, both constructions and GD. The step size is the one the model learned (`Task.learned_eta`: multistep_gd's
-    eta, its iterate t standing for k t GD steps), else 'auto'.
+    report points), and the generality grid (`ood_report`: inside and outside the trained range,
+    lsq_jax.eval.ood) for the learned model, both constructions and GD. The step size is the one the model
+    learned (`Task.learned_eta`: multistep_gd's eta, its iterate t standing for k t GD steps), else 'auto'.
 
     Args:
-        exp: an Experiment (lsq_jax.config.experiment): its task and model configs are used.
+        plan: the report's plan (lsq_jax.plan.report): the experiment, its task and model, the key (single-step,
+            iterated and OOD problems come from fold_in(key, 0), fold_in(key, 1), fold_in(key, 2)) and the
+            sizes.
         params: the model's parameters (the 'params' collection).
-        key: the run's evaluation key; single-step, iterated and OOD problems come from fold_in(key, 0),
-            fold_in(key, 1), fold_in(key, 2).
-        n_problems: problems for single-step metrics and iterated use.
-        n_iters: iterations T of iterated use (multistep_gd: T applications of the model, and the other
-            methods get the same k T GD-step equivalents).
-        n_ood_problems, n_ood_iters: sizes per OOD cell (default min(n_problems, 64) and min(n_iters, 250):
-            the grid has ~12 cells, more with a range of rows).
-        ood_kappas, ood_scales: the kappa and scale_target axes of the grid (`ood_cells`), to which the
-            trained range's ends are added.
-        apply_fn: apply_fn(params, inputs) -> outputs; default SequenceModel(exp.model).apply.
+        apply_fn: apply_fn(params, inputs) -> outputs; default the plan's model's apply.
 
     Returns:
         {'kind': 'experiment', 'config': {...}, 'single_step': {...}[, 'iterated': {...}, 'ood': {...}]}.
     """
-    task = make_task(exp.task)
+    exp, task, key, sizes = plan.exp, plan.task, plan.key, plan.sizes
     if apply_fn is None:
-        model = SequenceModel(exp.model)
-
         def apply_fn(p, inputs):
-            return model.apply({"params": p}, inputs)
+            return plan.model.apply({"params": p}, inputs)
 
     cfg = exp.task
     report: dict[str, Any] = {
@@ -262,7 +247,7 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
         "config": {"name": getattr(exp, "name", None), "task": cfg.name, "n_dims": cfg.n_dims,
                    "n_points": cfg.n_points, "dtype": cfg.dtype, "mixer": exp.model.mixer,
                    "n_layer": exp.model.n_layer, "n_embd": exp.model.n_embd},
-        "single_step": single_step_report(task, apply_fn, params, jax.random.fold_in(key, 0), n_problems),
+        "single_step": single_step_report(task, apply_fn, params, jax.random.fold_in(key, 0), sizes.n_problems),
     }
     if not task.is_one_step_solver:
         return report
@@ -273,22 +258,26 @@ def evaluate_experiment(exp, params: Any, key: jax.Array, *, n_problems: int, n_
     else:
         learned = learned_multistep_solver(apply_fn, params, task.steps_per_iter)
     report["config"]["eta"] = canonical_eta(eta)
-    cache: dict = {}
-    constructions = construction_solvers(cfg.n_dims, eta, cache)
-    sample = task.sample(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems)).raw
+    constructions = construction_solvers(cfg.n_dims, eta)
+    sample = task.sample(example_keys(jax.random.fold_in(key, 1), 0, 0, sizes.n_problems)).raw
     solvers = [learned, *_exact_weights_solver(exp, task, apply_fn, eta), *constructions(cfg.n_points),
                *_classical_solvers(eta)]
-    report["iterated"] = iterated_report(solvers, sample, n_iters, eta=eta)
-    n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
+    report["iterated"] = iterated_report(solvers, sample, sizes.n_iters, eta=eta)
     trained = trained_range(cfg, exp.model.causal)
     max_rows = max(n for n in range(cfg.n_points, cfg.n_points + MORE_ROWS + 1)
                    if task.seq_len(n) <= exp.model.n_positions)
-    cells = ood_cells(trained, max_rows=max_rows, kappas=ood_kappas, scales=ood_scales)
-    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=cfg.n_dims,
-                             normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=task.dtype)
-    report["ood"] = ood_report(lambda n: [learned, *constructions(n)], draw, cells,
-                               min(n_iters, 250) if n_ood_iters is None else n_ood_iters, eta=eta, trained=trained)
+    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=sizes.n_ood_problems,
+                             n_dims=cfg.n_dims, normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x,
+                             dtype=task.dtype)
+    report["ood"] = _ood(lambda n: [learned, *constructions(n)], draw, trained, max_rows, sizes, eta)
     return report
+
+
+def _ood(solvers_at: Callable, draw: Callable, trained: TrainedRange, max_rows: int, sizes: ReportSizes,
+         eta: Any) -> dict[str, Any]:
+    """The generality grid of the report (lsq_jax.eval.ood) at `sizes`."""
+    cells = ood_cells(trained, max_rows=max_rows, kappas=sizes.ood_kappas, scales=sizes.ood_scales)
+    return ood_report(solvers_at, draw, cells, sizes.n_ood_iters, eta=eta, trained=trained)
 
 
 def _exact_weights_solver(exp, task: Task, apply_fn: Callable, eta: Any) -> list[Solver]:
@@ -304,31 +293,30 @@ def _exact_weights_solver(exp, task: Task, apply_fn: Callable, eta: Any) -> list
     return [learned_gradient_solver(apply_fn, exact, eta, name="exact_weights")]
 
 
-def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_problems: int, n_iters: int,
-                           n_ood_problems: int | None = None, n_ood_iters: int | None = None,
-                           ood_kappas: Sequence[float] = OOD_KAPPAS, ood_scales: Sequence[float] = OOD_SCALES,
-                           dtype: Any = jnp.float64) -> dict[str, Any]:
-    """The report of the hand-built GD models (the CLI's --mode=construct), with eta 'auto'.
+def evaluate_constructions(plan: ReportPlan) -> dict[str, Any]:
+    """The report of the hand-built GD models (the CLI's --mode=construct), with eta 'auto', built for the
+    plan's task.n_dims and task.n_points, in its task.dtype.
 
     Both constructions (BaseConv, linear attention) next to GD, optimal GD, CG and lstsq in one
     `iterated_report` on least-squares problems (A Gaussian, scale_cond 1; x*, x0 unscaled, scale_target
     1); the single-step part is each construction's relative step error against one exact GD step; the
     generality grid (kappa, scale, rows, fewer dims; 'in_range' relative to the size the weights are built
-    for) holds both constructions and GD. Problems: iterated
-    from fold_in(key, 1), OOD from fold_in(key, 2). Sizes and OOD axes as in `evaluate_experiment`.
+    for) holds both constructions and GD. Problems: iterated from fold_in(key, 1), OOD from fold_in(key, 2).
+    Sizes as in `evaluate_experiment`.
 
     Returns:
         {'kind': 'constructions', 'config': {...}, 'single_step': {...}, 'iterated': {...}, 'ood': {...}}.
     """
+    n_dims, n_points, dtype = plan.exp.task.n_dims, plan.exp.task.n_points, jnp.dtype(plan.exp.task.dtype)
+    key, sizes = plan.key, plan.sizes
     eta = "auto"
-    cache: dict = {}
-    constructions = construction_solvers(n_dims, eta, cache)
-    sample = samplers.least_squares(example_keys(jax.random.fold_in(key, 1), 0, 0, n_problems), n_points,
+    constructions = construction_solvers(n_dims, eta)
+    sample = samplers.least_squares(example_keys(jax.random.fold_in(key, 1), 0, 0, sizes.n_problems), n_points,
                                     n_dims, dtype=dtype)
     solvers = [*constructions(n_points), *_classical_solvers(eta)]
-    iterated = iterated_report(solvers, sample, n_iters, eta=eta)
+    iterated = iterated_report(solvers, sample, sizes.n_iters, eta=eta)
     x_gd1 = run_solver(gd_solver(eta), sample.a, sample.b, sample.x0, 1)[1]
-    single = {"n_problems": int(n_problems)}
+    single = {"n_problems": int(sizes.n_problems)}
     for solver in constructions(n_points):
         x1 = run_solver(solver, sample.a, sample.b, sample.x0, 1)[1]
         single[f"{solver.name}_relative_step_error"] = quantile_dict(
@@ -336,50 +324,43 @@ def evaluate_constructions(n_dims: int, n_points: int, key: jax.Array, *, n_prob
     report = {
         "kind": "constructions",
         "config": {"n_dims": n_dims, "n_points": n_points, "eta": canonical_eta(eta), "scale_cond": 1.0,
-                   "scale_target": 1.0, "dtype": jnp.dtype(dtype).name},
+                   "scale_target": 1.0, "dtype": dtype.name},
         "single_step": single,
         "iterated": iterated,
     }
-    n_ood = min(n_problems, 64) if n_ood_problems is None else n_ood_problems
     nominal = TrainedRange((n_points,), (1.0, 1.0), (1.0, 1.0), n_dims)  # what the weights are built for
-    cells = ood_cells(nominal, max_rows=n_points + MORE_ROWS, kappas=ood_kappas, scales=ood_scales)
-    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=n_ood, n_dims=n_dims, dtype=dtype)
-    report["ood"] = ood_report(constructions, draw, cells, min(n_iters, 250) if n_ood_iters is None else n_ood_iters,
-                               eta=eta, trained=nominal)
+    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=sizes.n_ood_problems, n_dims=n_dims,
+                             dtype=dtype)
+    report["ood"] = _ood(constructions, draw, nominal, n_points + MORE_ROWS, sizes, eta)
     return report
 
 
-def write_evaluation(exp, params, workdir, *, log=print, constructions: bool = False,
-                     out=None) -> dict[str, Any]:
-    """The numerical-analysis report of a learned model, or of the hand-built GD models, written to
-    <out>/report.json (default <workdir>/eval) with a table on the terminal and PNG plots (process 0).
+def write_evaluation(plan: ReportPlan, params, workdir: Workdir, *, log=print, out=None) -> dict[str, Any]:
+    """The numerical-analysis report of a learned model, or with plan.constructions_only of the hand-built
+    GD models, written to <out>/report.json (default <workdir>/eval) with a table on the terminal and PNG
+    plots (by the workdir's writing process).
 
     Args:
-        exp: an Experiment; its train section gives the sizes (eval_problems, eval_iters).
-        params: the model's parameters (ignored with `constructions`).
+        plan: the report's plan (lsq_jax.plan.report.make_report_plan).
+        params: the model's parameters (ignored with plan.constructions_only).
         workdir: the run's folder (local or cloud); <workdir>/metrics.jsonl, when present, is plotted too.
         log: where the table and the written paths go.
-        constructions: report the constructions (--mode=construct) instead of the model.
         out: the report's folder, when not <workdir>/eval (a released checkpoint's folder is never written).
     """
-    workdir = epath.Path(workdir)
-    key = run_keys(exp.seed)["eval"]
-    sizes = {"n_problems": exp.train.eval_problems, "n_iters": exp.train.eval_iters}
-    if constructions:
-        report = evaluate_constructions(exp.task.n_dims, exp.task.n_points, key, dtype=jnp.dtype(exp.task.dtype),
-                                        **sizes)
-    else:
-        report = evaluate_experiment(exp, params, key, **sizes)
-    if is_writer():
-        out = epath.Path(out) if out is not None else workdir / "eval"
-        with writing(out):
-            out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
-        log(format_table(report))
-        metrics = workdir / "metrics.jsonl"
-        records = plots.read_metrics(metrics) if metrics.exists() else []
-        with writing(out):
-            for path in plots.write_plots(report, records, out):
-                log(f"wrote {path}")
-        log(f"wrote {out / 'report.json'}")
+    report = evaluate_constructions(plan) if plan.constructions_only else evaluate_experiment(plan, params)
+    workdir.writes(_write_report, report, workdir, epath.Path(out) if out is not None else workdir / "eval", log)
     return report
+
+
+def _write_report(report: dict[str, Any], workdir: Workdir, out: epath.Path, log) -> None:
+    """<out>/report.json, the table on `log`, the plots (with <workdir>/metrics.jsonl's records)."""
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    workdir.write(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    log(format_table(report))
+    metrics = workdir / "metrics.jsonl"
+    records = plots.read_metrics(metrics) if metrics.exists() else []
+    with writing(out):
+        for path in plots.write_plots(report, records, out):
+            log(f"wrote {path}")
+    log(f"wrote {out / 'report.json'}")

@@ -17,14 +17,14 @@ checkpoints from restoring. Hence :class:`LMTransformation` is its own type, not
 ``optax.GradientTransformationExtraArgs``: ``optax.chain`` expects two return values, and LM computes the
 whole step, so there is nothing to chain it with.
 
-The hybrid (:func:`adam_then_lm`) keeps the state ``{"adam": <the Adam recipe's state>, "lm": LMState}``.
-The caller chooses the phase by the call: an update with ``residual_fn`` is an LM iteration (three return
-values), one without is the Adam recipe's update (Optax's two). The choice is static, so each phase is a
-jitted function of its own: an LM step never computes Adam's gradient, nor an Adam step J^T J. The state
-cannot make that choice: under ``jax.jit`` its values are traced, so a switch on them would compile both
-phases into one ``lax.cond`` (and the caller would still have to compute Adam's gradient before calling),
-and reading them on the host would stall the train loop's asynchronous dispatch every step. The train loop
-already knows the step on the host, and with it the phase (optim.lm_after).
+The hybrid (:func:`adam_then_lm`) keeps the state ``{"adam": <the Adam recipe's state>, "lm": LMState}``
+and is two transforms on it, each with one return shape: ``hybrid.adam``, an Optax transform (it chains),
+and ``hybrid.lm``, an :class:`LMTransformation`; ``hybrid.phase(lm)`` picks one. The phase is static, so
+each is a jitted function of its own: an LM step never computes Adam's gradient, nor an Adam step J^T J.
+The state cannot make that choice: under ``jax.jit`` its values are traced, so a switch on them would
+compile both phases into one ``lax.cond`` (and the caller would still have to compute Adam's gradient
+before calling), and reading them on the host would stall the train loop's asynchronous dispatch every
+step. The train loop already knows the step on the host, and with it the phase (optim.lm_after).
 """
 from __future__ import annotations
 
@@ -46,8 +46,7 @@ class LMTransformation(NamedTuple):
     Attributes:
         init: ``init(params) -> state``.
         update: ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, axis_name=None,
-            **extra_args) -> (updates, state, metrics)``; for :func:`adam_then_lm` without ``residual_fn``, the Adam
-            transform's ``update(updates, state, params, **extra_args) -> (updates, state)``.
+            **extra_args) -> (updates, state, metrics)``.
     """
 
     init: Callable[[Any], Any]
@@ -125,32 +124,49 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     return LMTransformation(init_fn, update_fn)
 
 
-def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) -> LMTransformation:
-    """The hybrid: `adam` (the recipe) on its part of the state until the caller switches to `lm_tx`.
+class Hybrid(NamedTuple):
+    """The Adam recipe, then Levenberg-Marquardt: two transforms on one state ``{"adam": ..., "lm": LMState}``.
 
-    ``init(params)`` = ``{"adam": adam.init(params), "lm": lm_tx.init(params)}``. ``update`` with
-    ``residual_fn`` is an LM iteration (``lm_tx.update`` on the "lm" part, returning (updates, state,
-    metrics)); without, it is ``adam.update`` on the "adam" part, with its extra arguments (such as the
-    recipe's ``grad_metric``), returning (updates, state). Each leaves the other part as it was. The caller
-    decides the phase (see the module docstring).
+    Attributes:
+        adam: an ``optax.GradientTransformationExtraArgs``: the recipe on the "adam" part,
+            ``update(updates, state, params, **extra_args) -> (updates, state)``.
+        lm: an :class:`LMTransformation`: the LM iteration on the "lm" part, ``update(...) -> (updates,
+            state, metrics)``.
+    Each leaves the other part as it was; both ``init`` the whole state.
     """
+
+    adam: optax.GradientTransformationExtraArgs
+    lm: LMTransformation
+
+    @property
+    def init(self) -> Callable[[Any], Any]:
+        return self.adam.init
+
+    def phase(self, lm: bool):
+        """The transform of the phase: `lm` (an LM iteration) or the recipe's."""
+        return self.lm if lm else self.adam
+
+
+def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) -> Hybrid:
+    """The hybrid of `adam` (the recipe) and `lm_tx`, on the state ``{"adam": adam.init(params), "lm":
+    lm_tx.init(params)}``; the caller picks the phase (see the module docstring)."""
     adam = optax.with_extra_args_support(adam)
 
     def init_fn(params):
         return {"adam": adam.init(params), "lm": lm_tx.init(params)}
 
-    def update_fn(updates, state, params=None, *, residual_fn=None, **extra_args):
-        if residual_fn is None:
-            updates, adam_state = adam.update(updates, state["adam"], params, **extra_args)
-            return updates, {**state, "adam": adam_state}
-        updates, lm_state, metrics = lm_tx.update(updates, state["lm"], params, residual_fn=residual_fn,
-                                                  **extra_args)
+    def adam_update(updates, state, params=None, **extra_args):
+        updates, adam_state = adam.update(updates, state["adam"], params, **extra_args)
+        return updates, {**state, "adam": adam_state}
+
+    def lm_update(updates, state, params, **extra_args):
+        updates, lm_state, metrics = lm_tx.update(updates, state["lm"], params, **extra_args)
         return updates, {**state, "lm": lm_state}, metrics
 
-    return LMTransformation(init_fn, update_fn)
+    return Hybrid(optax.GradientTransformationExtraArgs(init_fn, adam_update), LMTransformation(init_fn, lm_update))
 
 
-def make_lm_optimizer(cfg: OptimConfig) -> LMTransformation:
+def make_lm_optimizer(cfg: OptimConfig) -> Hybrid:
     """optimizer 'lm': ``adam_then_lm(recipe.make_optimizer(cfg), levenberg_marquardt(<cfg.lm_*>))``.
 
     The config leaves the other solver's settings unset (lm_tries belongs to "cholesky", lm_cg_iters to

@@ -1,2 +1,2 @@
-"""Training: state.py (the state and how it starts), step.py (one pure jitted iteration), memory.py (how the
-batch splits, what a run needs), loop.py (resume, the loop, checkpoints), log.py (metrics and progress)."""
+"""Training from a run plan (lsq_jax.plan.run): state.py (the state and how it starts), step.py (one pure jitted
+iteration), loop.py (resume, the loop, checkpoints), log.py (metrics and progress)."""

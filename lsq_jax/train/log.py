@@ -1,5 +1,5 @@
-"""The training log: JSON-lines metrics and a one-line progress report (process 0 writes, every process
-computes)."""
+"""The training log: JSON-lines metrics and a one-line progress report (the workdir's writing process
+writes, every process computes)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,7 @@ import time
 from typing import Any
 
 import numpy as np
-from etils import epath
-
-from lsq_jax.workdir import is_writer, writing
+from lsq_jax.workdir import Workdir
 
 
 def to_python(value: Any):
@@ -22,23 +20,18 @@ def to_python(value: Any):
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to <workdir>/metrics.jsonl on the writing process
-    (lsq_jax.workdir.is_writer); a no-op on the others."""
+    """Appends one JSON object per call to <workdir>/metrics.jsonl (through the Workdir: on its writing
+    process)."""
 
-    def __init__(self, path):
-        self._path = path
+    def __init__(self, workdir: Workdir):
+        self._workdir = workdir
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        if not is_writer():
-            return
+        self._workdir.writes(self._append, step, metrics)
+
+    def _append(self, step: int, metrics: dict[str, Any]) -> None:
         line = json.dumps({"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}) + "\n"
-        path = epath.Path(self._path)
-        with writing(path):
-            if "://" in str(path):  # object stores (gs://, s3://) cannot append: rewrite the object
-                path.write_text((path.read_text() if path.exists() else "") + line)
-            else:
-                with path.open("a") as f:
-                    f.write(line)
+        self._workdir.append(self._workdir / "metrics.jsonl", line)
 
 
 def format_duration(seconds: float) -> str:

@@ -16,12 +16,12 @@ from lsq_jax import preemption
 from lsq_jax.checkpoint import Checkpointer, abstract_like
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import RESUMABLE_CHANGES, Experiment, config_differences, experiment_to_dict
-from lsq_jax.mesh import make_mesh, replicated
+from lsq_jax.mesh import replicated
+from lsq_jax.plan.run import RunPlan
 from lsq_jax.train.log import MetricsWriter, Progress
-from lsq_jax.train.plan import RunPlan, make_plan
 from lsq_jax.train.state import TrainState, init_state, place_state
 from lsq_jax.train.step import Steps, advance, evaluate_loss
-from lsq_jax.workdir import claimed, is_writer, write_atomically
+from lsq_jax.workdir import Workdir
 
 ALWAYS_LOGGED = ("loss", "grad_norm", "learning_rate", "damping", "skipped_steps")  # logged even when NaN
 
@@ -35,10 +35,13 @@ class Trained(NamedTuple):
     preempted: bool
 
 
-def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_change: bool, log) -> TrainState:
+def resume_or_init(plan: RunPlan, ckpt: Checkpointer, *, allow_config_change: bool, log) -> TrainState:
     """The newest good checkpoint of the workdir (refusing one of a different configuration; moving one
-    that cannot be restored out of the way), or a new state."""
-    abstract = abstract_like(jax.eval_shape(lambda: init_state(exp)), replicated(mesh))
+    that cannot be restored out of the way), or a new state. The initial state is traced once: its shapes
+    are the restore target, and its compiled form draws a new state."""
+    exp = plan.exp
+    initial = jax.jit(lambda: init_state(plan)).trace()
+    abstract = abstract_like(initial.out_info, replicated(plan.mesh))
 
     def target(saved: Experiment):
         # compared as decoded: fields added since the checkpoint was saved hold their defaults
@@ -51,30 +54,29 @@ def resume_or_init(exp: Experiment, ckpt: Checkpointer, mesh, *, allow_config_ch
 
     restored = ckpt.restore_newest(target, log=log, set_aside=True)
     if restored is None:
-        return place_state(jax.jit(lambda: init_state(exp))(), mesh)
+        return place_state(initial.lower().compile()(), plan.mesh)
     step, _, state = restored
     log(f"resumed from step {step}")
     return state
 
 
-def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = False) -> Trained:
+def train(plan: RunPlan, workdir: Workdir, *, log=print, allow_config_change: bool = False) -> Trained:
     """Train to exp.train.num_steps iterations (resuming from the workdir's checkpoints), then measure the
-    test metrics. The caller has planned the run (lsq_jax.train.plan.make_plan) and holds the workdir
-    (lsq_jax.workdir.claimed). `log` gets the progress lines (main passes lsq_jax.workdir.writer_only(print)).
+    test metrics. The caller has planned the run (lsq_jax.plan.run.make_plan) and holds the workdir
+    (Workdir.claimed). `log` gets the progress lines (main passes workdir.log(print)).
 
     Writes <workdir>/config.json, <workdir>/metrics.jsonl (process 0) and checkpoints every
     checkpoint_every steps and at the end. On SIGTERM while steps are unsaved (or at Orbax's preemption
     point in a multi-process run) it saves at the next step and returns with `preempted` true; on SIGTERM
     with nothing unsaved, lsq_jax.preemption.Preempted propagates.
     """
-    exp, mesh = plan.exp, plan.mesh
-    ckpt = Checkpointer(workdir, save_every=exp.train.checkpoint_every)
-    writer = MetricsWriter(workdir / "metrics.jsonl")
+    exp = plan.exp
+    ckpt = Checkpointer(workdir.path, save_every=exp.train.checkpoint_every)
+    writer = MetricsWriter(workdir)
     try:
-        state = resume_or_init(exp, ckpt, mesh, allow_config_change=allow_config_change, log=log)
+        state = resume_or_init(plan, ckpt, allow_config_change=allow_config_change, log=log)
         config = experiment_to_dict(exp)
-        if is_writer():
-            write_atomically(workdir / "config.json", json.dumps(config, indent=2) + "\n")
+        workdir.write(workdir / "config.json", json.dumps(config, indent=2) + "\n")
         steps = Steps(plan)
         with preemption.on_exit(ckpt.wait):
 
@@ -85,7 +87,7 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
                 state = best_start(steps, state, writer, log, preempted)
                 if state is None:
                     log("preempted during the restarts, before any checkpoint; run the same command to start again")
-                    return Trained(init_state(exp), None, True)
+                    return Trained(init_state(plan), None, True)
                 ckpt.save(int(state.step), state, config, force=True)
             state, stopped = _train_loop(steps, state, ckpt, config, writer, log, preempted)
         if stopped:
@@ -100,13 +102,12 @@ def train(plan: RunPlan, workdir, *, log=print, allow_config_change: bool = Fals
 
 
 @contextlib.contextmanager
-def training(exp: Experiment, workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
-    """The whole run, as `with training(...) as trained:`: the run planned on every device before anything
-    is written (make_plan refuses a run that does not fit), the workdir claimed (lsq_jax.workdir.claimed),
-    `train`; the workdir stays held until the block ends, so that what the caller does with the final
-    state (the report) is part of the run."""
-    plan = make_plan(exp, make_mesh())
-    with claimed(workdir, log):
+def training(plan: RunPlan, workdir: Workdir, *, log=print, allow_config_change: bool = False) -> Iterator[Trained]:
+    """The whole run of `plan` (lsq_jax.plan.run.make_plan, which refuses a run that does not fit before
+    anything is written), as `with training(...) as trained:`: the workdir claimed
+    (Workdir.claimed), `train`; the workdir stays held until the block ends, so that what the
+    caller does with the final state (the report) is part of the run."""
+    with workdir.claimed(log):
         yield train(plan, workdir, log=log, allow_config_change=allow_config_change)
 
 
@@ -123,7 +124,7 @@ def drive(steps: Steps, state: TrainState, stop: int,
 
 
 def best_start(steps: Steps, state: TrainState, writer, log, preempted) -> TrainState | None:
-    """optim.lm_restarts starts (`state`, the run's own initialisation, then init_state(exp, k) for k >= 1),
+    """optim.lm_restarts starts (`state`, the run's own initialisation, then init_state(plan, k) for k >= 1),
     each trained optim.lm_restart_steps iterations; the one whose LM training loss is then the lowest (a
     non-finite loss never wins) goes on. None when `preempted(step)` turns true meanwhile: nothing is saved
     before the choice, so the run starts over, choosing the same start."""
@@ -131,7 +132,7 @@ def best_start(steps: Steps, state: TrainState, writer, log, preempted) -> Train
     n = min(exp.optim.lm_restart_steps, exp.train.num_steps)
     best, best_loss, losses = None, math.inf, []
     for k in range(exp.optim.lm_restarts):
-        s = state if k == 0 else place_state(jax.jit(lambda k=k: init_state(exp, k))(), steps.plan.mesh)
+        s = state if k == 0 else place_state(jax.jit(lambda k=k: init_state(steps.plan, k))(), steps.plan.mesh)
         s, stopped = drive(steps, s, n, lambda step, *_: preempted(step + 1))
         if stopped:
             return None

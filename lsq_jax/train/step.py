@@ -19,13 +19,12 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from lsq_jax.data.base import Task
-from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.mesh import DATA_AXIS, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.optim import grad_stats, lm, recipe
-from lsq_jax.train.plan import Phase, RunPlan, scan_unroll
-from lsq_jax.train.state import TrainState, run_optimizer
+from lsq_jax.plan.run import Phase, RunPlan, scan_unroll
+from lsq_jax.train.state import TrainState
 
 
 def _placed(x, sharding):
@@ -108,12 +107,11 @@ def train_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Pha
     `measure_grad_stats` measured on this iteration's state, or NaN / None on iterations without a
     measurement (see `advance`).
     """
-    exp = plan.exp
-    (loss, per_position), grads = batch_gradient(state.params, run_keys(exp.seed)["data"], state.step, plan=plan,
-                                                 phase=phase)
-    if exp.optim.l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
-        grads = jax.tree.map(lambda g, p: g + exp.optim.l1 * jnp.sign(p), grads, state.params)
-    updates, opt_state = run_optimizer(exp).update(grads, state.opt_state, state.params, grad_metric=grad_metric)
+    l1 = plan.exp.optim.l1
+    (loss, per_position), grads = batch_gradient(state.params, plan.keys["data"], state.step, plan=plan, phase=phase)
+    if l1:  # + l1 * sum |p|, whose gradient is sign(p): 0 at p = 0 as torch's abs (JAX's abs gives 1)
+        grads = jax.tree.map(lambda g, p: g + l1 * jnp.sign(p), grads, state.params)
+    updates, opt_state = plan.optimizer().update(grads, state.opt_state, state.params, grad_metric=grad_metric)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_position_loss": per_position, "grad_norm": optax.tree.norm(grads),
                **recipe.optimizer_metrics(opt_state)}
@@ -147,7 +145,7 @@ def lm_keys(plan: RunPlan, step):
     o = plan.exp.optim
     index = (step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
     groups = plan.row_groups(plan.exp.task.n_points)
-    keys = tuple(_placed(example_keys(run_keys(plan.exp.seed)["lm"], index, start, count), plan.sharding)
+    keys = tuple(_placed(example_keys(plan.keys["lm"], index, start, count), plan.sharding)
                  for _, start, count in groups)
     return keys[0] if len(keys) == 1 else keys
 
@@ -182,7 +180,7 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     del grad_metric
 
     def iterate(state, keys):
-        return run_optimizer(plan.exp).update(None, state.opt_state, state.params, batch=keys,
+        return plan.optimizer(lm=True).update(None, state.opt_state, state.params, batch=keys,
                                               residual_fn=lm_residual_fn(plan, phase), n_chunks=plan.lm_chunks,
                                               axis_name=DATA_AXIS)
 
@@ -199,7 +197,7 @@ def measure_grad_stats(state: TrainState, *, plan: RunPlan, phase: Phase) -> dic
     """The statistics (lsq_jax.optim.grad_stats) of the gradients of `grad_stats_batches` fresh mini-batches at
     state.params (the task loss, unclipped, without L1): one mini-batch at a time, each accumulated over
     microbatches like the step's (all at once would hold grad_stats_batches batches of activations)."""
-    stats_key = run_keys(plan.exp.seed)["stats"]
+    stats_key = plan.keys["stats"]
 
     def flat_gradient(i):
         _, grads = batch_gradient(state.params, jax.random.fold_in(stats_key, i), state.step, plan=plan,
@@ -276,6 +274,6 @@ def advance(fns: StepFns, state: TrainState, step: int) -> tuple[TrainState, dic
 def evaluate_loss(params, plan: RunPlan) -> dict[str, jax.Array]:
     """Test metrics of the task (MSE, and the primitives' relative errors) on fresh problems at full size."""
     exp = plan.exp
-    batch = draw_batch(plan.task, run_keys(exp.seed)["eval"], 0, exp.train.eval_batch_size, exp.task.n_points,
-                       None, plan.sharding)
+    batch = draw_batch(plan.task, plan.keys["eval"], 0, exp.train.eval_batch_size, exp.task.n_points, None,
+                       plan.sharding)
     return plan.task.eval_metrics(plan.model.apply({"params": params}, batch.inputs), batch.targets)

@@ -1,13 +1,18 @@
-"""The memory a run needs: a lower-bound estimate per device, by part, and the check that refuses a run
-whose estimate exceeds a device, before anything is allocated or written. The sizes it counts come from
-the run plan (lsq_jax.train.plan)."""
+"""The memory a run needs: lower-bound estimates per device, by part, of training and of the evaluation
+report, and the checks that refuse a run whose estimate exceeds a device, before anything is allocated or
+written. The sizes they count come from the plan (lsq_jax.plan.run, lsq_jax.plan.report)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+import jax
+
 from lsq_jax.config.experiment import Experiment
+from lsq_jax.config.model import ModelConfig
 from lsq_jax.data.base import Task
 from lsq_jax.mesh import check_fits, device_memory
+from lsq_jax.models import gd_weights
+from lsq_jax.models.backbone import mixing_bytes
 from lsq_jax.optim.lm import gram_depth
 
 # The Cholesky solve's peak, in P x P matrices: J^T J whole, its damped copy and Cholesky factor, the
@@ -79,3 +84,63 @@ def check_memory(parts: dict[str, int], mesh) -> None:
     batch)."""
     _check({k: v for k, v in parts.items() if k != "evaluation"}, mesh, "the run")
     _check({k: parts[k] for k in ("state", "evaluation")}, mesh, "the final test")
+
+
+REPORT_FIELDS = {"report_problems": "train.eval_problems",
+                 "report_activations": "train.eval_problems / model.n_embd",
+                 "report_trajectories": "train.eval_iters / train.eval_problems",
+                 "constructions": "task.n_dims (the hand-built GD models are 4 n_dims + 1 wide)",
+                 "model": "model.n_embd / model.n_layer / task.n_points"}
+
+
+def report_models(exp: Experiment, task: Task, constructions_only: bool) -> dict[str, ModelConfig]:
+    """The models the report holds, by part of `report_estimate`: 'model', the learned one (unless
+    `constructions_only`), and 'constructions', the hand-built BaseConv GD model (iterated tasks, or
+    `constructions_only`)."""
+    models = {} if constructions_only else {"model": exp.model}
+    if constructions_only or task.is_one_step_solver:
+        cfg = exp.task
+        models["constructions"] = gd_weights.baseconv_gd_config(cfg.n_dims, cfg.n_points, dtype=cfg.dtype)
+    return models
+
+
+def report_estimate(exp: Experiment, task: Task, models: dict[str, ModelConfig],
+                    n_params: dict[str, int] | None = None) -> dict[str, int]:
+    """A lower bound of the bytes the report (lsq_jax.eval.report.write_evaluation) holds at once, by part.
+
+    model: the learned model's parameters and what its sequence mixer materialises on the problems
+    (lsq_jax.models.backbone.mixing_bytes); report_activations: one activation of it on the problems;
+    report_problems: the problems of the single-step and iterated parts, their matrices and tokens;
+    report_trajectories: exact GD's iterates (the reference) and one method's, eval_iters GD-step
+    equivalents each on eval_problems problems; constructions: the hand-built GD models' parameters, mixer
+    and one activation. `models` are `report_models`; `n_params` their parameter counts by part (None: left
+    out, since counting them traces the models, whose mixer may allocate on the host).
+    """
+    cfg, train = exp.task, exp.train
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    seq_len = task.seq_len(cfg.n_points)
+
+    def parameter_bytes(part: str) -> int:
+        return n_params[part] * models[part].jnp_dtype.itemsize if n_params else 0
+
+    parts = {"report_problems": train.eval_problems * task.example_bytes()}
+    if "model" in models:
+        parts["report_activations"] = train.eval_problems * seq_len * exp.model.n_embd * itemsize
+        parts["model"] = mixing_bytes(exp.model, seq_len, train.eval_problems) + parameter_bytes("model")
+    if "constructions" not in models:
+        return parts
+    parts["report_trajectories"] = (2 * (train.eval_iters * task.steps_per_iter + 1) * train.eval_problems
+                                    * cfg.n_dims * itemsize)
+    built = models["constructions"]
+    parts["constructions"] = (mixing_bytes(built, cfg.n_points, train.eval_problems)
+                              + train.eval_problems * cfg.n_points * built.n_embd * itemsize
+                              + parameter_bytes("constructions"))
+    return parts
+
+
+def check_report_memory(parts: dict[str, int]) -> None:
+    """ConfigError, naming the field to reduce, when the report's estimate `parts` cannot fit on the device
+    it runs on (the first; on CPU, the machine's memory)."""
+    device = jax.devices()[0]
+    check_fits(parts, device_memory(device, whole_host=True), device.platform, "the evaluation report",
+               REPORT_FIELDS)

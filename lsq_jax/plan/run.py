@@ -1,8 +1,9 @@
-"""Every size of a training run, decided once from the experiment and the mesh: the task and model, the
-parameter count, the microbatches per curriculum size, the Levenberg-Marquardt chunks and the memory
-estimate. The step builders, the memory check, the loop and the benchmarks read the plan; none of them
-derives a size again. A plan is only made for a run that fits: `make_plan` refuses the others in one
-ConfigError before anything is allocated or written."""
+"""What a training run is, decided once from the experiment and the mesh: the report's part (the task, the
+model, the parameter count, the evaluation's sizes: lsq_jax.plan.report), the optimizer, the key streams,
+the microbatches per curriculum size, the Levenberg-Marquardt chunks and the memory estimate. The state's
+initialisation, the step builders, the loop, the report and the benchmarks read the plan; none of them
+builds an optimizer or derives a size again. A plan is only made for a run that fits: `make_plan` refuses
+the others in one ConfigError before anything is allocated or written."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +16,14 @@ import jax
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import Experiment
 from lsq_jax.data.base import Task
+from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
-from lsq_jax.data.tasks import curriculum_value, make_task
+from lsq_jax.data.tasks import curriculum_value
 from lsq_jax.mesh import batch_sharded, check_batch_size
-from lsq_jax.models.backbone import SequenceModel, mixing_bytes, parameter_count
-from lsq_jax.train.memory import check_memory, check_mixing, memory_estimate
+from lsq_jax.models.backbone import SequenceModel, mixing_bytes
+from lsq_jax.optim import lm_transform, recipe
+from lsq_jax.plan.memory import check_memory, check_mixing, memory_estimate
+from lsq_jax.plan.report import ReportPlan, make_report_plan
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
 # float64): XLA:CPU's step is bound by main memory once activations outgrow the cache; 2^17 measured the
@@ -46,35 +50,54 @@ class Phase(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunPlan:
-    """The sizes of one run (see the module docstring); built by `make_plan`.
+    """What one run is (see the module docstring); built by `make_plan`.
 
     Attributes:
         exp, mesh: the experiment and the devices it runs on.
         backend: the platform the steps are built for ('cpu', 'gpu', 'tpu').
-        task, model: the experiment's task and sequence model.
-        n_params: P, the model's parameter count.
+        report: the evaluation's part, which holds the task, the model and its parameter count.
+        tx: the run's optimizer: the recipe (lsq_jax.optim.recipe), or with optimizer 'lm' the hybrid of the
+            recipe and Levenberg-Marquardt (lsq_jax.optim.lm_transform.Hybrid).
+        keys: the run's key streams (lsq_jax.data.keys.run_keys).
         microbatches: per curriculum n_points, the microbatches each device's share of the batch is
             differentiated in.
         unroll: microbatches per iteration of the accumulating scan.
         lm_chunks: the strided chunks each device builds the Jacobian of its share of LM's batch in (1
             without LM).
-        memory: the lower-bound bytes per device, by part (lsq_jax.train.memory.memory_estimate).
+        memory: the lower-bound bytes per device, by part (lsq_jax.plan.memory.memory_estimate).
     """
 
     exp: Experiment
     mesh: Any
     backend: str
-    task: Task
-    model: SequenceModel
-    n_params: int
+    report: ReportPlan
+    tx: Any
+    keys: Mapping[str, Any]
     microbatches: Mapping[int, int]
     unroll: int
     lm_chunks: int
     memory: Mapping[str, int]
 
     @property
+    def task(self) -> Task:
+        return self.report.task
+
+    @property
+    def model(self) -> SequenceModel:
+        return self.report.model
+
+    @property
+    def n_params(self) -> int:
+        return self.report.n_params
+
+    @property
     def n_devices(self) -> int:
         return self.mesh.devices.size
+
+    def optimizer(self, lm: bool = False):
+        """The transform of a phase: the recipe's (in a hybrid run the hybrid's Adam part), or with `lm`
+        Levenberg-Marquardt's (Hybrid.phase)."""
+        return self.tx.phase(lm) if uses_lm(self.exp) else self.tx
 
     @property
     def sharding(self):
@@ -178,13 +201,16 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     """The plan of `exp` on `mesh`, built for `backend` (None: the platform of the mesh's devices; another
     platform when tracing a step to export it with jax.export).
 
-    Raises ConfigError, before anything is allocated or written, for a batch that does not split over
-    the devices, a microbatch size or LM chunk that does not divide a device's share, or a run whose
-    memory estimate exceeds a device (lsq_jax.train.memory.check_memory). The sequence mixer's memory is
-    checked before anything traces the model: tracing builds the mixer's host-side tensors.
+    Raises ConfigError, before anything is allocated or written, for a report that does not fit
+    (lsq_jax.plan.report.make_report_plan), a batch that does not split over the devices, a microbatch
+    size or LM chunk that does not divide a device's share, or a run whose memory estimate exceeds a
+    device (lsq_jax.plan.memory.check_memory). The sequence mixer's memory is checked before anything
+    traces the model (tracing builds the mixer's host-side tensors): the report's, then training's.
     """
     backend = backend or mesh.devices.flat[0].platform
     n = mesh.devices.size
+    report = make_report_plan(exp)
+    task, n_params = report.task, report.n_params
     try:
         check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
@@ -192,13 +218,11 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         if share % n:
             raise ValueError(f"train.batch_size={exp.train.batch_size} is not allowed: each row count's share "
                              f"({share}) must split evenly over {n} devices")
-        task = make_task(exp.task)
         micro = {p: microbatches(exp, task, p, n, backend) for p in sorted({*curriculum_points(exp), *exp.task.rows()})}
         local = share // n
         live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)
-        n_params = parameter_count(exp.model)
         chunks = lm_chunks(exp, task, n_params, n, backend) if uses_lm(exp) else 1
         cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
         rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
@@ -206,5 +230,5 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         check_memory(memory, mesh)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return RunPlan(exp, mesh, backend, task, SequenceModel(exp.model), n_params, micro, scan_unroll(backend),
-                   chunks, memory)
+    tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
+    return RunPlan(exp, mesh, backend, report, tx, run_keys(exp.seed), micro, scan_unroll(backend), chunks, memory)
