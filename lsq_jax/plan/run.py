@@ -6,9 +6,10 @@ builds an optimizer or derives a size again. A plan is only made for a run that 
 the others in one ConfigError before anything is allocated or written."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from lsq_jax.mesh import batch_sharded, check_batch_size
 from lsq_jax.models.backbone import SequenceModel, mixing_bytes
 from lsq_jax.optim import lm_transform, recipe
 from lsq_jax.plan.memory import check_memory, check_mixing, memory_estimate
-from lsq_jax.plan.report import ReportPlan, make_report_plan
+from lsq_jax.plan.report import ReportPlan, make_report_plan, report_parts
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
 # float64): XLA:CPU's step is bound by main memory once activations outgrow the cache; 2^17 measured the
@@ -97,7 +98,11 @@ class RunPlan:
     def optimizer(self, lm: bool = False):
         """The transform of a phase: the recipe's (in a hybrid run the hybrid's Adam part), or with `lm`
         Levenberg-Marquardt's (Hybrid.phase)."""
-        return self.tx.phase(lm) if uses_lm(self.exp) else self.tx
+        if not uses_lm(self.exp):
+            if lm:
+                raise ValueError(f"optim.optimizer={self.exp.optim.optimizer!r} has no Levenberg-Marquardt phase")
+            return self.tx
+        return self.tx.phase(lm)
 
     @property
     def sharding(self):
@@ -197,6 +202,15 @@ def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int, backen
     return next((c for c in divisors(local) if (local // c) * per_problem <= LM_CHUNK_ENTRIES), local)
 
 
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A ValueError raised in the block refuses the run: one ConfigError with its message."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     """The plan of `exp` on `mesh`, built for `backend` (None: the platform of the mesh's devices; another
     platform when tracing a step to export it with jax.export).
@@ -209,9 +223,9 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     """
     backend = backend or mesh.devices.flat[0].platform
     n = mesh.devices.size
-    report = make_report_plan(exp)
-    task, n_params = report.task, report.n_params
-    try:
+    parts = report_parts(exp)
+    task = parts.task
+    with _refused():
         check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
         share = exp.train.batch_size // len(exp.task.rows())
@@ -223,12 +237,13 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)
+    report = make_report_plan(exp, parts=parts)
+    n_params = report.n_params
+    with _refused():
         chunks = lm_chunks(exp, task, n_params, n, backend) if uses_lm(exp) else 1
         cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
         rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
         memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing, lm_rows=rows)
         check_memory(memory, mesh)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
+        tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
     return RunPlan(exp, mesh, backend, report, tx, run_keys(exp.seed), micro, scan_unroll(backend), chunks, memory)
