@@ -218,6 +218,17 @@ def test_matrix_free_solver_trains_through_the_same_step():
     assert int(state.opt_state["lm"].accepted) >= 2
 
 
+def test_matrix_free_chunks_hold_activations_not_jacobian_rows():
+    """At the published size (batch 1,024, 21 tokens of width 64) CG's chunks are the step's microbatches:
+    the fewest whose (problems, tokens, width) activation holds at most 2^17 elements, 64 problems (97
+    would fit; 64 is the largest divisor of 1,024 below), 16 chunks; the Cholesky path's Jacobian budget
+    of 2^22 entries would give 16 problems (5 x 43,787 entries each), 64 chunks."""
+    config = get_config("baseconv", None)
+    config.optim.update(optimizer="lm", lm_solver="cg")
+    plan = make_plan(experiment_from_config(config), make_mesh(1), backend="cpu")
+    assert (plan.n_params, plan.lm_chunks) == (43_787, 16)
+
+
 @pytest.mark.slow
 def test_restarts_drop_a_stalled_start(tmp_path, monkeypatch):
     """Three starts of two LM iterations each, the second one stalled (all-zero parameters: the model's

@@ -48,7 +48,6 @@ def test_restarts_need_their_length_and_lm_from_the_start():
 @pytest.mark.parametrize("fields, field", [
     ({"optimizer": "lm", "l1": 1e-4}, "l1"),
     ({"optimizer": "lm", "lm_after": 10, "l1": 1e-4}, "l1"),
-    ({"optimizer": "lm", "lm_solver": "cg", "lm_geodesic": True}, "lm_geodesic"),
     ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 3}, "lm_tries"),
     ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10}, "lm_tries"),  # the value unset gives, but set
     ({"optimizer": "lm", "lm_cg_iters": 50}, "lm_cg_iters"),

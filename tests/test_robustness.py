@@ -523,8 +523,6 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_geodesic=True"],
-     "optim.lm_geodesic"),
     (["--config.optim.optimizer=lm", "--config.optim.l1=0.001"], "optim.l1"),
     (["--config.optim.lm_after=5"], "optim.lm_after: got 5; allowed 0 unless optimizer='lm'"),
     (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'cholesky' unless optimizer='lm'"),

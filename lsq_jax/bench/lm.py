@@ -115,7 +115,8 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
 def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
     """The LM step of `exp` on the first `n_devices` devices (0: all): seconds per iteration (median of
     `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
-    the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`)."""
+    the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`); and
+    the compiled step's temp bytes (XLA's memory_analysis) next to the memory check's figure for LM."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -142,7 +143,9 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
             "chunks_per_device": plan.lm_chunks, "solver": exp.optim.lm_solver,
             "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
             "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
-            "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:]))}
+            "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:])),
+            "compiled_temp_bytes": step.memory_analysis().temp_size_in_bytes,
+            "estimated_lm_bytes": plan.memory["lm_normal_equations"]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ SCHEDULES = ("constant", "step", "adaptive")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("cholesky", "cg")
 # The settings only one LM solver reads, each with the value it takes under that solver when left None.
-SOLVER_SETTINGS = {"cholesky": {"lm_geodesic": False, "lm_tries": 10}, "cg": {"lm_cg_iters": 100}}
+SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "cg": {"lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -54,7 +54,7 @@ class OptimConfig:
             consecutive rejections) or ``"delayed"`` (/3 on accept, x2 on reject).
         lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
         lm_cg_iters: conjugate-gradient iterations per LM step, ``"cg"`` only (unset: 100).
-        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step, ``"cholesky"`` only.
+        lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J; ``"cholesky"`` only (unset: 10).
         lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per

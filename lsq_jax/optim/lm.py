@@ -125,6 +125,11 @@ def lower_gram(Jt: jax.Array, min_rows: int = GRAM_MIN_ROWS):
     return lower_gram(Jt[:h], min_rows), Jt[h:] @ Jt[:h].T, lower_gram(Jt[h:], min_rows)
 
 
+def gram_depth(rows: int, min_rows: int = GRAM_MIN_ROWS) -> int:
+    """How many times :func:`lower_gram` halves `rows` rows before every block has at most `min_rows`."""
+    return 0 if rows <= min_rows else 1 + gram_depth(rows - rows // 2, min_rows)
+
+
 def symmetric(tree) -> jax.Array:
     """The full symmetric matrix of a :func:`lower_gram` tree."""
     if not isinstance(tree, tuple):
@@ -290,12 +295,24 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
                 return jax.vjp(g, theta)[1](second_directional_derivative(g, theta, delta))[0]
 
             accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks, axis_name) / m)
-            d_norm = lambda x: jnp.sqrt(x @ (D * x))
-            accel_ratio = 2.0 * d_norm(accel) / d_norm(delta)
-            ok = ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
-            step = delta + accel
+            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 
+    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
+                  damping_min=damping_min, damping_max=damping_max)
+
+
+def _accelerated(delta, accel, D, alpha, ok):
+    """(delta + accel, 2 ||accel||_D / ||delta||_D, ok and the acceleration finite and within alpha)."""
+    d_norm = lambda x: jnp.sqrt(x @ (D * x))
+    accel_ratio = 2.0 * d_norm(accel) / d_norm(delta)
+    return delta + accel, accel_ratio, ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
+
+
+def _tries(attempt, state, theta, loss, D, *, rule, max_tries, geodesic, damping_min, damping_max):
+    """Damped solves until one is accepted or `max_tries` were made: ``attempt(lam) -> (step, trial loss,
+    pred, ok, accel_ratio)``, each rejection raising lam by `rule`. Returns (step, new_state, metrics) as
+    :func:`lm_iteration` does."""
     def body(carry):
         s, _, _ = carry
         step, trial, pred, ok, accel_ratio = attempt(s.damping)
@@ -318,78 +335,117 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 # --------------------------------------------------------------------------------------------------
 # Matrix-free Gauss-Newton-CG, for when JtJ does not fit in memory.
 
+# jacobian_diagonal's budget: each group of problems' Jacobian holds at most this many entries.
+DIAGONAL_ENTRIES = 2**22
 
-def gn_matvec(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch, v: jax.Array,
-              n_chunks: int = 1, axis_name: str | None = None) -> jax.Array:
-    """JtJ v = J^T (J v) / M, chunk by chunk, without forming J.
+
+def linearise(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch, n_chunks: int = 1):
+    """The residuals of the batch at theta and their linearisation, computed once.
 
     Args:
-        f: the flat residual function ``(theta, batch_chunk) -> (m,)``; M residuals over the whole batch.
+        f: the flat residual function ``(theta, batch_chunk) -> (m,)``.
         theta, batch, n_chunks: the flat parameters, and the batch in `n_chunks` strided chunks.
-        v: the (P,) vector.
-        axis_name: as in :func:`normal_equations`.
-    """
-    def term(chunk):
-        # One linearisation serves both products: J v forward, then its transpose J^T (J v).
-        _, jvp = jax.linearize(lambda t: f(t, chunk), theta)
-        return jax.linear_transpose(jvp, theta)(jvp(v))[0]
 
-    m = jax.eval_shape(f, theta, batch).shape[0] * _device_count(axis_name)
-    return _chunk_sum(term, batch, n_chunks, axis_name) / m
+    Returns:
+        (r, jvp, vjp): r is (n_chunks, m), chunk c's residuals in row c; ``jvp(v)`` = J v (shaped as r) and
+        ``vjp(u)`` = J^T u (P,). Both replay the linearisation chunk by chunk (the residuals are computed by
+        a ``lax.map`` over the chunks, so its linearisation is a scan): a product holds one chunk's
+        tangents, next to the primal values every chunk saved, and never runs the model forward again.
+    """
+    chunks = _chunks(batch, n_chunks)
+    r, jvp = jax.linearize(lambda t: jax.lax.map(lambda c: f(t, c), chunks), theta)
+    transpose = jax.linear_transpose(jvp, theta)
+    return r, jvp, lambda u: transpose(u)[0]
+
+
+def jacobian_diagonal(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch,
+                      per_problem: bool = True, max_entries: int = DIAGONAL_ENTRIES) -> jax.Array:
+    """diag(J^T J) M = sum_i J_ip^2 (P,), from the batch's Jacobian in groups of problems whose Jacobian holds
+    at most `max_entries` entries (:func:`chunk_jacobian`, reverse mode; `per_problem` as there)."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    rows = jax.eval_shape(f, theta, batch).shape[0] // n
+    groups = next(c for c in range(1, n + 1) if n % c == 0 and (n // c) * rows * theta.size <= max_entries
+                  or c == n)
+    return _chunk_sum(lambda c: jnp.sum(chunk_jacobian(f, theta, c, per_problem)[1] ** 2, axis=1), batch, groups)
 
 
 def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
-                    *, tol: float = 1e-10, maxiter: int = 100):
+                    *, tol: float = 1e-10, maxiter: int = 100, diagonal: jax.Array | None = None):
     """Solves (JtJ + lam diag(D)) delta = -Jtr by conjugate gradients (``jax.scipy.sparse.linalg.cg``).
 
     ``matvec(v)`` = JtJ v. CG starts from 0 and stops when the residual norm is <= tol ||Jtr|| or after
     ``maxiter`` iterations; every CG iterate is a descent direction of the damped model, so a truncated
     solve is still usable. pred is computed with one more matvec, so it is exact for an inexact solve.
+    With `diagonal` = diag(JtJ), CG is preconditioned by the damped matrix's diagonal (Jacobi).
 
     Returns:
         (delta, pred, ok) as in :func:`damped_solve` (no factor); ok is False for a non-finite step.
     """
-    delta = -jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, Jtr,
-                                        tol=tol, maxiter=maxiter)[0]
+    delta = -_damped_cg(matvec, Jtr, damping, scaling, tol, maxiter, diagonal)
     pred = -2.0 * (Jtr @ delta) - delta @ matvec(delta)
     return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
 
 
+def _damped_cg(matvec, b, damping, scaling, tol, maxiter, diagonal):
+    """(JtJ + lam diag(D))^-1 b by CG, Jacobi-preconditioned when `diagonal` = diag(JtJ) is given."""
+    precondition = None if diagonal is None else (lambda x: x / (diagonal + damping * scaling))
+    return jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, b, tol=tol, maxiter=maxiter,
+                                      M=precondition)[0]
+
+
 def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                     scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
-                    n_probes: int = 4, damping_min: float = 1e-15, damping_max: float = 1e15,
-                    axis_name: str | None = None):
-    """One LM iteration solved matrix-free by CG; same acceptance and damping as :func:`lm_iteration`.
+                    n_probes: int = 4, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
+                    precondition: bool = False, per_problem: bool = True, damping_min: float = 1e-15,
+                    damping_max: float = 1e15, axis_name: str | None = None):
+    """One LM iteration solved matrix-free by CG; same acceptance, damping, retries and geodesic acceleration
+    as :func:`lm_iteration`.
+
+    The residuals are linearised once per iteration (:func:`linearise`, in `n_chunks` chunks): J^T r, every
+    CG product J^T J v = J^T (J v) / M and, with geodesic, J^T r'' replay that linearisation. With
+    `precondition`, CG is preconditioned by the diagonal of the damped matrix, diag(JtJ) from one pass over
+    the batch's Jacobian (:func:`jacobian_diagonal`). Off by default: on the BaseConv model a truncated
+    Jacobi-preconditioned CG came out further from the exact step than plain CG with the same iterations,
+    and it made the answers depend on the device count well beyond round-off (docs/performance.md).
+    Retries reuse the linearisation (and the diagonal).
 
     D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
     the first iteration's estimate, held; marquardt: its running maximum), the estimate by
     Hutchinson's estimator tr(JtJ) ~ (1/S) sum_k ||J z_k||^2 / M over S = ``n_probes`` Rademacher
-    vectors z_k (keyed by the iteration count, so a run is reproducible). It costs S JVPs sharing the
-    linearisation that gives Jtr, and makes lam comparable to the Cholesky path's lam; a per-parameter
-    diagonal would need the whole Jacobian or many more probes.
+    vectors z_k (keyed by the iteration count, so a run is reproducible), which makes lam comparable to the
+    Cholesky path's lam.
 
     Args:
         tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
         n_probes: S, the Hutchinson probes per iteration.
-        Others: as in :func:`lm_iteration`.
+        precondition: precondition CG by the damped matrix's diagonal (Jacobi).
+        Others: as in :func:`lm_iteration` (the acceleration's system is solved by CG too).
 
     Returns:
-        (step, new_state, metrics) as in :func:`lm_iteration` (without tries and accel_ratio).
+        (step, new_state, metrics) as in :func:`lm_iteration`.
     """
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
+    total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
     probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
                                    (n_probes, theta.size), theta.dtype)
-
-    def terms(chunk):
-        r, jvp = jax.linearize(lambda t: f(t, chunk), theta)
-        return jax.linear_transpose(jvp, theta)(r)[0], r @ r, jnp.sum(jax.vmap(jvp)(probes) ** 2)
-
-    Jtr, ss, probed = _chunk_sum(terms, batch, n_chunks, axis_name)
-    Jtr, loss = Jtr / m, ss / m
+    r, jvp, vjp = linearise(f, theta, batch, n_chunks)
+    diagonal = jacobian_diagonal(f, theta, batch, per_problem) if precondition else None
+    Jtr, loss, probed, diagonal = total((vjp(r), jnp.sum(r * r), jnp.sum(jax.vmap(jvp)(probes) ** 2), diagonal))
+    Jtr, loss = Jtr / m, loss / m
+    diagonal = None if diagonal is None else diagonal / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
-    matvec = lambda v: gn_matvec(f, theta, batch, v, n_chunks, axis_name)
-    delta, pred, ok = damped_cg_solve(matvec, Jtr, state.damping, D, tol=tol, maxiter=maxiter)
-    trial = _loss(f, theta + delta, batch, n_chunks, m, axis_name)
-    new_state, metrics = _finish(state, delta, loss, trial, pred, ok, D, rule, damping_min, damping_max)
-    return delta, new_state, metrics
+    matvec = lambda v: total(vjp(jvp(v))) / m
+
+    def attempt(damping):
+        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter, diagonal=diagonal)
+        step, accel_ratio = delta, jnp.zeros_like(loss)
+        if geodesic:
+            chunks = _chunks(batch, n_chunks)
+            rvv = jax.lax.map(lambda c: second_directional_derivative(lambda t: f(t, c), theta, delta), chunks)
+            accel = -0.5 * _damped_cg(matvec, total(vjp(rvv)) / m, damping, D, tol, maxiter, diagonal)
+            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
+
+    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
+                  damping_min=damping_min, damping_max=damping_max)

@@ -74,8 +74,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
             (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free).
         scaling, rule: the scaling D and the damping rule (lsq_jax.optim.lm_damping).
         damping0: the initial damping lam, > 0.
-        geodesic, alpha, max_tries, per_problem, rel_floor: the Cholesky solver's settings (geodesic
-            acceleration and its bound, damped solves per iteration, per-problem Jacobians, D's floor).
+        geodesic, alpha, per_problem: the geodesic acceleration and its bound, per-problem Jacobians.
+        max_tries, rel_floor: the Cholesky solver's damped solves per iteration and D's floor.
         cg_iters, cg_tol, n_probes: the CG solver's iterations, tolerance and Hutchinson probes.
         max_tries and cg_iters left None take the value OptimConfig gives them (lsq_jax.config.optim).
         damping_min, damping_max: clamp of lam after each update.
@@ -94,8 +94,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
             raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
     if not damping0 > 0:
         raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
-    check_solver_settings(solver, {"lm_geodesic": geodesic, "lm_tries": max_tries, "lm_cg_iters": cg_iters},
-                          names={"lm_geodesic": "geodesic", "lm_tries": "max_tries", "lm_cg_iters": "cg_iters"})
+    check_solver_settings(solver, {"lm_tries": max_tries, "lm_cg_iters": cg_iters},
+                          names={"lm_tries": "max_tries", "lm_cg_iters": "cg_iters"})
     max_tries = SOLVER_SETTINGS["cholesky"]["lm_tries"] if max_tries is None else max_tries
     cg_iters = SOLVER_SETTINGS["cg"]["lm_cg_iters"] if cg_iters is None else cg_iters
     for name, value in (("max_tries", max_tries), ("cg_iters", cg_iters), ("n_probes", n_probes)):
@@ -104,7 +104,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     damping = dict(scaling=scaling, rule=rule, damping_min=damping_min, damping_max=damping_max)
     if solver == "cg":
         iterate = functools.partial(lm.lm_iteration_cg, tol=cg_tol, maxiter=cg_iters, n_probes=n_probes,
-                                    **damping)
+                                    geodesic=geodesic, alpha=alpha, per_problem=per_problem, **damping)
     else:
         iterate = functools.partial(lm.lm_iteration, geodesic=geodesic, alpha=alpha, max_tries=max_tries,
                                     per_problem=per_problem, rel_floor=rel_floor, **damping)
@@ -169,8 +169,8 @@ def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) ->
 def make_lm_optimizer(cfg: OptimConfig) -> Hybrid:
     """optimizer 'lm': ``adam_then_lm(recipe.make_optimizer(cfg), levenberg_marquardt(<cfg.lm_*>))``.
 
-    The config leaves the other solver's settings unset (lm_geodesic and lm_tries belong to "cholesky",
-    lm_cg_iters to "cg").
+    The config leaves the other solver's settings unset (lm_tries belongs to "cholesky", lm_cg_iters to
+    "cg").
     """
     if cfg.optimizer != "lm":
         raise ValueError(f"make_lm_optimizer needs optimizer='lm', not {cfg.optimizer!r}")

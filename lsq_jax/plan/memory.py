@@ -13,18 +13,37 @@ from lsq_jax.data.base import Task
 from lsq_jax.mesh import check_fits, device_memory
 from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import mixing_bytes
+from lsq_jax.optim.lm import gram_depth
+
+# The Cholesky solve's peak, in P x P matrices: J^T J whole, its damped copy and Cholesky factor, the
+# lower triangle it is unpacked from and the unpacking's indices (XLA's memory_analysis on CPU: 4.1 to
+# 4.7 for P = 469 to 4,020; docs/performance.md).
+SOLVE_MATRICES = 4.3
+
+
+def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
+    """The bytes a Cholesky LM iteration holds at its peak, per device: the larger of its two phases.
+
+    Building J^T J, a chunk's transposed Jacobian (P x `rows`) is held 2 + d times: the per-problem VJPs'
+    output, its transpose, and one copy of its rows per level of lower_gram's halving (d =
+    lsq_jax.optim.lm.gram_depth(P)), next to the accumulated and the chunk's lower triangles (P^2 entries
+    together). Solving, SOLVE_MATRICES P x P matrices. Within 10% of XLA's memory_analysis temp bytes of
+    the compiled iteration on CPU (tests/test_lm_memory.py).
+    """
+    build = ((2 + gram_depth(n_params)) * n_params * rows + n_params**2) * itemsize
+    return int(max(build, SOLVE_MATRICES * n_params**2 * itemsize))
 
 
 def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: int, live: int, mixing: int,
-                    lm_normal_equations: bool) -> dict[str, int]:
+                    lm_rows: int) -> dict[str, int]:
     """A lower bound, in bytes per device, of what training `exp` holds at once, by part.
 
     state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
     activations: the input and output of every block for the `live` examples whose activations are held
     at once (a microbatch, two on CPU where the scan is unrolled), kept for the backward pass; data: the
     per-device batch's matrices A, its input tokens and per-example keys; statistics: the matrix of
-    mini-batch gradients; lm_normal_equations (when LM solves them by Cholesky): the P x P J^T J and the
-    chunk term being added to it; sequence_mixing: `mixing`, what one block's mixer materialises
+    mini-batch gradients; lm_normal_equations (when LM solves them by Cholesky, with `lm_rows` Jacobian rows
+    per chunk; 0 otherwise): what its iteration holds at its peak (lm_cholesky_bytes); sequence_mixing: `mixing`, what one block's mixer materialises
     (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
     matrices, tokens and one activation), held with the state after training.
     """
@@ -32,7 +51,7 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
     token = task.seq_len() * exp.model.n_embd * itemsize
     problem = task.example_bytes()
     return {"state": 6 * n_params * itemsize,
-            "lm_normal_equations": 2 * n_params**2 * itemsize if lm_normal_equations else 0,
+            "lm_normal_equations": lm_cholesky_bytes(n_params, lm_rows, itemsize) if lm_rows else 0,
             "sequence_mixing": mixing,
             "activations": 2 * (exp.model.n_layer + 1) * live * token,
             "data": exp.train.batch_size // n_devices * (problem + 8),

@@ -69,12 +69,29 @@ class ReportPlan:
     memory: Mapping[str, int]
 
 
-def make_report_plan(exp: Experiment, *, constructions_only: bool = False) -> ReportPlan:
-    """The report plan of `exp`. Raises ConfigError, naming the field to reduce, when the report cannot fit on
-    the device it runs on: first without the parameters, whose count traces the models."""
+class ReportParts(NamedTuple):
+    """What a report plan is built from before anything traces a model: the task and the models the report
+    evaluates (lsq_jax.plan.memory.report_models), their memory checked without the parameter count."""
+
+    task: Task
+    models: Mapping[str, Any]
+
+
+def report_parts(exp: Experiment, *, constructions_only: bool = False) -> ReportParts:
+    """The task and models of `exp`'s report. Raises ConfigError, naming the field to reduce, when the report
+    cannot fit on the device it runs on even without its parameters (counting them traces the models)."""
     task = make_task(exp.task)
     models = report_models(exp, task, constructions_only)
     check_report_memory(report_estimate(exp, task, models))
+    return ReportParts(task, models)
+
+
+def make_report_plan(exp: Experiment, *, constructions_only: bool = False,
+                     parts: ReportParts | None = None) -> ReportPlan:
+    """The report plan of `exp` (from `parts`, `report_parts`' for the same arguments, when the caller has
+    checked more before the models are traced). Raises ConfigError, naming the field to reduce, when the
+    report cannot fit on the device it runs on."""
+    task, models = parts or report_parts(exp, constructions_only=constructions_only)
     n_params = {part: parameter_count(cfg) for part, cfg in models.items()}
     memory = report_estimate(exp, task, models, n_params)
     check_report_memory(memory)

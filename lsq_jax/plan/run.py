@@ -6,9 +6,10 @@ builds an optimizer or derives a size again. A plan is only made for a run that 
 the others in one ConfigError before anything is allocated or written."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from lsq_jax.mesh import batch_sharded, check_batch_size
 from lsq_jax.models.backbone import SequenceModel, mixing_bytes
 from lsq_jax.optim import lm_transform, recipe
 from lsq_jax.plan.memory import check_memory, check_mixing, memory_estimate
-from lsq_jax.plan.report import ReportPlan, make_report_plan
+from lsq_jax.plan.report import ReportPlan, make_report_plan, report_parts
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
 # float64): XLA:CPU's step is bound by main memory once activations outgrow the cache; 2^17 measured the
@@ -97,7 +98,11 @@ class RunPlan:
     def optimizer(self, lm: bool = False):
         """The transform of a phase: the recipe's (in a hybrid run the hybrid's Adam part), or with `lm`
         Levenberg-Marquardt's (Hybrid.phase)."""
-        return self.tx.phase(lm) if uses_lm(self.exp) else self.tx
+        if not uses_lm(self.exp):
+            if lm:
+                raise ValueError(f"optim.optimizer={self.exp.optim.optimizer!r} has no Levenberg-Marquardt phase")
+            return self.tx
+        return self.tx.phase(lm)
 
     @property
     def sharding(self):
@@ -174,12 +179,13 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
     return math.prod(jax.eval_shape(lambda k: task.sample(k, n_points=exp.task.n_points).targets, keys).shape)
 
 
-def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int:
+def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int, backend: str = "cpu") -> int:
     """How many strided chunks each device builds the Jacobian of its share of the LM batch in:
     optim.lm_chunk problems each, or (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES (a
-    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm). With a range of rows
-    every chunk holds an equal part of each row count's share (optim.lm_chunk problems of each), and the
-    count is of that share."""
+    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm); with lm_solver 'cg',
+    which holds one chunk's activations and never a Jacobian row block, the step's microbatches at full
+    size. With a range of rows every chunk holds an equal part of each row count's share (optim.lm_chunk
+    problems of each), and the count is of that share."""
     share = exp.train.batch_size // len(exp.task.rows())
     if share % n_devices:
         raise ValueError(f"train.batch_size={exp.train.batch_size} is not allowed: the share of each row count "
@@ -190,8 +196,19 @@ def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int) -> int
             raise ValueError(f"optim.lm_chunk={exp.optim.lm_chunk} is not allowed: must divide the per-device "
                              f"batch {local} (of each row count: train.batch_size / rows / {n_devices} devices)")
         return local // exp.optim.lm_chunk
+    if exp.optim.lm_solver == "cg":
+        return microbatches(exp, task, exp.task.n_points, n_devices, backend)
     per_problem = lm_outputs(exp, task) * n_params * len(exp.task.rows())  # one problem of each row count
     return next((c for c in divisors(local) if (local // c) * per_problem <= LM_CHUNK_ENTRIES), local)
+
+
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A ValueError raised in the block refuses the run: one ConfigError with its message."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
@@ -206,9 +223,9 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     """
     backend = backend or mesh.devices.flat[0].platform
     n = mesh.devices.size
-    report = make_report_plan(exp)
-    task, n_params = report.task, report.n_params
-    try:
+    parts = report_parts(exp)
+    task = parts.task
+    with _refused():
         check_batch_size("train.batch_size", exp.train.batch_size, mesh)
         check_batch_size("train.eval_batch_size", exp.train.eval_batch_size, mesh)
         share = exp.train.batch_size // len(exp.task.rows())
@@ -220,11 +237,13 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
         live = min(local // micro[exp.task.n_points] * scan_unroll(backend), local)
         mixing = mixing_bytes(exp.model, task.seq_len(exp.task.n_points), live)
         check_mixing(mixing, mesh)
-        chunks = lm_chunks(exp, task, n_params, n) if uses_lm(exp) else 1
-        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing,
-                                 lm_normal_equations=uses_lm(exp) and exp.optim.lm_solver == "cholesky")
+    report = make_report_plan(exp, parts=parts)
+    n_params = report.n_params
+    with _refused():
+        chunks = lm_chunks(exp, task, n_params, n, backend) if uses_lm(exp) else 1
+        cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
+        rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
+        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing, lm_rows=rows)
         check_memory(memory, mesh)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
+        tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
     return RunPlan(exp, mesh, backend, report, tx, run_keys(exp.seed), micro, scan_unroll(backend), chunks, memory)
