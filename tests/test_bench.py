@@ -8,6 +8,7 @@ import pytest
 
 from config_files import SMALL_REPORT, get_config
 from steps import initial_state
+from xla_env import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +179,8 @@ def test_matmul_reference_is_the_machines_rate_on_several_devices():
 
     repo = pathlib.Path(__file__).resolve().parents[1]
     # the collective timeout as in test_train: emulated devices on 2 loaded cores can reach one far apart
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
-                                      "--xla_cpu_collective_call_terminate_timeout_seconds=600"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2",
+                                                "--xla_cpu_collective_call_terminate_timeout_seconds=600")}
     proc = subprocess.run([sys.executable, "-c", MACHINE_RATE_ON_2_DEVICES], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -33,6 +33,7 @@ from lsq_jax.train.step import evaluate_loss
 from steps import full_size_fns, initial_state
 
 from config_files import get_config
+from xla_env import xla_flags
 
 TESTS = pathlib.Path(__file__).resolve().parent
 PLATFORMS = ("cuda", "tpu")
@@ -359,7 +360,7 @@ def sharded_exports() -> dict[str, int]:
 
 @pytest.mark.slow
 def test_entries_export_for_a_4_device_mesh():
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_SHARDED_DEVICES}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={N_SHARDED_DEVICES}"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     code = "import json, test_export; print(json.dumps(test_export.sharded_exports()))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=TESTS.parent, env=env, capture_output=True,

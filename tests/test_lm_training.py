@@ -32,6 +32,7 @@ from lsq_jax.train.step import Steps, advance, example_loss, lm_residuals
 from steps import full_size_fns, initial_state
 
 from config_files import get_config
+from xla_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -154,8 +155,8 @@ def test_lm_on_4_devices_equals_one_device(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
                                                                      os.environ.get("PYTHONPATH")]))}
     for n, chunk in ((4, 3),):
-        env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n} "
-                            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+        env["XLA_FLAGS"] = xla_flags(f"--xla_force_host_platform_device_count={n}",
+                                     "--xla_cpu_collective_call_terminate_timeout_seconds=600")
         out = tmp_path / f"{n}.npz"
         proc = subprocess.run([sys.executable, "-c", ON_DEVICES, str(out), str(n), str(chunk)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=600)

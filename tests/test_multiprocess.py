@@ -26,6 +26,7 @@ from lsq_jax.mesh import _slurm_local_device_ids, initialize_distributed, make_m
 
 from config_files import SMALL_REPORT_FLAGS, get_config
 from steps import initial_state
+from xla_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,7 +175,7 @@ def test_two_processes_train_like_one_process(tmp_path):
     tests/test_train.py and tests/test_lm_training.py.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR"))}
     env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {SLOW_COLLECTIVES}")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2", SLOW_COLLECTIVES))
     python = [sys.executable, "-m", "lsq_jax.main"]
 
     # this process trains the reference while the two processes run: they spend much of their time waiting

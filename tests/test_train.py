@@ -26,6 +26,7 @@ from lsq_jax.train.step import accumulated_value_and_grad, advance, draw_batch
 from steps import full_size_fns, initial_state
 
 from config_files import SMALL_REPORT_FLAGS, get_config
+from xla_env import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -249,7 +250,7 @@ def test_same_parameters_on_1_and_4_devices(tmp_path):
             try:
                 # 1 device: the whole batch of 32 at once; 4 devices: 2 microbatches of 4 each
                 proc = _run([sys.executable, "-c", DUMP_PARAMS, str(out), str(n), "32" if n == 1 else "4"],
-                            {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {SLOW_COLLECTIVES}"},
+                            {"XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={n}", SLOW_COLLECTIVES)},
                             timeout=60)
                 break
             except subprocess.TimeoutExpired:
