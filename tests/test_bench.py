@@ -284,7 +284,7 @@ def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
     from lsq_jax.models.backbone import parameter_count
 
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "baseconv.py"
-    sizes = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "train.batch_size": 48}
+    sizes = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 1, "train.batch_size": 48}
     rows = []
     for chunk in (24, 4):
         config = get_config("baseconv", "lm")
