@@ -24,7 +24,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write to a full disk or quota
 
 

@@ -3,9 +3,8 @@ report, and the checks that refuse a run whose estimate exceeds a device, before
 written. The sizes they count come from the plan (lsq_jax.plan.run, lsq_jax.plan.report)."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from lsq_jax.config.experiment import Experiment
 from lsq_jax.config.model import ModelConfig
@@ -43,8 +42,8 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
     at once (a microbatch, two on CPU where the scan is unrolled), kept for the backward pass; data: the
     per-device batch's matrices A, its input tokens and per-example keys; statistics: the matrix of
     mini-batch gradients; lm_normal_equations (when LM solves them by Cholesky, with `lm_rows` Jacobian rows
-    per chunk; 0 otherwise): what its iteration holds at its peak (lm_cholesky_bytes); sequence_mixing: `mixing`, what one block's mixer materialises
-    (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
+    per chunk; 0 otherwise): what its iteration holds at its peak (lm_cholesky_bytes); sequence_mixing:
+    `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
     matrices, tokens and one activation), held with the state after training.
     """
     itemsize = jnp.dtype(exp.task.dtype).itemsize
