@@ -4,7 +4,7 @@ Recipe: Adam lr 5e-4, STEP-THRESHOLD LR step_rate 12500 gamma 0.9, EMA 0.98 / 2.
 `softmax` argument gives the softmax-attention sanity check with the same settings.
 
     python -m lsq_jax.main --config=configs/linear_attention.py[:softmax][,cpu|,smoke]
-    python -m lsq_jax.main --config=configs/linear_attention.py:lm     # Levenberg-Marquardt, D = 3, width 16
+    python -m lsq_jax.main --config=configs/linear_attention.py[:softmax,]lm  # Levenberg-Marquardt, D = 3, width 16
 """
 from lsq_jax.config import defaults
 

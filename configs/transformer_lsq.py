@@ -4,17 +4,21 @@ Causal, 12 layers, width 256, 8 heads, MLP x4 relu, all LayerNorms; Adam lr 1e-4
 10000 x 0.9, 1M steps. `kappa5` trains on A with condition number 5; `baseconv` swaps the mixer (the
 paper's layer sweep runs both with --config.model.n_layer=N).
 
-    python -m lsq_jax.main --config=configs/transformer_lsq.py[:kappa5][,baseconv][,cpu|,smoke]
+    python -m lsq_jax.main --config=configs/transformer_lsq.py[:kappa5][,baseconv][,cpu|,smoke|,lm]
+
+`lm`: Levenberg-Marquardt at the size of configs/linear_attention.py:lm (D = 3, L = 10), with a parameter
+count close to its 3,571: 2 blocks of width 12, 2 heads, MLP x4 (P = 4,011); one fixed batch of 4,000
+problems (12,000 residuals = 3.0 P), isotropic damping with geodesic acceleration, 200 iterations.
 """
 from lsq_jax.config import defaults
 
 
 def get_config(arg=None):
     parts = defaults.split_arg(arg)
-    variant = "".join(p for p in parts if p in ("cpu", "smoke"))
-    unknown = [p for p in parts if p not in ("cpu", "smoke", "kappa5", "baseconv")]
+    variant = "".join(p for p in parts if p in ("cpu", "smoke", "lm"))
+    unknown = [p for p in parts if p not in ("cpu", "smoke", "lm", "kappa5", "baseconv")]
     if unknown:
-        raise ValueError(f"config argument {unknown[0]!r} is not allowed: use kappa5, baseconv, cpu, smoke")
+        raise ValueError(f"config argument {unknown[0]!r} is not allowed: use kappa5, baseconv, cpu, smoke, lm")
     c = defaults.base_config()
     c.name = "transformer_lsq"
     c.task.name = "least_squares"
@@ -35,4 +39,9 @@ def get_config(arg=None):
              "train.grad_stats_batches": 16, "train.checkpoint_every": 1000},
         smoke={"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "train.batch_size": 32,
                "train.num_steps": 100, "train.log_every": 25, "optim.step_rate": 50,
-               "train.grad_stats_batches": 4, "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50})
+               "train.grad_stats_batches": 4, "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 100, "train.checkpoint_every": 50},
+        # lm: see the docstring
+        lm={"task.n_dims": 3, "task.n_points": 10, "model.n_layer": 2, "model.n_embd": 12, "model.n_head": 2,
+            "optim.optimizer": "lm", "optim.lm_geodesic": True, "train.batch_size": 4000,
+            "train.num_steps": 200, "train.log_every": 10, "train.checkpoint_every": 25,
+            "train.grad_stats_batches": 0})
