@@ -1,12 +1,17 @@
 """Every config file and variant converts, and its training step traces (catches work that cannot run
-under jit, such as a task drawing its fixed coefficients while being traced)."""
+under jit, such as a task drawing its fixed coefficients while being traced); the Levenberg-Marquardt
+variants have the sizes their docstrings claim."""
 import jax
 import pytest
 
 from lsq_jax.config.experiment import experiment_from_config
+from lsq_jax.data.keys import run_keys
+from lsq_jax.data.samplers import example_keys
+from lsq_jax.data.tasks import make_task
 from lsq_jax.mesh import make_mesh
+from lsq_jax.models.backbone import SequenceModel, init_params
 from lsq_jax.plan.run import make_plan
-from lsq_jax.train.step import measure_grad_stats, train_step
+from lsq_jax.train.step import lm_residuals, measure_grad_stats, train_step
 
 from config_files import load
 from steps import initial_state
@@ -17,9 +22,13 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
          ("transformer_lsq", "smoke"), ("transformer_lsq", "kappa5,baseconv,cpu"), ("transformer_icl", "smoke"),
          ("transformer_icl", "cpu")] + [("primitives", f"{p},smoke") for p in
                                         ("read", "linear", "multiply", "square", "identity", "read,attention")]
+PRIMITIVES = ("read", "linear", "multiply", "square", "identity")
+LM_CASES = ([("linear_attention", "softmax,lm"), ("multistep_gd", "lm"), ("transformer_lsq", "lm"),
+             ("transformer_lsq", "kappa5,baseconv,lm"), ("transformer_icl", "lm")]
+            + [("primitives", f"{p},{mixer}lm") for p in PRIMITIVES for mixer in ("", "attention,", "linear_attention,")])
 
 
-@pytest.mark.parametrize("name,arg", CASES)
+@pytest.mark.parametrize("name,arg", CASES + LM_CASES)
 @pytest.mark.slow
 def test_config_converts_and_its_step_traces(name, arg):
     exp = experiment_from_config(load(name).get_config(arg))
@@ -36,3 +45,43 @@ def test_config_converts_and_its_step_traces(name, arg):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="huge"):
         load("baseconv").get_config("huge")
+
+
+def n_params(exp) -> int:
+    return sum(x.size for x in jax.tree.leaves(init_params(exp.model, jax.random.key(0))))
+
+
+def n_residuals(exp) -> int:
+    """The residuals of LM's batch (problems x outputs read per problem), from their shapes."""
+    keys = example_keys(run_keys(exp.seed)["lm"], 0, 0, exp.train.batch_size)
+    params = jax.eval_shape(lambda: init_params(exp.model, jax.random.key(0)))
+    out = jax.eval_shape(lambda p, k: lm_residuals(p, k, model=SequenceModel(exp.model), task=make_task(exp.task),
+                                                   n_points=exp.task.n_points, n_dims=None), params, keys)
+    return out.size
+
+
+@pytest.mark.parametrize("name,arg", LM_CASES)
+def test_lm_variant_fits_about_four_residuals_per_parameter(name, arg):
+    exp = experiment_from_config(load(name).get_config(arg))
+    assert exp.optim.optimizer == "lm"
+    assert 2.9 <= n_residuals(exp) / n_params(exp) <= 6
+
+
+def test_lm_mixers_on_primitives_have_matched_sizes():
+    for p in PRIMITIVES:
+        sizes = [n_params(experiment_from_config(load("primitives").get_config(f"{p},{mixer}lm")))
+                 for mixer in ("", "attention,", "linear_attention,")]
+        assert max(sizes) <= 1.02 * min(sizes), (p, sizes)
+
+
+@pytest.mark.parametrize("name,arg", [("transformer_lsq", "lm"), ("transformer_icl", "lm"),
+                                      ("linear_attention", "softmax,lm"), ("multistep_gd", "lm")])
+def test_lm_variant_matches_the_size_of_linear_attention_lm(name, arg):
+    reference = n_params(experiment_from_config(load("linear_attention").get_config("lm")))
+    assert abs(n_params(experiment_from_config(load(name).get_config(arg))) / reference - 1) <= 0.2
+
+
+def test_softmax_lm_is_linear_attention_lm_with_softmax():
+    linear, softmax = (experiment_from_config(load("linear_attention").get_config(a)) for a in ("lm", "softmax,lm"))
+    assert softmax.model.mixer == "attention" and linear.model.mixer == "linear_attention"
+    assert (softmax.task, softmax.optim, softmax.train) == (linear.task, linear.optim, linear.train)
