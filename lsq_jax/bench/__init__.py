@@ -7,6 +7,7 @@ r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
     python -m lsq_jax.bench --bench=lm_iteration --config=configs/baseconv.py:lm
     python -m lsq_jax.bench --bench=curvature --workdir=W     # where a finished LM run stopped (bench/curvature.py)
     python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=1,2,4
+    python -m lsq_jax.bench --bench=claims [--quick]           # the papers' claims over --seeds (bench/claims.py)
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
 time is reported apart, FLOPs come from XLA's cost analysis, and the roofline ratio divides the achieved
@@ -26,6 +27,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from lsq_jax.bench.claims import claim_rows, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
@@ -33,7 +35,7 @@ from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, exper
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
 _BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
                           "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, lm_scaling, "
-                          "curvature.")
+                          "curvature, claims.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
@@ -46,6 +48,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed LM iterations per device co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.")
 _LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps of the curvature benchmark "
                                       "(at most the parameter count, where the whole spectrum is spanned).")
+_QUICK = flags.DEFINE_bool("quick", False, "Claims: a few iterations per training and few test problems, to "
+                           "check the machinery (its figures are not the claims).")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: BENCH:N, one row of scaling or lm_scaling on N devices, "
                              "in a subprocess.")
@@ -363,6 +367,11 @@ def main(argv):
         first = results["lm_scaling"][0]
         print(f"LM scaling ({first['config']}, P = {first['n_params']}, fixed global batch {first['batch_size']})")
         print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)
+    if "claims" in _BENCH.value:
+        seeds = [int(s) for s in _SEEDS.value]
+        rows, runs = claim_rows(seeds, _QUICK.value)
+        results["claims"], results["claim_trainings"] = rows, runs
+        print_claims(rows, runs, seeds, _QUICK.value)
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {_OUT.value}")

@@ -1,6 +1,6 @@
 """The command's flags (FLAGS), loading the config file and parsing them; every failure is ConfigError, one line.
 
-`check_config_file` runs the file's get_config as ml_collections will, so that a missing file, a syntax
+`load_config_file` runs the file's get_config as ml_collections will, so that a missing file, a syntax
 error, a missing get_config or one that raises is reported as such (not as a bad override); `parse_flags`
 runs absl's parser, which loads the file and applies the --config.a.b=v overrides.
 """
@@ -55,8 +55,8 @@ def config_spec(argv: list[str]) -> tuple[str, str | None] | None:
     return path, (variant if colon else None)
 
 
-def check_config_file(path: str, variant: str | None) -> None:
-    """Load the config file and call its get_config(variant), or raise ConfigError saying what is wrong."""
+def load_config_file(path: str, variant: str | None):
+    """The ConfigDict of a config file's get_config(variant); ConfigError (one line) saying what is wrong."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location("lsq_jax_config_check", path)
@@ -72,7 +72,7 @@ def check_config_file(path: str, variant: str | None) -> None:
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"--config: {path} has no get_config() function")
     try:
-        module.get_config(*([] if variant is None else [variant]))
+        return module.get_config(*([] if variant is None else [variant]))
     except ValueError as err:  # the file's own validation, e.g. an unknown variant
         raise ConfigError(f"--config: {path}: {one_line(err)}") from None
     except Exception as err:  # noqa: BLE001
@@ -91,7 +91,7 @@ def parse_flags(argv: list[str]) -> None:
     afresh."""
     spec = config_spec(argv)
     if spec is not None:
-        check_config_file(*spec)
+        load_config_file(*spec)
     FLAGS.unparse_flags()  # forget the last parse's overrides
     for name in [name for name in FLAGS if name.startswith("config.")]:
         delattr(FLAGS, name)

@@ -1,0 +1,370 @@
+"""The papers' claims, checked at laptop scale: `python -m lsq_jax.bench --bench=claims [--quick]`.
+
+Each claim of the two papers' abstracts becomes one or more rows: the paper's figure, the figure measured
+here (median and range over --seeds), the ratio where the claim is a ratio, whether it holds by the row's
+stated criterion, and the command that reruns each training it needs. Every model is trained here from
+random initialisation for a fixed number of iterations (`TRAININGS`), so the figures do not depend on the
+machine's load; the seconds each training took are reported beside them. A training that several claims use
+(the learned GD step, the end-to-end Transformer) runs once per seed.
+
+`--quick` trains one-layer versions of the models for `QUICK_STEPS` iterations and evaluates them on few
+problems: it checks the machinery (the tests run it); its rows say `quick` and its figures are not the claims.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any, Callable, NamedTuple
+
+from lsq_jax.bench.precision import experiment
+
+QUICK_STEPS = 2
+QUICK_SIZES = {"model.n_layer": 1, "train.batch_size": 64, "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 40}
+OOD_KAPPA = 100.0  # the out-of-distribution cell of the generality claim: condition number 100, trained at 1
+CONSTRUCTION_PROBLEMS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """One trained model of the claims: `config` (FILE.py:VARIANT, from the repository root) trained `steps`
+    iterations with `overrides` (config fields)."""
+    label: str
+    config: str
+    steps: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def command(self) -> str:
+        """The command line that trains it as the bench does (add --config.seed=S for another seed)."""
+        flags = "".join(f" --config.{k}={v}" for k, v in (("train.num_steps", self.steps), *self.overrides))
+        return f"python -m lsq_jax.main --config={self.config}{flags}"
+
+
+TRAININGS = {
+    "learned_gd": Training("learned GD step (linear attention, LM)", "configs/linear_attention.py:lm", 150),
+    "transformer": Training("end-to-end Transformer (softmax, LM)", "configs/transformer_lsq.py:lm", 100),
+    "multiply_baseconv": Training("BaseConv on multiply (LM)", "configs/primitives.py:multiply,lm", 100),
+    "multiply_linear_attention": Training("linear attention on multiply (LM)",
+                                          "configs/primitives.py:multiply,linear_attention,lm", 100),
+    "multiply_softmax": Training("softmax attention on multiply (LM)", "configs/primitives.py:multiply,attention,lm",
+                                 100),
+    "recipe": Training("BaseConv, Adam with the high-precision recipe", "configs/baseconv.py:cpu", 8000),
+    "plain_adam": Training("BaseConv, plain Adam (constant LR, no EMA)", "configs/baseconv.py:cpu", 8000,
+                           (("optim.schedule", "constant"), ("optim.ema_lambda", 0.0))),
+    "multistep": Training("k-step GD model (BaseConv, LM)", "configs/multistep_gd.py:lm", 100),
+}
+
+
+class Trained(NamedTuple):
+    """A finished training: its run plan, final parameters, seconds of training (compilation included) and
+    test MSE on the plan's evaluation batch."""
+    plan: Any
+    params: Any
+    seconds: float
+    test_mse: float
+
+
+def train(training: Training, seed: int, quick: bool) -> Trained:
+    """`training` from random initialisation (seed `seed`) for its steps (QUICK_STEPS with `quick`)."""
+    import jax
+
+    from lsq_jax.config.load import load_config_file
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.plan.run import make_plan
+    from lsq_jax.train.loop import drive
+    from lsq_jax.train.state import init_state, place_state
+    from lsq_jax.train.step import Steps, evaluate_loss
+
+    path, _, variant = training.config.partition(":")
+    overrides = {"seed": seed, "train.num_steps": QUICK_STEPS if quick else training.steps,
+                 **dict(training.overrides), **(QUICK_SIZES if quick else {})}
+    exp = experiment(load_config_file(path, variant or None), **overrides)
+    plan = make_plan(exp, make_mesh())
+    started = time.perf_counter()
+    state = place_state(init_state(plan), plan.mesh)
+    state, _ = drive(Steps(plan), state, exp.train.num_steps, lambda *_: False)
+    params = jax.block_until_ready(state.params)
+    seconds = time.perf_counter() - started
+    mse = _finite_or_inf(float(jax.jit(lambda p: evaluate_loss(p, plan)["mse"])(params)))
+    return Trained(plan, params, seconds, mse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the claims measure on trained models
+
+
+def _apply(trained: Trained) -> Callable:
+    def apply_fn(params, inputs):
+        return trained.plan.model.apply({"params": params}, inputs)
+    return apply_fn
+
+
+def _solution_problems(transformer: Trained):
+    """The end-to-end Transformer's test problems (its report's single-step key and count): the batch and
+    the Transformer's estimate of x* for each."""
+    import jax
+
+    from lsq_jax.data.samplers import example_keys
+
+    plan, report = transformer.plan, transformer.plan.report
+    batch = plan.task.sample(example_keys(jax.random.fold_in(report.key, 0), 0, 0, report.sizes.n_problems))
+    estimate = plan.task.read(jax.jit(_apply(transformer))(transformer.params, batch.inputs))[:, -1]
+    return batch.raw, estimate
+
+
+def _mse(x, x_star) -> float:
+    import jax.numpy as jnp
+
+    return _finite_or_inf(float(jnp.mean((x - x_star) ** 2)))
+
+
+def iterated_against_transformer(learned: Trained, transformer: Trained) -> dict:
+    """On the Transformer's test problems: the MSE of x* estimated by the Transformer in one pass, and of
+    the learned GD step and of exact GD, each applied the learned run's report iterations from x0."""
+    from lsq_jax.eval.solvers import gd_solver, learned_gradient_solver, run_solver
+
+    raw, estimate = _solution_problems(transformer)
+    l_exp, t_exp = learned.plan.exp.task, transformer.plan.exp.task
+    if (l_exp.n_dims, l_exp.n_points) != (t_exp.n_dims, t_exp.n_points):
+        raise ValueError(f"the learned step ({l_exp.n_dims} dims, {l_exp.n_points} rows) and the Transformer "
+                         f"({t_exp.n_dims}, {t_exp.n_points}) must be trained on problems of one size")
+    n_iters = learned.plan.report.sizes.n_iters
+    solver = learned_gradient_solver(_apply(learned), learned.params)
+    x_learned = run_solver(solver, raw.a, raw.b, raw.x0, n_iters)[-1]
+    x_gd = run_solver(gd_solver(), raw.a, raw.b, raw.x0, n_iters)[-1]
+    return {"transformer_mse": _mse(estimate, raw.x_star), "learned_iterated_mse": _mse(x_learned, raw.x_star),
+            "gd_iterated_mse": _mse(x_gd, raw.x_star), "iterations": n_iters,
+            "transformer_params": transformer.plan.n_params, "learned_params": learned.plan.n_params}
+
+
+def own_error(trained: Trained, kappa: float) -> float:
+    """Median relative error of the model's own output on its task's problems drawn with condition number
+    `kappa`: the gradient ||g_pred - g|| / ||g|| for a learned step, the forward error ||x_pred - x*|| /
+    ||x*|| for an end-to-end model (lsq_jax.eval.report.single_step_report)."""
+    import jax
+
+    from lsq_jax.data.tasks import make_task
+    from lsq_jax.eval.report import single_step_report
+
+    plan = trained.plan
+    task = make_task(dataclasses.replace(plan.exp.task, scale_cond=kappa))
+    report = single_step_report(task, _apply(trained), trained.params, jax.random.fold_in(plan.report.key, 0),
+                                plan.report.sizes.n_problems)
+    field = "relative_gradient_error" if "relative_gradient_error" in report else "forward_error"
+    median = report[field]["median"]
+    return math.inf if median is None else median
+
+
+def generality_gap(trained: Trained) -> dict:
+    """The model's own relative error in distribution and at condition number OOD_KAPPA: their difference
+    (the gap) and their ratio."""
+    inside, outside = own_error(trained, trained.plan.exp.task.scale_cond), own_error(trained, OOD_KAPPA)
+    inside, outside = _finite_or_inf(inside), _finite_or_inf(outside)
+    return {"in_distribution": inside, "out_of_distribution": outside, "gap": _finite_or_inf(outside - inside),
+            "gap_ratio": _ratio(outside, inside)}
+
+
+def construction_error(kind: str, seed: int, n_dims: int, n_points: int) -> float:
+    """Largest relative difference between one step of the hand-built `kind` model ('baseconv' or
+    'linear_attention') and one exact GD step, over CONSTRUCTION_PROBLEMS problems of seed `seed`."""
+    import jax
+    import jax.numpy as jnp
+
+    from lsq_jax.data import samplers
+    from lsq_jax.eval.constructions import construction_solver
+    from lsq_jax.eval.solvers import gd_solver, run_solver
+    from lsq_jax.eval.stats import relative_error_b
+
+    keys = samplers.example_keys(jax.random.key(seed), 0, 0, CONSTRUCTION_PROBLEMS)
+    s = samplers.least_squares(keys, n_points, n_dims)
+    x_gd = run_solver(gd_solver(), s.a, s.b, s.x0, 1)[1]
+    x_built = run_solver(construction_solver(kind, n_dims, n_points), s.a, s.b, s.x0, 1)[1]
+    return float(jnp.max(relative_error_b(x_built, x_gd, x_gd - s.x0)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rows
+
+
+def _finite_or_inf(x: float) -> float:
+    """An error figure: a diverged one (NaN or inf) is +inf."""
+    return x if math.isfinite(x) else math.inf
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den of two error figures (+inf: diverged): a diverged denominator gives 0, a diverged numerator
+    +inf, both diverged NaN (not comparable)."""
+    if math.isinf(num) and math.isinf(den):
+        return math.nan
+    return math.inf if den == 0 else num / den
+
+
+def _median(values: list[float]) -> float:
+    """The median, a NaN (not comparable) counted as -inf: a criterion 'at least' never passes on it."""
+    return statistics.median(-math.inf if math.isnan(v) else v for v in values)
+
+
+def _summary(values: list[float]) -> tuple[float | None, list[float | None]]:
+    """Median and range for JSON: None where not finite."""
+    from lsq_jax.eval.stats import json_float
+
+    ordered = sorted(-math.inf if math.isnan(v) else v for v in values)
+    return json_float(_median(values)), [json_float(ordered[0]), json_float(ordered[-1])]
+
+
+def row(claim: str, paper: str, measured: str, values: list[float], *, criterion: str, holds: bool | None,
+        trainings: tuple[str, ...], ratio: list[float] | None = None, ratio_of: str = "", **details) -> dict:
+    """One row of the table: `values` (one per seed) summarised by median and range, likewise `ratio`."""
+    out = {"claim": claim, "paper": paper, "what": measured}
+    out["measured"], out["measured_range"] = _summary(values)
+    out["per_seed"] = [_summary([v])[0] for v in values]
+    if ratio is not None:
+        out["ratio"], out["ratio_range"] = _summary(ratio)
+        out["ratio_of"] = ratio_of
+    out.update(holds=holds, criterion=criterion,
+               commands=[TRAININGS[t].command() for t in trainings], **details)
+    return out
+
+
+def claim_rows(seeds: list[int], quick: bool, log=print) -> tuple[list[dict], list[dict]]:
+    """The claims' rows over `seeds`, and one record per training (label, seed, steps, seconds, test MSE,
+    parameters, command)."""
+    cache: dict[tuple[str, int], Trained] = {}
+    runs: list[dict] = []
+    order = ["transformer", "learned_gd", "multiply_baseconv", "multiply_linear_attention", "multiply_softmax",
+             "recipe", "plain_adam", "multistep"]
+    started = time.perf_counter()
+
+    def trained(name: str, seed: int) -> Trained:
+        if (name, seed) not in cache:
+            t = TRAININGS[name]
+            cache[name, seed] = result = train(t, seed, quick)
+            runs.append({"training": name, "label": t.label, "config": t.config, "seed": seed,
+                         "steps": QUICK_STEPS if quick else t.steps, "seconds": result.seconds,
+                         "test_mse": result.test_mse, "params": result.plan.n_params, "command": t.command()})
+            done, total = len(runs), len(order) * len(seeds)
+            elapsed = time.perf_counter() - started
+            log(f"claims: [{done}/{total}] {t.label}, seed {seed}: {runs[-1]['steps']} iterations in "
+                f"{result.seconds:.0f} s, test MSE {result.test_mse:.2e}; elapsed {elapsed / 60:.1f} min, "
+                f"ETA {elapsed / done * (total - done) / 60:.1f} min")
+        return cache[name, seed]
+
+    def per_seed(fn: Callable[[int], Any]) -> list[Any]:
+        return [fn(s) for s in seeds]
+
+    rows = []
+    solution = per_seed(lambda s: iterated_against_transformer(trained("learned_gd", s), trained("transformer", s)))
+    rows.append(row(
+        "1. Transformers trained on least squares plateau near MSE 1e-5, 9 orders of magnitude above GD",
+        "MSE ~1e-5; 1e9 x GD's", "end-to-end Transformer's test MSE of x*",
+        [r["transformer_mse"] for r in solution],
+        ratio=[_ratio(r["transformer_mse"], r["gd_iterated_mse"]) for r in solution],
+        ratio_of="Transformer's MSE / GD's after the same problems' iterations",
+        criterion="the Transformer stays at or above 1e-6 on every seed (it does not pass the plateau) and 1e6x "
+                  "above GD", holds=all(r["transformer_mse"] >= 1e-6 and r["transformer_mse"] >= 1e6 * r["gd_iterated_mse"]
+                                        for r in solution),
+        trainings=("transformer",), transformer_params=solution[0]["transformer_params"]))
+
+    multiply = {m: per_seed(lambda s, m=m: trained(f"multiply_{m}", s).test_mse)
+                for m in ("softmax", "baseconv", "linear_attention")}
+    for mixer, name in (("baseconv", "BaseConv"), ("linear_attention", "linear attention")):
+        ratios = [_ratio(soft, own) for soft, own in zip(multiply["softmax"], multiply[mixer])]
+        rows.append(row(
+            f"2. Softmax attention struggles to learn element-wise multiplication precisely; {name} represents it",
+            "softmax imprecise; polynomial mixers exact", f"{name}'s test MSE on multiply", multiply[mixer],
+            ratio=ratios, ratio_of="softmax attention's test MSE / this mixer's",
+            criterion="softmax attention's test MSE at least 100x this mixer's on every seed",
+            holds=all(r >= 100 for r in ratios), trainings=(f"multiply_{mixer}", "multiply_softmax"),
+            softmax_mse=multiply["softmax"],
+            params={m: trained(f"multiply_{m}", seeds[0]).plan.n_params for m in multiply}))
+
+    task = trained("learned_gd", seeds[0]).plan.exp.task
+    for kind, name in (("baseconv", "BaseConv"), ("linear_attention", "linear attention")):
+        errors = per_seed(lambda s, kind=kind: construction_error(kind, s, task.n_dims, task.n_points))
+        rows.append(row(
+            f"3. {name} implements a GD iterate exactly (weight construction)", "exact",
+            f"largest relative difference from one exact GD step ({CONSTRUCTION_PROBLEMS} problems, D = "
+            f"{task.n_dims}, L = {task.n_points})", errors,
+            criterion="at most 1e-13 (float64 round-off) on every seed", holds=all(e <= 1e-13 for e in errors),
+            trainings=()))
+
+    recipe = per_seed(lambda s: trained("recipe", s).test_mse)
+    plain = per_seed(lambda s: trained("plain_adam", s).test_mse)
+    learned = per_seed(lambda s: trained("learned_gd", s).test_mse)
+    multistep = per_seed(lambda s: trained("multistep", s).test_mse)
+    for claim, paper, what, values, limit, names in (
+            ("4. The high-precision recipe learns one GD iterate to MSE ~1e-13 (Adam, millions of steps)",
+             "~1e-13", f"recipe's test MSE after {TRAININGS['recipe'].steps} steps", recipe, 1e-12, ("recipe",)),
+            ("4. One GD iterate to MSE ~1e-13, here by Levenberg-Marquardt", "~1e-13",
+             f"learned GD step's test MSE after {TRAININGS['learned_gd'].steps} LM iterations", learned, 1e-12,
+             ("learned_gd",)),
+            ("4. Several GD iterates learned to MSE ~1e-10", "~1e-10",
+             f"k-step GD model's test MSE after {TRAININGS['multistep'].steps} LM iterations", multistep, 1e-9,
+             ("multistep",))):
+        rows.append(row(claim, paper, what, values, criterion=f"median at most {limit:.0e} (10x the paper's)",
+                        holds=_median(values) <= limit, trainings=names))
+    ratios = [_ratio(p, r) for p, r in zip(plain, recipe)]
+    rows.append(row(
+        "4. The recipe's adaptive LR and EMA cut the gradient noise that stalls plain Adam",
+        "recipe below plain Adam", "recipe's test MSE", recipe, ratio=ratios,
+        ratio_of="plain Adam's test MSE / the recipe's, same steps and batches",
+        criterion="the recipe below plain Adam on every seed", holds=all(r > 1 for r in ratios),
+        trainings=("recipe", "plain_adam"), plain_adam_mse=plain))
+
+    ratios = [_ratio(r["transformer_mse"], r["learned_iterated_mse"]) for r in solution]
+    rows.append(row(
+        "5. Applied iteratively, the learned GD step reaches 100,000x (workshop paper: 100x) lower MSE than a "
+        "Transformer of matched size trained end to end", "1e5 (1e2)",
+        f"learned GD step's MSE of x* after {solution[0]['iterations']} applications",
+        [r["learned_iterated_mse"] for r in solution], ratio=ratios,
+        ratio_of="the Transformer's MSE / the iterated learned step's, same problems",
+        criterion="median ratio at least 1e5", holds=_median(ratios) >= 1e5,
+        trainings=("learned_gd", "transformer"), gd_iterated_mse=[r["gd_iterated_mse"] for r in solution],
+        params={"learned": solution[0]["learned_params"], "transformer": solution[0]["transformer_params"]}))
+
+    gaps = per_seed(lambda s: (generality_gap(trained("learned_gd", s)), generality_gap(trained("transformer", s))))
+    ratios = [_ratio(t["gap"], g["gap"]) for g, t in gaps]
+    rows.append(row(
+        "6. Out of distribution, the learned GD step's generalisation gap is 10,000x smaller than a Transformer's",
+        "1e4", f"learned GD step's gap: its relative error at kappa {OOD_KAPPA:g} minus in distribution",
+        [g["gap"] for g, _ in gaps], ratio=ratios, ratio_of="the Transformer's gap / the learned step's",
+        criterion="median ratio at least 1e4", holds=_median(ratios) >= 1e4,
+        trainings=("learned_gd", "transformer"), learned=[g for g, _ in gaps], transformer=[t for _, t in gaps]))
+    if quick:
+        for r in rows:
+            r["quick"] = True
+    return _json(rows), _json(runs)
+
+
+def _json(x):
+    """`x` with every float that is not finite as None (JSON has no inf or NaN)."""
+    from lsq_jax.eval.stats import json_float
+
+    if isinstance(x, dict):
+        return {k: _json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json(v) for v in x]
+    return json_float(x) if isinstance(x, float) else x
+
+
+def print_claims(rows: list[dict], runs: list[dict], seeds: list[int], quick: bool) -> None:
+    """The table: claim, paper, measured (median, range), ratio, holds; then each training's command."""
+    title = "claims (QUICK: machinery check, not the claims' figures)" if quick else "claims"
+    print(f"{title}, seeds {','.join(map(str, seeds))}: median [range]")
+    def g(x):
+        return "n/a" if x is None else f"{x:.3g}"
+
+    for r in rows:
+        lo, hi = r["measured_range"]
+        ratio = f"; ratio {g(r['ratio'])} [{g(r['ratio_range'][0])}, {g(r['ratio_range'][1])}]" if "ratio" in r else ""
+        verdict = {True: "HOLDS", False: "does not hold", None: "-"}[r["holds"]]
+        print(f"- {r['claim']}\n    paper {r['paper']} | {r['what']}: {g(r['measured'])} [{g(lo)}, {g(hi)}]"
+              f"{ratio} | {verdict} ({r['criterion']})")
+    print("trainings (rerun one with --config.seed=S):")
+    seen = {}
+    for run in runs:
+        seen.setdefault(run["training"], []).append(run)
+    for name, rs in seen.items():
+        secs = ", ".join(f"{x['seconds']:.0f}" for x in rs)
+        print(f"  {rs[0]['label']} (P = {rs[0]['params']}): {rs[0]['steps']} iterations, {secs} s; {rs[0]['command']}")
