@@ -139,21 +139,23 @@ def iterated_against_transformer(learned: Trained, transformer: Trained) -> dict
 
 
 def own_error(trained: Trained, kappa: float) -> float:
-    """Median relative error of the model's own output on its task's problems drawn with condition number
-    `kappa`: the gradient ||g_pred - g|| / ||g|| for a learned step, the forward error ||x_pred - x*|| /
-    ||x*|| for an end-to-end model (lsq_jax.eval.report.single_step_report)."""
+    """Median relative error of the model's own output at its task's size, on problems drawn as the report's
+    generality grid draws them (lsq_jax.eval.ood.draw_cell) with condition number `kappa`: the gradient
+    ||g_pred - g|| / ||g|| of a learned step, the forward error ||x_pred - x*|| / ||x*|| of an end-to-end
+    model."""
     import jax
+    import jax.numpy as jnp
 
-    from lsq_jax.data.tasks import make_task
-    from lsq_jax.eval.report import single_step_report
+    from lsq_jax.eval.ood import draw_cell
+    from lsq_jax.eval.stats import relative_error_b
 
-    plan = trained.plan
-    task = make_task(dataclasses.replace(plan.exp.task, scale_cond=kappa))
-    report = single_step_report(task, _apply(trained), trained.params, jax.random.fold_in(plan.report.key, 0),
-                                plan.report.sizes.n_problems)
-    field = "relative_gradient_error" if "relative_gradient_error" in report else "forward_error"
-    median = report[field]["median"]
-    return math.inf if median is None else median
+    plan, cfg = trained.plan, trained.plan.exp.task
+    cell = {"kappa": kappa, "scale_target": cfg.scale_target, "n_points": cfg.n_points, "n_dims": cfg.n_dims}
+    raw = draw_cell(jax.random.fold_in(plan.report.key, 2), cell, plan.report.sizes.n_problems, cfg.n_dims,
+                    normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x, dtype=plan.task.dtype)
+    inputs, targets = plan.task.build(raw)
+    estimate = plan.task.read(jax.jit(_apply(trained))(trained.params, inputs))[:, -1]
+    return _finite_or_inf(float(jnp.median(relative_error_b(estimate, targets[:, -1], targets[:, -1]))))
 
 
 def generality_gap(trained: Trained) -> dict:
