@@ -27,7 +27,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.bench.claims import claim_rows, print_claims
+from lsq_jax.bench.claims import claim_rows, plot_claims, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
@@ -372,6 +372,8 @@ def main(argv):
         rows, runs = claim_rows(seeds, _QUICK.value)
         results["claims"], results["claim_trainings"] = rows, runs
         print_claims(rows, runs, seeds, _QUICK.value)
+        for path in plot_claims(rows, runs, os.path.splitext(_OUT.value)[0] + "_claims"):
+            print(f"wrote {path}")
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {_OUT.value}")

@@ -56,17 +56,22 @@ TRAININGS = {
 }
 
 
+CURVE_POINTS = 20  # test MSE measurements along each training (outside its seconds)
+
+
 class Trained(NamedTuple):
-    """A finished training: its run plan, final parameters, seconds of training (compilation included) and
-    test MSE on the plan's evaluation batch."""
+    """A finished training: its run plan, final parameters, seconds of training (compilation included), test
+    MSE on the plan's evaluation batch, and the curve of test MSE against iterations and seconds."""
     plan: Any
     params: Any
     seconds: float
     test_mse: float
+    curve: tuple = ()
 
 
 def train(training: Training, seed: int, quick: bool) -> Trained:
-    """`training` from random initialisation (seed `seed`) for its steps (QUICK_STEPS with `quick`)."""
+    """`training` from random initialisation (seed `seed`) for its steps (QUICK_STEPS with `quick`), the test
+    MSE measured CURVE_POINTS times along the way."""
     import jax
 
     from lsq_jax.config.load import load_config_file
@@ -81,13 +86,24 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
                  **dict(training.overrides), **(QUICK_SIZES if quick else {})}
     exp = experiment(load_config_file(path, variant or None), **overrides)
     plan = make_plan(exp, make_mesh())
-    started = time.perf_counter()
+    evaluate = jax.jit(lambda p: evaluate_loss(p, plan)["mse"])
+    every = max(1, exp.train.num_steps // CURVE_POINTS)
+    seconds, since = 0.0, time.perf_counter()
     state = place_state(init_state(plan), plan.mesh)
-    state, _ = drive(Steps(plan), state, exp.train.num_steps, lambda *_: False)
-    params = jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - started
-    mse = _finite_or_inf(float(jax.jit(lambda p: evaluate_loss(p, plan)["mse"])(params)))
-    return Trained(plan, params, seconds, mse)
+    curve = [{"step": 0, "seconds": 0.0, "test_mse": _finite_or_inf(float(evaluate(state.params)))}]
+
+    def after_step(step, state, metrics):
+        nonlocal seconds, since
+        if (step + 1) % every == 0 or step + 1 == exp.train.num_steps:
+            jax.block_until_ready(state)
+            seconds += time.perf_counter() - since
+            curve.append({"step": step + 1, "seconds": seconds,
+                          "test_mse": _finite_or_inf(float(evaluate(state.params)))})
+            since = time.perf_counter()
+        return False
+
+    state, _ = drive(Steps(plan), state, exp.train.num_steps, after_step)
+    return Trained(plan, state.params, seconds, curve[-1]["test_mse"], tuple(curve))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +138,10 @@ def _mse(x, x_star) -> float:
 def iterated_against_transformer(learned: Trained, transformer: Trained) -> dict:
     """On the Transformer's test problems: the MSE of x* estimated by the Transformer in one pass, and of
     the learned GD step and of exact GD, each applied the learned run's report iterations from x0."""
+    import jax.numpy as jnp
+
     from lsq_jax.eval.solvers import gd_solver, learned_gradient_solver, run_solver
+    from lsq_jax.eval.stats import report_times
 
     raw, estimate = _solution_problems(transformer)
     l_exp, t_exp = learned.plan.exp.task, transformer.plan.exp.task
@@ -131,10 +150,15 @@ def iterated_against_transformer(learned: Trained, transformer: Trained) -> dict
                          f"({t_exp.n_dims}, {t_exp.n_points}) must be trained on problems of one size")
     n_iters = learned.plan.report.sizes.n_iters
     solver = learned_gradient_solver(_apply(learned), learned.params)
-    x_learned = run_solver(solver, raw.a, raw.b, raw.x0, n_iters)[-1]
-    x_gd = run_solver(gd_solver(), raw.a, raw.b, raw.x0, n_iters)[-1]
-    return {"transformer_mse": _mse(estimate, raw.x_star), "learned_iterated_mse": _mse(x_learned, raw.x_star),
-            "gd_iterated_mse": _mse(x_gd, raw.x_star), "iterations": n_iters,
+    xs_learned = run_solver(solver, raw.a, raw.b, raw.x0, n_iters)
+    xs_gd = run_solver(gd_solver(), raw.a, raw.b, raw.x0, n_iters)
+    points = report_times(n_iters)
+    learned_mse, gd_mse = (jnp.mean((xs - raw.x_star) ** 2, axis=(1, 2))[jnp.asarray(points)]
+                           for xs in (xs_learned, xs_gd))
+    return {"transformer_mse": _mse(estimate, raw.x_star), "learned_iterated_mse": _mse(xs_learned[-1], raw.x_star),
+            "gd_iterated_mse": _mse(xs_gd[-1], raw.x_star), "iterations": n_iters,
+            "curve": {"iteration": points, "learned_mse": [_finite_or_inf(float(v)) for v in learned_mse],
+                      "gd_mse": [_finite_or_inf(float(v)) for v in gd_mse]},
             "transformer_params": transformer.plan.n_params, "learned_params": learned.plan.n_params}
 
 
@@ -229,7 +253,11 @@ def row(claim: str, paper: str, measured: str, values: list[float], *, criterion
     return out
 
 
-def claim_rows(seeds: list[int], quick: bool, log=print) -> tuple[list[dict], list[dict]]:
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def claim_rows(seeds: list[int], quick: bool, log=_log) -> tuple[list[dict], list[dict]]:
     """The claims' rows over `seeds`, and one record per training (label, seed, steps, seconds, test MSE,
     parameters, command)."""
     cache: dict[tuple[str, int], Trained] = {}
@@ -244,7 +272,8 @@ def claim_rows(seeds: list[int], quick: bool, log=print) -> tuple[list[dict], li
             cache[name, seed] = result = train(t, seed, quick)
             runs.append({"training": name, "label": t.label, "config": t.config, "seed": seed,
                          "steps": QUICK_STEPS if quick else t.steps, "seconds": result.seconds,
-                         "test_mse": result.test_mse, "params": result.plan.n_params, "command": t.command()})
+                         "test_mse": result.test_mse, "params": result.plan.n_params, "command": t.command(),
+                         "curve": list(result.curve)})
             done, total = len(runs), len(order) * len(seeds)
             elapsed = time.perf_counter() - started
             log(f"claims: [{done}/{total}] {t.label}, seed {seed}: {runs[-1]['steps']} iterations in "
@@ -323,6 +352,7 @@ def claim_rows(seeds: list[int], quick: bool, log=print) -> tuple[list[dict], li
         ratio_of="the Transformer's MSE / the iterated learned step's, same problems",
         criterion="median ratio at least 1e5", holds=_median(ratios) >= 1e5,
         trainings=("learned_gd", "transformer"), gd_iterated_mse=[r["gd_iterated_mse"] for r in solution],
+        transformer_mse=[r["transformer_mse"] for r in solution], curves=[r["curve"] for r in solution],
         params={"learned": solution[0]["learned_params"], "transformer": solution[0]["transformer_params"]}))
 
     gaps = per_seed(lambda s: (generality_gap(trained("learned_gd", s)), generality_gap(trained("transformer", s))))
@@ -370,3 +400,48 @@ def print_claims(rows: list[dict], runs: list[dict], seeds: list[int], quick: bo
     for name, rs in seen.items():
         secs = ", ".join(f"{x['seconds']:.0f}" for x in rs)
         print(f"  {rs[0]['label']} (P = {rs[0]['params']}): {rs[0]['steps']} iterations, {secs} s; {rs[0]['command']}")
+
+
+def plot_claims(rows: list[dict], runs: list[dict], prefix: str) -> list[str]:
+    """Where a curve says more than the table: test MSE against training seconds on multiplication (each
+    mixer) and for the recipe against plain Adam; the MSE of x* against iterations of the learned step
+    applied iteratively, of GD, and the end-to-end Transformer's one pass. PNGs named prefix_*.png ([]
+    without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for name, groups, title in (
+            ("multiply", ("multiply_softmax", "multiply_baseconv", "multiply_linear_attention"),
+             "element-wise multiplication, LM: softmax against polynomial mixers"),
+            ("recipe", ("recipe", "plain_adam"), "BaseConv, Adam: the high-precision recipe against plain Adam")):
+        fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+        for i, group in enumerate(groups):
+            for j, run in enumerate(r for r in runs if r["training"] == group):
+                curve = [p for p in run["curve"] if p["test_mse"] is not None]
+                ax.semilogy([p["seconds"] for p in curve], [p["test_mse"] for p in curve], color=f"C{i}",
+                            alpha=0.8, label=run["label"] if j == 0 else None)
+        ax.set(xlabel="training wall-clock (s)", ylabel="test MSE", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        paths.append(f"{prefix}_{name}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    iterated = next(r for r in rows if r["claim"].startswith("5."))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for j, (curve, transformer) in enumerate(zip(iterated["curves"], iterated["transformer_mse"])):
+        t = curve["iteration"][1:]  # from the first iteration, on a log axis
+        ax.loglog(t, curve["learned_mse"][1:], color="C0", label="learned GD step" if j == 0 else None)
+        ax.loglog(t, curve["gd_mse"][1:], color="k", ls="--", label="exact GD" if j == 0 else None)
+        if transformer is not None:
+            ax.axhline(transformer, color="C3", alpha=0.8, label="end-to-end Transformer" if j == 0 else None)
+    ax.set(xlabel="iterations", ylabel="MSE of x*", title="learned GD step applied iteratively, per seed")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    paths.append(f"{prefix}_iterated.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
