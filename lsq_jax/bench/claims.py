@@ -7,8 +7,9 @@ random initialisation for a fixed number of iterations (`TRAININGS`), so the fig
 machine's load; the seconds each training took are reported beside them. A training that several claims use
 (the learned GD step, the end-to-end Transformer) runs once per seed.
 
-`--quick` trains one-layer versions of the models for `QUICK_STEPS` iterations and evaluates them on few
-problems: it checks the machinery (the tests run it); its rows say `quick` and its figures are not the claims.
+`--quick` trains one-layer versions of the models for `QUICK_STEPS` iterations (LM without geodesic
+acceleration, which halves its compilation) and evaluates them on few problems: it checks the machinery (the
+tests run it); its rows say `quick` and its figures are not the claims.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Any, Callable, NamedTuple
 from lsq_jax.bench.precision import experiment
 
 QUICK_STEPS = 2
-QUICK_SIZES = {"model.n_layer": 1, "train.batch_size": 64, "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 40}
+QUICK_OVERRIDES = {"model.n_layer": 1, "train.batch_size": 64, "optim.lm_geodesic": False,  # (LM's runs only)
+                   "train.eval_batch_size": 256, "train.eval_problems": 32, "train.eval_iters": 40}
 OOD_KAPPA = 100.0  # the out-of-distribution cell of the generality claim: condition number 100, trained at 1
 CONSTRUCTION_PROBLEMS = 256
 
@@ -83,7 +85,7 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
 
     path, _, variant = training.config.partition(":")
     overrides = {"seed": seed, "train.num_steps": QUICK_STEPS if quick else training.steps,
-                 **dict(training.overrides), **(QUICK_SIZES if quick else {})}
+                 **dict(training.overrides), **(QUICK_OVERRIDES if quick else {})}
     exp = experiment(load_config_file(path, variant or None), **overrides)
     plan = make_plan(exp, make_mesh())
     evaluate = jax.jit(lambda p: evaluate_loss(p, plan)["mse"])
@@ -293,8 +295,7 @@ def claim_rows(seeds: list[int], quick: bool, log=_log) -> tuple[list[dict], lis
         ratio=[_ratio(r["transformer_mse"], r["gd_iterated_mse"]) for r in solution],
         ratio_of="Transformer's MSE / GD's after the same problems' iterations",
         criterion="the Transformer stays at or above 1e-6 on every seed (it does not pass the plateau) and 1e6x "
-                  "above GD", holds=all(r["transformer_mse"] >= 1e-6 and r["transformer_mse"] >= 1e6 * r["gd_iterated_mse"]
-                                        for r in solution),
+                  "above GD", holds=all(r["transformer_mse"] >= max(1e-6, 1e6 * r["gd_iterated_mse"]) for r in solution),
         trainings=("transformer",), transformer_params=solution[0]["transformer_params"]))
 
     multiply = {m: per_seed(lambda s, m=m: trained(f"multiply_{m}", s).test_mse)
