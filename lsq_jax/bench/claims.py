@@ -295,7 +295,8 @@ def claim_rows(seeds: list[int], quick: bool, log=_log) -> tuple[list[dict], lis
         ratio=[_ratio(r["transformer_mse"], r["gd_iterated_mse"]) for r in solution],
         ratio_of="Transformer's MSE / GD's after the same problems' iterations",
         criterion="the Transformer stays at or above 1e-6 on every seed (it does not pass the plateau) and 1e6x "
-                  "above GD", holds=all(r["transformer_mse"] >= max(1e-6, 1e6 * r["gd_iterated_mse"]) for r in solution),
+                  "above GD",
+        holds=all(r["transformer_mse"] >= max(1e-6, 1e6 * r["gd_iterated_mse"]) for r in solution),
         trainings=("transformer",), transformer_params=solution[0]["transformer_params"]))
 
     multiply = {m: per_seed(lambda s, m=m: trained(f"multiply_{m}", s).test_mse)
