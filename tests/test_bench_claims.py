@@ -105,3 +105,27 @@ def test_iterated_use_on_the_transformers_problems_is_gd_as_numpy_computes_it():
     np.testing.assert_allclose(r["learned_iterated_mse"], gd, rtol=1e-8)
     np.testing.assert_allclose(r["transformer_mse"], np.mean((np.asarray(estimate) - np.asarray(raw.x_star)) ** 2),
                                rtol=1e-12)
+
+
+def test_a_saved_training_is_reused_only_under_its_own_spec(tmp_path, monkeypatch):
+    """save_trained then load_trained give back the parameters bit for bit and the record; a changed spec
+    (another step count) is not reused."""
+    import dataclasses
+
+    import jax
+
+    from lsq_jax.bench import claims
+    from lsq_jax.train.state import init_state
+
+    plan = claims._plan(claims.TRAININGS["multistep"], 3, True)
+    params = jax.jit(lambda: init_state(plan))().params
+    record = {"training": "multistep", "seed": 3, "seconds": 1.5, "test_mse": 0.25, "curve": [{"step": 0}]}
+    claims.save_trained(str(tmp_path), "multistep", 3, True, claims.Trained(plan, params, 1.5, 0.25), record)
+    loaded, loaded_record = claims.load_trained(str(tmp_path), "multistep", 3, True)
+    assert loaded_record == record and loaded.test_mse == 0.25 and loaded.plan.exp == plan.exp
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert claims.load_trained(str(tmp_path), "multistep", 4, True) is None
+    changed = dataclasses.replace(claims.TRAININGS["multistep"], steps=claims.TRAININGS["multistep"].steps + 1)
+    monkeypatch.setitem(claims.TRAININGS, "multistep", changed)
+    assert claims.load_trained(str(tmp_path), "multistep", 3, True) is None

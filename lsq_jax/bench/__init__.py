@@ -369,7 +369,7 @@ def main(argv):
         print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)
     if "claims" in _BENCH.value:
         seeds = [int(s) for s in _SEEDS.value]
-        rows, runs = claim_rows(seeds, _QUICK.value)
+        rows, runs = claim_rows(seeds, _QUICK.value, directory=os.path.splitext(_OUT.value)[0] + "_trainings")
         results["claims"], results["claim_trainings"] = rows, runs
         print_claims(rows, runs, seeds, _QUICK.value)
         for path in plot_claims(rows, runs, os.path.splitext(_OUT.value)[0] + "_claims"):

@@ -14,7 +14,9 @@ tests run it); its rows say `quick` and its figures are not the claims.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import statistics
 import time
 from typing import Any, Callable, NamedTuple
@@ -46,15 +48,15 @@ class Training:
 TRAININGS = {
     "learned_gd": Training("learned GD step (linear attention, LM)", "configs/linear_attention.py:lm", 150),
     "transformer": Training("end-to-end Transformer (softmax, LM)", "configs/transformer_lsq.py:lm", 100),
-    "multiply_baseconv": Training("BaseConv on multiply (LM)", "configs/primitives.py:multiply,lm", 100),
+    "multiply_baseconv": Training("BaseConv on multiply (LM)", "configs/primitives.py:multiply,lm", 40),
     "multiply_linear_attention": Training("linear attention on multiply (LM)",
-                                          "configs/primitives.py:multiply,linear_attention,lm", 100),
+                                          "configs/primitives.py:multiply,linear_attention,lm", 40),
     "multiply_softmax": Training("softmax attention on multiply (LM)", "configs/primitives.py:multiply,attention,lm",
-                                 100),
-    "recipe": Training("BaseConv, Adam with the high-precision recipe", "configs/baseconv.py:cpu", 8000),
-    "plain_adam": Training("BaseConv, plain Adam (constant LR, no EMA)", "configs/baseconv.py:cpu", 8000,
+                                 40),
+    "recipe": Training("BaseConv, Adam with the high-precision recipe", "configs/baseconv.py:cpu", 4000),
+    "plain_adam": Training("BaseConv, plain Adam (constant LR, no EMA)", "configs/baseconv.py:cpu", 4000,
                            (("optim.schedule", "constant"), ("optim.ema_lambda", 0.0))),
-    "multistep": Training("k-step GD model (BaseConv, LM)", "configs/multistep_gd.py:lm", 100),
+    "multistep": Training("k-step GD model (BaseConv, LM)", "configs/multistep_gd.py:lm", 60),
 }
 
 
@@ -71,32 +73,38 @@ class Trained(NamedTuple):
     curve: tuple = ()
 
 
+def _plan(training: Training, seed: int, quick: bool):
+    """The run plan of `training` on seed `seed` (its steps, or QUICK_STEPS and QUICK_OVERRIDES)."""
+    from lsq_jax.config.load import load_config_file
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.plan.run import make_plan
+
+    path, _, variant = training.config.partition(":")
+    overrides = {"seed": seed, "train.num_steps": QUICK_STEPS if quick else training.steps,
+                 **dict(training.overrides), **(QUICK_OVERRIDES if quick else {})}
+    return make_plan(experiment(load_config_file(path, variant or None), **overrides), make_mesh())
+
+
 def train(training: Training, seed: int, quick: bool) -> Trained:
     """`training` from random initialisation (seed `seed`) for its steps (QUICK_STEPS with `quick`), the test
     MSE measured CURVE_POINTS times along the way."""
     import jax
 
-    from lsq_jax.config.load import load_config_file
-    from lsq_jax.mesh import make_mesh
-    from lsq_jax.plan.run import make_plan
     from lsq_jax.train.loop import drive
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import Steps, evaluate_loss
 
-    path, _, variant = training.config.partition(":")
-    overrides = {"seed": seed, "train.num_steps": QUICK_STEPS if quick else training.steps,
-                 **dict(training.overrides), **(QUICK_OVERRIDES if quick else {})}
-    exp = experiment(load_config_file(path, variant or None), **overrides)
-    plan = make_plan(exp, make_mesh())
+    plan = _plan(training, seed, quick)
+    num_steps = plan.exp.train.num_steps
     evaluate = jax.jit(lambda p: evaluate_loss(p, plan)["mse"])
-    every = max(1, exp.train.num_steps // CURVE_POINTS)
+    every = max(1, num_steps // CURVE_POINTS)
     seconds, since = 0.0, time.perf_counter()
     state = place_state(init_state(plan), plan.mesh)
     curve = [{"step": 0, "seconds": 0.0, "test_mse": _finite_or_inf(float(evaluate(state.params)))}]
 
     def after_step(step, state, metrics):
         nonlocal seconds, since
-        if (step + 1) % every == 0 or step + 1 == exp.train.num_steps:
+        if (step + 1) % every == 0 or step + 1 == num_steps:
             jax.block_until_ready(state)
             seconds += time.perf_counter() - since
             curve.append({"step": step + 1, "seconds": seconds,
@@ -104,8 +112,57 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
             since = time.perf_counter()
         return False
 
-    state, _ = drive(Steps(plan), state, exp.train.num_steps, after_step)
+    state, _ = drive(Steps(plan), state, num_steps, after_step)
     return Trained(plan, state.params, seconds, curve[-1]["test_mse"], tuple(curve))
+
+
+def _saved_as(directory: str, name: str, seed: int, quick: bool) -> str:
+    return os.path.join(directory, f"{name}-seed{seed}{'-quick' if quick else ''}")
+
+
+def _what(training: Training) -> dict:
+    """The training as its JSON record holds it (what a saved training must match to be reused)."""
+    return json.loads(json.dumps(dataclasses.asdict(training)))
+
+
+def save_trained(directory: str, name: str, seed: int, quick: bool, trained: Trained, record: dict) -> None:
+    """A finished training's parameters (NPZ, in tree order) and record (JSON) under `directory`, each
+    written whole or not at all."""
+    import jax
+    import numpy as np
+
+    os.makedirs(directory, exist_ok=True)
+    stem = _saved_as(directory, name, seed, quick)
+    with open(stem + ".npz.tmp", "wb") as f:
+        np.savez(f, *jax.tree.leaves(jax.device_get(trained.params)))
+    os.replace(stem + ".npz.tmp", stem + ".npz")
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump({"training_spec": _what(TRAININGS[name]), **_json(record)}, f)
+    os.replace(stem + ".json.tmp", stem + ".json")
+
+
+def load_trained(directory: str, name: str, seed: int, quick: bool) -> tuple[Trained, dict] | None:
+    """A training saved by `save_trained` with today's spec of `name` (config, steps, overrides), or None."""
+    import jax
+    import numpy as np
+
+    from lsq_jax.train.state import init_state
+
+    stem = _saved_as(directory, name, seed, quick)
+    try:
+        with open(stem + ".json") as f:
+            record = json.load(f)
+        if record.pop("training_spec") != _what(TRAININGS[name]):
+            return None
+        with np.load(stem + ".npz") as saved:
+            leaves = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    except (OSError, ValueError, KeyError):
+        return None
+    plan = _plan(TRAININGS[name], seed, quick)
+    treedef = jax.tree.structure(jax.eval_shape(lambda: init_state(plan)).params)
+    params = jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])
+    curve = tuple(record["curve"])
+    return Trained(plan, params, record["seconds"], record["test_mse"], curve), record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,28 +316,38 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def claim_rows(seeds: list[int], quick: bool, log=_log) -> tuple[list[dict], list[dict]]:
+def claim_rows(seeds: list[int], quick: bool, log=_log, directory: str | None = None
+               ) -> tuple[list[dict], list[dict]]:
     """The claims' rows over `seeds`, and one record per training (label, seed, steps, seconds, test MSE,
-    parameters, command)."""
+    parameters, command, curve). With `directory`, each finished training is saved there and one saved by
+    an earlier run of the same spec is reused: a stopped bench goes on where it stopped."""
     cache: dict[tuple[str, int], Trained] = {}
     runs: list[dict] = []
-    order = ["transformer", "learned_gd", "multiply_baseconv", "multiply_linear_attention", "multiply_softmax",
-             "recipe", "plain_adam", "multistep"]
-    started = time.perf_counter()
+    started, trained_here = time.perf_counter(), 0
 
     def trained(name: str, seed: int) -> Trained:
-        if (name, seed) not in cache:
-            t = TRAININGS[name]
-            cache[name, seed] = result = train(t, seed, quick)
-            runs.append({"training": name, "label": t.label, "config": t.config, "seed": seed,
-                         "steps": QUICK_STEPS if quick else t.steps, "seconds": result.seconds,
-                         "test_mse": result.test_mse, "params": result.plan.n_params, "command": t.command(),
-                         "curve": list(result.curve)})
-            done, total = len(runs), len(order) * len(seeds)
-            elapsed = time.perf_counter() - started
-            log(f"claims: [{done}/{total}] {t.label}, seed {seed}: {runs[-1]['steps']} iterations in "
-                f"{result.seconds:.0f} s, test MSE {result.test_mse:.2e}; elapsed {elapsed / 60:.1f} min, "
-                f"ETA {elapsed / done * (total - done) / 60:.1f} min")
+        nonlocal trained_here
+        if (name, seed) in cache:
+            return cache[name, seed]
+        t = TRAININGS[name]
+        saved = load_trained(directory, name, seed, quick) if directory else None
+        if saved is not None:
+            cache[name, seed], record = saved
+            runs.append(record)
+            log(f"claims: {t.label}, seed {seed}: reused from {directory}")
+            return cache[name, seed]
+        cache[name, seed] = result = train(t, seed, quick)
+        runs.append({"training": name, "label": t.label, "config": t.config, "seed": seed,
+                     "steps": QUICK_STEPS if quick else t.steps, "seconds": result.seconds,
+                     "test_mse": result.test_mse, "params": result.plan.n_params, "command": t.command(),
+                     "curve": list(result.curve)})
+        if directory:
+            save_trained(directory, name, seed, quick, result, runs[-1])
+        trained_here += 1
+        done, total, elapsed = len(runs), len(TRAININGS) * len(seeds), time.perf_counter() - started
+        log(f"claims: [{done}/{total}] {t.label}, seed {seed}: {runs[-1]['steps']} iterations in "
+            f"{result.seconds:.0f} s, test MSE {result.test_mse:.2e}; elapsed {elapsed / 60:.1f} min, "
+            f"ETA {elapsed / trained_here * (total - done) / 60:.1f} min")
         return cache[name, seed]
 
     def per_seed(fn: Callable[[int], Any]) -> list[Any]:
