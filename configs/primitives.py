@@ -11,7 +11,7 @@ primitive, optionally the mixer (baseconv, the default; attention, softmax with 
 `lm` trains with Levenberg-Marquardt at a size 2 cores train in minutes: D = 4, L = 8, 2 blocks, no MLP,
 width 17 for BaseConv and 16 for either attention, so that the three mixers hold about the same number of
 parameters (multiply: P = 2,403, 2,418, 2,418); one fixed batch of problems with 12,000 residuals (about
-5 P), isotropic damping with geodesic acceleration, 200 iterations (docs/performance.md).
+5 P), isotropic damping with geodesic acceleration, 100 iterations (docs/performance.md).
 """
 import math
 
@@ -60,5 +60,5 @@ def get_config(arg=None):
         lm={"task.n_dims": LM_DIMS, "task.n_points": LM_POINTS, "model.n_embd": LM_WIDTH[mixer],
             "model.out_dims": _read_width(primitive, LM_DIMS),
             "model.use_mlps": False, "optim.optimizer": "lm", "optim.lm_geodesic": True,
-            "train.batch_size": lm_problems, "train.num_steps": 200, "train.log_every": 10,
+            "train.batch_size": lm_problems, "train.num_steps": 100, "train.log_every": 10,
             "train.checkpoint_every": 25, "train.grad_stats_batches": 0})
