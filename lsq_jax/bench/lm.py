@@ -140,7 +140,7 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
     p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
     reduced = reduced_bytes(step.as_text()) if plan.n_devices > 1 else 0  # one device: a reduction moves nothing
     return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
-            "chunks_per_device": plan.lm_chunks, "solver": exp.optim.lm_solver,
+            "chunks_per_device": plan.lm_chunks, "solver": plan.exp.optim.lm_solver,
             "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
             "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
             "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:])),

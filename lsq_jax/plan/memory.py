@@ -33,16 +33,35 @@ def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
     return int(max(build, SOLVE_MATRICES * n_params**2 * itemsize))
 
 
+def lm_sharded_bytes(n_params: int, rows: int, n_devices: int, itemsize: int) -> int:
+    """The bytes a row-sharded LM iteration (lsq_jax.optim.lm.lm_iteration_sharded) holds at its peak, per
+    device: building J^T J as the Cholesky path does, then its full symmetric form and the padded copy
+    that is reduce-scattered (2 P^2), and this device's P'/n rows after it."""
+    padded = -(-n_params // n_devices) * n_devices
+    build = ((2 + gram_depth(n_params)) * n_params * rows + n_params**2) * itemsize
+    return int(max(build, (n_params**2 + padded**2 + padded**2 // n_devices) * itemsize))
+
+
+def lm_bytes(solver: str, n_params: int, rows: int, n_devices: int, itemsize: int) -> int:
+    """What an LM iteration of `solver` holds at its peak per device, beyond the state: lm_cholesky_bytes,
+    lm_sharded_bytes, or 0 for the matrix-free 'cg'."""
+    if solver == "cholesky":
+        return lm_cholesky_bytes(n_params, rows, itemsize)
+    if solver == "sharded":
+        return lm_sharded_bytes(n_params, rows, n_devices, itemsize)
+    return 0
+
+
 def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: int, live: int, mixing: int,
-                    lm_rows: int) -> dict[str, int]:
+                    lm_rows: int = 0) -> dict[str, int]:
     """A lower bound, in bytes per device, of what training `exp` holds at once, by part.
 
     state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
     activations: the input and output of every block for the `live` examples whose activations are held
     at once (a microbatch, two on CPU where the scan is unrolled), kept for the backward pass; data: the
     per-device batch's matrices A, its input tokens and per-example keys; statistics: the matrix of
-    mini-batch gradients; lm_normal_equations (when LM solves them by Cholesky, with `lm_rows` Jacobian rows
-    per chunk; 0 otherwise): what its iteration holds at its peak (lm_cholesky_bytes); sequence_mixing:
+    mini-batch gradients; lm_normal_equations (with optimizer 'lm', `lm_rows` Jacobian rows per chunk): what
+    an iteration of its solver holds at its peak (lm_bytes); sequence_mixing:
     `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
     matrices, tokens and one activation), held with the state after training.
     """
@@ -50,7 +69,8 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
     token = task.seq_len() * exp.model.n_embd * itemsize
     problem = task.example_bytes()
     return {"state": 6 * n_params * itemsize,
-            "lm_normal_equations": lm_cholesky_bytes(n_params, lm_rows, itemsize) if lm_rows else 0,
+            "lm_normal_equations": (lm_bytes(exp.optim.lm_solver, n_params, lm_rows, n_devices, itemsize)
+                                    if exp.optim.optimizer == "lm" else 0),
             "sequence_mixing": mixing,
             "activations": 2 * (exp.model.n_layer + 1) * live * token,
             "data": exp.train.batch_size // n_devices * (problem + 8),
@@ -59,11 +79,16 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
 
 
 _MEMORY_FIELDS = {"sequence_mixing": "task.n_points (the mixer grows as its square or cube)",
-                  "lm_normal_equations": "model.n_embd, or use optim.lm_solver=cg (matrix-free)",
+                  "lm_normal_equations": "model.n_embd, or use optim.lm_solver=auto or cg (matrix-free)",
                   "state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
                   "data": "train.batch_size / task.n_dims / task.n_points",
                   "statistics": "train.grad_stats_batches / model.n_embd",
                   "evaluation": "train.eval_batch_size / task.n_dims / task.n_points"}
+
+
+def training_bytes(parts: dict[str, int]) -> int:
+    """The bytes per device of a memory_estimate while training (every part but the final test batch)."""
+    return sum(v for k, v in parts.items() if k != "evaluation")
 
 
 def _check(parts: dict[str, int], mesh, what: str) -> None:
