@@ -267,10 +267,9 @@ def lm_sizes(exp: Experiment, task: Task, *, n_params: int, n_devices: int, back
     if not uses_lm(exp):
         return 1, memory_estimate(exp, task, n_devices=n_devices, n_params=n_params, live=live, mixing=mixing)
     chunks = lm_chunks(exp, task, n_params, n_devices, backend)
-    local = exp.train.batch_size // len(exp.task.rows()) // n_devices
-    rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows())
+    chunk_problems = exp.train.batch_size // len(exp.task.rows()) // n_devices // chunks * len(exp.task.rows())
     return chunks, memory_estimate(exp, task, n_devices=n_devices, n_params=n_params, live=live, mixing=mixing,
-                                   lm_rows=rows)
+                                   lm_rows=chunk_problems * lm_outputs(exp, task), lm_chunk_problems=chunk_problems)
 
 
 def pick_lm_solver(exp: Experiment, size, limit: int | None, n_devices: int) -> tuple[Experiment, str]:
