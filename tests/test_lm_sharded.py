@@ -117,3 +117,46 @@ def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     cholesky = step_on("cholesky", 0, geodesic=True)
     assert rel_err(z["sharded_2_3"], cholesky) < 1e-11 and rel_err(z["sharded_4_2"], cholesky) < 1e-11
     assert rel_err(z["cg_2_2"], step_on("cg", 0, geodesic=True, n_chunks=4)) < 1e-11
+
+
+# --------------------------------------------------------------------------------------------------
+# optim.lm_solver='auto': the plan's pick.
+
+
+def lm_experiment(**overrides):
+    from lsq_jax.config.experiment import experiment_from_config
+
+    from config_files import get_config
+    config = get_config("baseconv", "lm")
+    config.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2,
+                                       "train.batch_size": 48, "train.eval_batch_size": 64, **overrides})
+    return experiment_from_config(config)
+
+
+@pytest.mark.parametrize("n_devices, limit, picked", [
+    (1, None, "cholesky"), (2, 100, "cholesky"), (2, 99, "sharded"), (2, 49, "cg"), (1, 99, "cg"), (2, 1, "cg")])
+def test_auto_picks_the_first_solver_whose_training_estimate_fits(n_devices, limit, picked):
+    """The training estimate leaves out the final test batch; with nothing fitting, CG (the plan then refuses
+    the run if it does not fit either)."""
+    from lsq_jax.plan.run import pick_lm_solver
+
+    need = {"cholesky": 90, "sharded": 40, "cg": 20}
+    size = lambda e: (1, {"state": 10, "lm_normal_equations": need[e.optim.lm_solver], "evaluation": 10**9})
+    exp, line = pick_lm_solver(lm_experiment(), size, limit, n_devices)
+    assert exp.optim.lm_solver == picked and f"picked {picked!r}" in line
+    assert (exp.optim.lm_tries, exp.optim.lm_cg_iters) == {"cholesky": (10, None), "sharded": (10, 1000),
+                                                           "cg": (1, 100)}[picked]
+
+
+def test_the_plan_holds_the_pick_and_a_named_solver_is_kept():
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.plan.run import make_plan
+
+    auto = make_plan(lm_experiment(), make_mesh(1))
+    assert auto.exp.optim.lm_solver == "cholesky" and auto.report.exp is auto.exp
+    assert auto.lm_choice.startswith("optim.lm_solver=auto picked 'cholesky'")
+    small = make_plan(lm_experiment(), make_mesh(1), lm_memory_budget=auto.memory["state"] * 2)
+    assert small.exp.optim.lm_solver == "cg" and small.lm_chunks == 1
+    named = lm_experiment(**{"optim.lm_solver": "cholesky"})
+    plan = make_plan(named, make_mesh(1), lm_memory_budget=1)
+    assert plan.exp == named and plan.lm_choice == ""
