@@ -90,9 +90,9 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
     per-device batch's matrices A, its input tokens and per-example keys; statistics: the matrix of
     mini-batch gradients; lm_normal_equations (with optimizer 'lm', `lm_rows` Jacobian rows and
     `lm_chunk_problems` problems per chunk): what an iteration of its solver holds at its peak (lm_bytes);
-    sequence_mixing:
-    `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
-    matrices, tokens and one activation), held with the state after training.
+    sequence_mixing: `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes);
+    evaluation: the test batch of the final metrics (its matrices, tokens and one activation), held with the
+    state after training.
     """
     itemsize = jnp.dtype(exp.task.dtype).itemsize
     token = task.seq_len() * exp.model.n_embd * itemsize

@@ -289,6 +289,7 @@ def pick_lm_solver(exp: Experiment, size, limit: int | None, n_devices: int) -> 
         need = training_bytes(size(picked)[1])
         if limit is None or need <= limit or solver == candidates[-1]:
             budget = "unknown" if limit is None else f"{limit / gib:.3g} GiB"
+            tried = ", ".join(candidates[:candidates.index(solver) + 1])
             return picked, (f"optim.lm_solver=auto picked {solver!r}: training needs {need / gib:.3g} GiB per "
-                            f"device with it, of {budget} (tried {', '.join(candidates[:candidates.index(solver) + 1])})")
+                            f"device with it, of {budget} (tried {tried})")
     raise AssertionError("unreachable")
