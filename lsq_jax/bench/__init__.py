@@ -235,8 +235,9 @@ def lm_scaling(config, argv: list[str], devices: list[int], repeats: int, budget
     seconds per iteration, bytes reduced across devices per iteration and the solve path
     (lsq_jax.bench.lm.lm_scaling_row); `budget`, bytes per device optim.lm_solver=auto picks against."""
     exp = experiment(config, **{"optim.optimizer": "lm"})
+    budget_flag = [f"--lm_memory_budget_gib={budget / 2**30!r}"] if budget else []
     return on_device_counts("lm_scaling", lambda n: lm_scaling_row(exp, n, repeats, budget), argv, devices,
-                            [f"--repeats={repeats}", f"--lm_memory_budget_gib={_LM_MEMORY_BUDGET.value}"])
+                            [f"--repeats={repeats}", *budget_flag])
 
 
 def _lm_memory_budget() -> int | None:
