@@ -363,8 +363,9 @@ def row_sharded_normal_equations(residual_fn: ResidualFn, params, batch, n_chunk
 
     Each device accumulates its own problems' J^T J over its chunks, as there; one reduce-scatter
     (``lax.psum_scatter``) then adds them and leaves device k holding rows k P'/n .. (k + 1) P'/n of the
-    sum, P' = :func:`padded_size` (J^T J padded by zero rows and columns). No device holds the reduced
-    P x P matrix.
+    sum, P' = :func:`padded_size` (J^T J padded by zero rows and columns). The solve never needs the
+    reduced P x P matrix whole (XLA:CPU still forms it inside the reduce-scatter, which it runs as an
+    all-reduce and a slice: lsq_jax.plan.memory.lm_sharded_bytes).
 
     Returns:
         (rows (P'/n, P'), Jtr (P,), loss): this device's rows of JtJ = J^T J / M, and J^T r / M and r.r / M
@@ -418,9 +419,10 @@ def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState,
     device the solve holds P'/n x P' entries and a few vectors. The scaling D comes from diag(JtJ), the
     acceptance, damping, retries and geodesic acceleration are :func:`lm_iteration`'s, both systems solved
     by CG from 0 to a residual of `tol` relative to the right-hand side. CG is not preconditioned: on the
-    :lm problem plain CG needed fewer iterations than Jacobi (by 5 to 20 times) and than block Jacobi
-    with 4 or 8 blocks (docs/performance.md). On a well-conditioned problem the step is the Cholesky one
-    to round-off.
+    :lm problem's damped systems plain CG needed 2 to 20 times fewer iterations than Jacobi, and fewer
+    than block Jacobi with a block per device on 4 or 8 devices (on 2, block Jacobi needed up to 2.1 times
+    fewer; docs/performance.md); unpreconditioned, the iterations do not depend on the device count. On a
+    well-conditioned problem the step is the Cholesky one to round-off.
 
     Args:
         tol, maxiter: CG's stopping rule (:func:`damped_cg_solve`).
