@@ -41,6 +41,8 @@ def execute(log=print) -> None:
     log = workdir.log(log)
     preemption.install(log)
     log(f"workdir: {workdir}")
+    if FLAGS.mode == "train" and plan.lm_choice:
+        log(plan.lm_choice)
     if FLAGS.mode == "train":
         from lsq_jax.train import loop
         with loop.training(plan, workdir, log=log, allow_config_change=FLAGS.allow_config_change) as trained:

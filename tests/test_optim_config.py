@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lsq_jax.config.optim import OptimConfig
+from lsq_jax.config.optim import OptimConfig, with_solver
 
 
 @pytest.mark.parametrize("field, value", [
@@ -48,19 +48,35 @@ def test_restarts_need_their_length_and_lm_from_the_start():
 @pytest.mark.parametrize("fields, field", [
     ({"optimizer": "lm", "l1": 1e-4}, "l1"),
     ({"optimizer": "lm", "lm_after": 10, "l1": 1e-4}, "l1"),
-    ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 3}, "lm_tries"),
-    ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10}, "lm_tries"),  # the value unset gives, but set
-    ({"optimizer": "lm", "lm_cg_iters": 50}, "lm_cg_iters"),
+    ({"optimizer": "lm", "lm_solver": "cholesky", "lm_cg_iters": 50}, "lm_cg_iters"),
+    ({"optimizer": "lm", "lm_solver": "cholesky", "lm_cg_iters": 100}, "lm_cg_iters"),  # CG's unset value, but set
 ])
 def test_settings_the_chosen_path_would_ignore_are_refused(fields, field):
-    with pytest.raises(ValueError, match=f"^{field}: got .*; allowed .*(optimizer='lm'|lm_solver='(cg|cholesky)')"):
+    with pytest.raises(ValueError, match=f"^{field}: got .*; allowed .*(optimizer='lm'|lm_solver='cholesky' "
+                                         r"\(only 'sharded', 'cg' read it\))"):
         OptimConfig(**fields)
 
 
 def test_the_settings_each_path_uses_are_accepted():
-    OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_iters=50)
+    OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_iters=50, lm_tries=3)
+    OptimConfig(optimizer="lm", lm_solver="sharded", lm_cg_iters=50, lm_tries=3)
     OptimConfig(optimizer="lm", lm_geodesic=True, lm_tries=3)
+    OptimConfig(optimizer="lm", lm_tries=3, lm_cg_iters=50)  # 'auto': resolved when the plan picks
     OptimConfig(optimizer="adam", l1=1e-4)
+
+
+def test_a_bad_solver_names_the_field_and_the_allowed_values():
+    with pytest.raises(ValueError, match="^lm_solver: got 'dense'; allowed one of auto, cholesky, sharded, cg$"):
+        OptimConfig(optimizer="lm", lm_solver="dense")
+
+
+@pytest.mark.parametrize("solver, tries, cg_iters", [("cholesky", 3, None), ("sharded", 3, 50), ("cg", 3, 50),
+                                                      ("auto", 3, 50)])
+def test_with_solver_keeps_what_the_solver_reads(solver, tries, cg_iters):
+    cfg = OptimConfig(optimizer="lm", lm_tries=3, lm_cg_iters=50)
+    resolved = with_solver(cfg, solver)
+    assert (resolved.lm_solver, resolved.lm_tries, resolved.lm_cg_iters) == (solver, tries, cg_iters)
+    assert with_solver(OptimConfig(optimizer="lm"), "cholesky") == OptimConfig(optimizer="lm", lm_solver="cholesky")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -76,7 +92,8 @@ def test_lm_settings_without_lm_are_refused(optimizer, field, value):
     assert getattr(OptimConfig(optimizer=optimizer, **{field: default}), field) == default
 
 
-@pytest.mark.parametrize("solver, tries, cg_iters", [("cholesky", 10, None), ("cg", None, 100)])
+@pytest.mark.parametrize("solver, tries, cg_iters", [("cholesky", 10, None), ("sharded", 10, 1000),
+                                                      ("cg", 1, 100), ("auto", None, None)])
 def test_the_chosen_solvers_unset_settings_take_their_value(solver, tries, cg_iters):
     cfg = OptimConfig(optimizer="lm", lm_solver=solver)
     assert (cfg.lm_tries, cfg.lm_cg_iters) == (tries, cg_iters)

@@ -376,24 +376,13 @@ def test_one_linearisation_gives_the_products_of_the_full_jacobian(problem, n_ch
     assert rel_err(Jtr, J.T @ r_np) < 1e-13 and rel_err(JtJv, J.T @ (J @ v)) < 1e-13
 
 
-@pytest.mark.parametrize("max_entries", [lm.DIAGONAL_ENTRIES, 200])
-def test_jacobian_diagonal_is_the_column_sums_of_squares(problem, max_entries):
-    _, params, batch, _ = problem
-    _, J = full_jacobian(mlp_residual, params, batch)
-    theta, unravel = ravel_pytree(params)
-    f = lambda t, b: mlp_residual(unravel(t), b).reshape(-1)
-    diagonal = jax.jit(lambda t: lm.jacobian_diagonal(f, t, batch, max_entries=max_entries))(theta)
-    np.testing.assert_allclose(diagonal, np.sum(J**2, axis=0), rtol=1e-13)
-
-
-@pytest.mark.parametrize("n_chunks, precondition", [(1, False), (4, False), (4, True)])
-def test_cg_step_is_the_damped_solve(problem, n_chunks, precondition):
+@pytest.mark.parametrize("n_chunks", [1, 4])
+def test_cg_step_is_the_damped_solve(problem, n_chunks):
     _, params, batch, _ = problem
     r, J = full_jacobian(mlp_residual, params, batch)
     state = lm.init_lm_state(J.shape[1], damping0=1e-1)
     new_params, new_state, metrics = jax.jit(
-        functools.partial(lm_update_cg, mlp_residual, n_chunks=n_chunks, maxiter=500, tol=1e-13,
-                          precondition=precondition))(
+        functools.partial(lm_update_cg, mlp_residual, n_chunks=n_chunks, maxiter=500, tol=1e-13))(
         params, batch, state)
     D = np.asarray(new_state.scaling)  # s I, s a Hutchinson estimate of mean(diag(JtJ))
     mean_diag = np.mean(np.sum(J**2, axis=0)) / r.size

@@ -100,7 +100,7 @@ def test_applied_updates_are_lm_updates_new_params_bit_for_bit(case):
 
 def lm_config(**lm_settings):
     return OptimConfig(optimizer="lm", lr=0.01, schedule="adaptive", step_rate=2, ema_lambda=2.0,
-                       no_increase_length=0, lm_damping=1e-10, **lm_settings)
+                       no_increase_length=0, lm_damping=1e-10, **{"lm_solver": "cholesky", **lm_settings})
 
 
 def test_hybrid_adam_phase_is_the_recipe_bit_for_bit():
@@ -142,7 +142,8 @@ def test_hybrid_lm_phase_is_the_configured_lm_update(lm_settings, reference, ref
 
 def tiny_lm_experiment():
     c = get_config("baseconv", "lm")
-    c.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "optim.lm_after": 2})
+    c.update_from_flattened_dict({"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 2, "optim.lm_after": 2,
+                                  "optim.lm_solver": "cholesky"})
     return experiment_from_config(c)
 
 
@@ -188,12 +189,15 @@ def test_bad_settings_are_refused():
         levenberg_marquardt(max_tries=0)
     with pytest.raises(ValueError, match="damping0"):
         levenberg_marquardt(damping0=0.0)
-    with pytest.raises(ValueError, match="^max_tries: got 1; allowed None with lm_solver='cg'"):
-        levenberg_marquardt("cg", max_tries=1)
-    with pytest.raises(ValueError, match="^cg_iters: got 100; allowed None with lm_solver='cholesky'"):
+    with pytest.raises(ValueError, match="solver='auto' is not allowed: must be one of cholesky, sharded, cg"):
+        levenberg_marquardt("auto")
+    with pytest.raises(ValueError, match="^cg_iters: got 100; allowed None with lm_solver='cholesky' "
+                                         r"\(only 'sharded', 'cg' read it\)"):
         levenberg_marquardt("cholesky", cg_iters=100)
     with pytest.raises(ValueError, match="optimizer='lm'"):
         make_lm_optimizer(OptimConfig(optimizer="adam"))
+    with pytest.raises(ValueError, match="lm_solver='auto' is picked by the run's plan"):
+        make_lm_optimizer(OptimConfig(optimizer="lm"))
 
 
 def test_adam_then_lm_accepts_a_transform_without_extra_args():

@@ -525,9 +525,11 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
 @pytest.mark.parametrize("override, needle", [
     (["--config.optim.optimizer=lm", "--config.optim.l1=0.001"], "optim.l1"),
     (["--config.optim.lm_after=5"], "optim.lm_after: got 5; allowed 0 unless optimizer='lm'"),
-    (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'cholesky' unless optimizer='lm'"),
-    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cg", "--config.optim.lm_tries=10"],
-     "optim.lm_tries: got 10; allowed None with lm_solver='cg'"),
+    (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'auto' unless optimizer='lm'"),
+    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cholesky", "--config.optim.lm_cg_iters=100"],
+     "optim.lm_cg_iters: got 100; allowed None with lm_solver='cholesky' (only 'sharded', 'cg' read it)"),
+    (["--config.optim.optimizer=lm", "--config.optim.lm_solver=dense"],
+     "optim.lm_solver: got 'dense'; allowed one of auto, cholesky, sharded, cg"),
 ])
 def test_contradictory_lm_settings_are_one_line(tmp_path, override, needle, no_report):
     status, _, err = run(f"--workdir={tmp_path / 'w'}", *override)
@@ -574,14 +576,19 @@ def test_a_saved_config_is_checked_like_a_config_file(path, value, needle):
 def test_a_saved_configs_old_placeholders_load_as_unset():
     """Before unset was None, a config saved every LM setting at a placeholder (10 tries with the CG solver,
     a chunk and a restart length of 0), and any LM setting with another optimizer, all unread: they load as
-    unset, so such a run resumes under today's config of the same run."""
+    unset, so such a run resumes under today's config of the same run. CG's tries saved unset (one try) or
+    set since CG reads them load as they are."""
     from lsq_jax.config.experiment import experiment_from_config, experiment_from_dict, experiment_to_dict
 
     for optim, current in [({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 10, "lm_cg_iters": 7, "lm_chunk": 0,
                              "lm_restarts": 1, "lm_restart_steps": 3}, {"optimizer": "lm", "lm_solver": "cg",
                                                                         "lm_cg_iters": 7}),
                            ({"optimizer": "lm", "lm_cg_iters": 100, "lm_tries": 10, "lm_restart_steps": 0},
-                            {"optimizer": "lm"}),
+                            {"optimizer": "lm", "lm_solver": "cholesky"}),  # saved before lm_solver existed
+                           ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": None, "lm_cg_iters": 7},
+                            {"optimizer": "lm", "lm_solver": "cg", "lm_cg_iters": 7, "lm_tries": 1}),
+                           ({"optimizer": "lm", "lm_solver": "cg", "lm_tries": 3, "lm_cg_iters": 7},
+                            {"optimizer": "lm", "lm_solver": "cg", "lm_cg_iters": 7, "lm_tries": 3}),
                            ({"optimizer": "adam", "lm_after": 5, "lm_solver": "cg", "lm_tries": 10},
                             {"optimizer": "adam"})]:
         saved = experiment_to_dict(main_experiment())

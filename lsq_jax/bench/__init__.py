@@ -7,6 +7,8 @@ r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
     python -m lsq_jax.bench --bench=lm_iteration --config=configs/baseconv.py:lm
     python -m lsq_jax.bench --bench=curvature --workdir=W     # where a finished LM run stopped (bench/curvature.py)
     python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=1,2,4
+    python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=2,4 \
+        --lm_memory_budget_gib=0.3     # below Cholesky's 0.37 GiB: optim.lm_solver=auto picks 'sharded'
     python -m lsq_jax.bench --bench=claims [--quick]           # the papers' claims over --seeds (bench/claims.py)
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
@@ -45,6 +47,8 @@ _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "lm", "hybrid"],
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmarks.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed LM iterations per device count (lm_scaling).")
+_LM_MEMORY_BUDGET = flags.DEFINE_float("lm_memory_budget_gib", 0.0, "lm_scaling: the memory per device "
+                                       "optim.lm_solver=auto picks the solver against, in GiB (0: the device's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.")
 _LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps of the curvature benchmark "
                                       "(at most the parameter count, where the whole spectrum is spanned).")
@@ -230,13 +234,18 @@ def scaling(config, argv: list[str], devices: list[int], n_windows: int, window_
     return rows
 
 
-def lm_scaling(config, argv: list[str], devices: list[int], repeats: int) -> list[dict]:
+def lm_scaling(config, argv: list[str], devices: list[int], repeats: int, budget: int | None = None) -> list[dict]:
     """The LM step (optimizer 'lm') on 1, 2, 4 ... devices at a fixed global batch (`on_device_counts`):
     seconds per iteration, bytes reduced across devices per iteration and the solve path
-    (lsq_jax.bench.lm.lm_scaling_row)."""
+    (lsq_jax.bench.lm.lm_scaling_row); `budget`, bytes per device optim.lm_solver=auto picks against."""
     exp = experiment(config, **{"optim.optimizer": "lm"})
-    return on_device_counts("lm_scaling", lambda n: lm_scaling_row(exp, n, repeats), argv, devices,
-                            [f"--repeats={repeats}"])
+    budget_flag = [f"--lm_memory_budget_gib={budget / 2**30!r}"] if budget else []
+    return on_device_counts("lm_scaling", lambda n: lm_scaling_row(exp, n, repeats, budget), argv, devices,
+                            [f"--repeats={repeats}", *budget_flag])
+
+
+def _lm_memory_budget() -> int | None:
+    return int(_LM_MEMORY_BUDGET.value * 2**30) if _LM_MEMORY_BUDGET.value else None
 
 
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -308,7 +317,8 @@ def main(argv):
     if _CHILD.value:
         name, n = _CHILD.value.split(":")
         row = (throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, int(n)) if name == "scaling" else
-               lm_scaling_row(experiment(config, **{"optim.optimizer": "lm"}), int(n), _REPEATS.value))
+               lm_scaling_row(experiment(config, **{"optim.optimizer": "lm"}), int(n), _REPEATS.value,
+                              _lm_memory_budget()))
         print(json.dumps(row))
         return
     results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
@@ -363,7 +373,8 @@ def main(argv):
         print("scaling (float64, fixed global batch)")
         print(_table(results["scaling"], SCALING_COLUMNS) + "\n", flush=True)
     if "lm_scaling" in _BENCH.value:
-        results["lm_scaling"] = lm_scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _REPEATS.value)
+        results["lm_scaling"] = lm_scaling(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _REPEATS.value,
+                                           _lm_memory_budget())
         first = results["lm_scaling"][0]
         print(f"LM scaling ({first['config']}, P = {first['n_params']}, fixed global batch {first['batch_size']})")
         print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)

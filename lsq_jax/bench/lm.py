@@ -112,8 +112,9 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
             "jnp_dtype": str(jnp.dtype(exp.task.dtype))}
 
 
-def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
-    """The LM step of `exp` on the first `n_devices` devices (0: all): seconds per iteration (median of
+def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None = None) -> dict:
+    """The LM step of `exp` on the first `n_devices` devices (0: all), its solver picked against `budget`
+    bytes per device when optim.lm_solver is 'auto' (None: the device's memory): seconds per iteration (median of
     `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
     the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`); and
     the compiled step's temp bytes (XLA's memory_analysis) next to the memory check's figure for LM."""
@@ -126,7 +127,7 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import make_step_fns
 
-    plan = make_plan(exp, make_mesh(n_devices))
+    plan = make_plan(exp, make_mesh(n_devices), lm_memory_budget=budget)
     state = place_state(init_state(plan), plan.mesh)
     fns = make_step_fns(plan, plan.full_size(lm=True))
     step = fns.train.lower(state, fns.no_metric).compile()
@@ -140,12 +141,13 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3) -> dict:
     p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
     reduced = reduced_bytes(step.as_text()) if plan.n_devices > 1 else 0  # one device: a reduction moves nothing
     return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
-            "chunks_per_device": plan.lm_chunks, "solver": exp.optim.lm_solver,
+            "chunks_per_device": plan.lm_chunks, "solver": plan.exp.optim.lm_solver,
             "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
             "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
             "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:])),
             "compiled_temp_bytes": step.memory_analysis().temp_size_in_bytes,
-            "estimated_lm_bytes": plan.memory["lm_normal_equations"]}
+            "estimated_lm_bytes": plan.memory["lm_normal_equations"], "lm_memory_budget": budget,
+            "lm_choice": plan.lm_choice}
 
 
 # --------------------------------------------------------------------------------------------------

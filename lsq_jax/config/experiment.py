@@ -11,7 +11,7 @@ from typing import Any
 
 from lsq_jax.config.check import ConfigError, check_choice, check_int, check_known, in_section, is_int, require
 from lsq_jax.config.model import ModelConfig
-from lsq_jax.config.optim import SOLVER_SETTINGS, OptimConfig, lm_defaults
+from lsq_jax.config.optim import SOLVER_SETTINGS, OptimConfig, lm_defaults, solver_settings
 from lsq_jax.config.task import DTYPES, CurriculumConfig, TaskConfig, task_sizes
 from lsq_jax.config.train import TrainConfig
 
@@ -131,18 +131,23 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
 
 def _saved_optim(optim: Mapping[str, Any]) -> dict[str, Any]:
     """A saved optim section as it ran, in today's fields. A run with another optimizer read no LM setting;
-    LM saved before lm_scaling existed ran with Marquardt's scaling; settings a run did not read (the other
-    solver's, the restarts' length without restarts) were saved at their old placeholders (0, or 10 tries)
-    and are unset (None) now, as is the automatic chunk (0)."""
+    LM saved before lm_scaling existed ran with Marquardt's scaling, and before lm_solver existed with
+    Cholesky; settings a run did not read (another solver's, the restarts' length without restarts) were
+    saved at their old placeholders (0, or 10 tries) and are unset (None) now, as is the automatic chunk
+    (0). CG read no lm_tries while placeholders were saved (an automatic chunk or restarts' length of 0
+    marks those configs): its 10 then was a placeholder for the one try it made."""
     if optim.get("optimizer", "adam") != "lm":
         return {k: v for k, v in optim.items() if k not in lm_defaults()}
-    unread = {name for solver, owned in SOLVER_SETTINGS.items() if solver != optim.get("lm_solver", "cholesky")
-              for name in owned}
+    solver = optim.get("lm_solver", "cholesky")
+    unread = {name for name in solver_settings() if name not in SOLVER_SETTINGS.get(solver, solver_settings())}
+    placeholders = optim.get("lm_chunk") == 0 or optim.get("lm_restart_steps") == 0
+    if solver == "cg" and placeholders:
+        unread.add("lm_tries")
     if optim.get("lm_restarts", 1) == 1:
         unread.add("lm_restart_steps")
     if optim.get("lm_chunk") == 0:
         unread.add("lm_chunk")
-    return {"lm_scaling": "marquardt", **{k: v for k, v in optim.items() if k not in unread}}
+    return {"lm_scaling": "marquardt", "lm_solver": "cholesky", **{k: v for k, v in optim.items() if k not in unread}}
 
 
 def experiment_from_dict(d: Mapping[str, Any]) -> Experiment:

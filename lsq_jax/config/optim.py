@@ -10,9 +10,12 @@ from lsq_jax.config.check import (INT_LIMIT, check_choice, check_flag, check_int
 
 SCHEDULES = ("constant", "step", "adaptive")
 OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
-LM_SOLVERS = ("cholesky", "cg")
-# The settings only one LM solver reads, each with the value it takes under that solver when left None.
-SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "cg": {"lm_cg_iters": 100}}
+# "auto": the run's plan picks one of the others from its memory figures (lsq_jax.plan.run).
+LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
+# The settings each LM solver reads, each with the value it takes under that solver when left None; a
+# setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
+SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "sharded": {"lm_tries": 10, "lm_cg_iters": 1000},
+                   "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -52,11 +55,14 @@ class OptimConfig:
             the first LM iteration, times I, held) or ``"marquardt"`` (diag(J^T J), Moré's running maximum).
         lm_rule: how lambda moves after a step: ``"nielsen"`` (by the gain ratio, doubling growth on
             consecutive rejections) or ``"delayed"`` (/3 on accept, x2 on reject).
-        lm_solver: ``"cholesky"`` (dense J^T J, P x P) or ``"cg"`` (matrix-free Gauss-Newton-CG).
-        lm_cg_iters: conjugate-gradient iterations per LM step, ``"cg"`` only (unset: 100).
+        lm_solver: ``"auto"`` (the plan picks the first of the next three whose memory fits a device),
+            ``"cholesky"`` (dense J^T J, P x P, on every device), ``"sharded"`` (dense J^T J split by rows
+            over the devices, solved by CG without gathering it) or ``"cg"`` (matrix-free Gauss-Newton-CG).
+        lm_cg_iters: conjugate-gradient iterations per damped solve, ``"sharded"`` and ``"cg"`` (unset:
+            1000 and 100).
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
-            damping, reusing J^T J; ``"cholesky"`` only (unset: 10).
+            damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).
         lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
@@ -65,7 +71,8 @@ class OptimConfig:
 
     The fields named lm_* are Levenberg-Marquardt's: with any other optimizer they keep their defaults. With
     optimizer 'lm', the chosen solver's unset settings take their value on construction (so equal runs have
-    equal configs); the other solver's stay unset.
+    equal configs); those it does not read stay unset. With lm_solver 'auto' every setting may be given and
+    they resolve when the plan picks the solver (`with_solver`).
     """
 
     optimizer: str = "adam"
@@ -93,7 +100,7 @@ class OptimConfig:
     lm_damping: float = 1e-3
     lm_scaling: str = "isotropic"
     lm_rule: str = "nielsen"
-    lm_solver: str = "cholesky"
+    lm_solver: str = "auto"
     lm_cg_iters: int | None = None
     lm_geodesic: bool = False
     lm_tries: int | None = None
@@ -142,7 +149,7 @@ class OptimConfig:
         else:
             require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
             check_solver_settings(self.lm_solver, dataclasses.asdict(self))
-            for name, unset in SOLVER_SETTINGS[self.lm_solver].items():
+            for name, unset in SOLVER_SETTINGS.get(self.lm_solver, {}).items():
                 if getattr(self, name) is None:  # resolved here so that equal runs have equal configs
                     object.__setattr__(self, name, unset)
         if self.lm_restarts > 1:
@@ -167,12 +174,28 @@ def _check_lm_unset(cfg: OptimConfig) -> None:
                 f"{default!r} unless optimizer='lm' (a Levenberg-Marquardt setting)")
 
 
+def solver_settings() -> tuple[str, ...]:
+    """The settings some LM solver reads (SOLVER_SETTINGS), in OptimConfig's field order."""
+    return tuple(f for f in lm_defaults() if any(f in owned for owned in SOLVER_SETTINGS.values()))
+
+
 def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
-    """Each of `settings` (keyed by OptimConfig's field names) that only the other LM solver reads is unset
-    (its default: None, or False for a flag). `names` gives the caller's own names for the error."""
+    """Each of `settings` (keyed by OptimConfig's field names) that `solver` does not read is unset (its
+    default: None). `names` gives the caller's own names for the error. With 'auto' any may be given."""
+    if solver == "auto":
+        return
     defaults = lm_defaults()
-    for owner, owned in SOLVER_SETTINGS.items():
-        for field in owned if owner != solver else ():
-            if field in settings:
-                require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
-                        f"{defaults[field]!r} with lm_solver={solver!r} (only {owner!r} reads it)")
+    for field in solver_settings():
+        if field in settings and field not in SOLVER_SETTINGS[solver]:
+            readers = ", ".join(repr(s) for s, owned in SOLVER_SETTINGS.items() if field in owned)
+            require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
+                    f"{defaults[field]!r} with lm_solver={solver!r} (only {readers} read it)")
+
+
+def with_solver(cfg: OptimConfig, solver: str) -> OptimConfig:
+    """`cfg` (optimizer 'lm') with lm_solver `solver`: the settings `solver` does not read unset, and those
+    it reads that were unset at their value under it. `cfg` unchanged when its solver is already `solver`."""
+    if cfg.lm_solver == solver:
+        return cfg
+    unread = {f: None for f in solver_settings() if f not in SOLVER_SETTINGS[solver]}
+    return dataclasses.replace(cfg, lm_solver=solver, **unread)

@@ -18,11 +18,14 @@ this device's share of the problems and the chunks are this device's own (C divi
 device accumulates its own sums over all its chunks, and one ``lax.psum`` per sum combines them after the
 loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entries), J^T r and r.r, and
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
-The solve is replicated: every device holds J^T J and solves the same system. Without ``axis_name`` the
-functions are ordinary jittable code on the whole batch.
+With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
+row-sharded path (:func:`lm_iteration_sharded`) reduce-scatters J^T J instead, so each device holds its
+rows alone, and solves by CG. Without ``axis_name`` the functions are ordinary jittable code on the whole
+batch.
 
-One iteration, :func:`lm_iteration` (Cholesky) or :func:`lm_iteration_cg`, returns its step, the new
-state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style transform.
+One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
+returns its step, the new state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style
+transform.
 
 J^T J is built from its lower block triangle alone (``GRAM_MIN_ROWS``): half the multiply-adds of the
 full product, in products large enough to run at the machine's matmul rate; the diagonal blocks are kept
@@ -290,16 +293,21 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         delta, pred, ok, factor = damped_solve(JtJ, Jtr, damping, D)
         step, accel_ratio = delta, jnp.zeros_like(loss)
         if geodesic:
-            def rhs(chunk):
-                g = lambda t: f(t, chunk)
-                return jax.vjp(g, theta)[1](second_directional_derivative(g, theta, delta))[0]
-
-            accel = -0.5 * cho_solve(factor, _chunk_sum(rhs, batch, n_chunks, axis_name) / m)
+            accel = -0.5 * cho_solve(factor, _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name))
             step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 
     return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
                   damping_min=damping_min, damping_max=damping_max)
+
+
+def _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name):
+    """J^T r'' / M, r'' = d^2/dt^2 r(theta + t delta) at t = 0, chunk by chunk (:func:`lm_iteration`)."""
+    def rhs(chunk):
+        g = lambda t: f(t, chunk)
+        return jax.vjp(g, theta)[1](second_directional_derivative(g, theta, delta))[0]
+
+    return _chunk_sum(rhs, batch, n_chunks, axis_name) / m
 
 
 def _accelerated(delta, accel, D, alpha, ok):
@@ -333,11 +341,117 @@ def _tries(attempt, state, theta, loss, D, *, rule, max_tries, geodesic, damping
 
 
 # --------------------------------------------------------------------------------------------------
+# Dense J^T J split by rows over the devices, for when one device cannot hold the Cholesky solve.
+
+# The row-sharded solve's CG stops at this residual relative to J^T r: the step then equals the Cholesky
+# step to about cond(JtJ + lam D) times this.
+SHARDED_CG_TOL = 1e-13
+
+
+def _total(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def padded_size(n_params: int, n_devices: int) -> int:
+    """P', the rows of J^T J padded to a multiple of the device count (each device holds P' / n rows)."""
+    return -(-n_params // n_devices) * n_devices
+
+
+def row_sharded_normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, *,
+                                 per_problem: bool = True, axis_name: str | None = None):
+    """:func:`normal_equations` with J^T J left split by rows over the devices along `axis_name`.
+
+    Each device accumulates its own problems' J^T J over its chunks, as there; one reduce-scatter
+    (``lax.psum_scatter``) then adds them and leaves device k holding rows k P'/n .. (k + 1) P'/n of the
+    sum, P' = :func:`padded_size` (J^T J padded by zero rows and columns). The solve never needs the
+    reduced P x P matrix whole (XLA:CPU still forms it inside the reduce-scatter, which it runs as an
+    all-reduce and a slice: lsq_jax.plan.memory.lm_sharded_bytes).
+
+    Returns:
+        (rows (P'/n, P'), Jtr (P,), loss): this device's rows of JtJ = J^T J / M, and J^T r / M and r.r / M
+        of the problems of every device.
+    """
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
+
+    def terms(chunk):
+        r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
+        return lower_gram(Jt), Jt @ r, r @ r
+
+    gram, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
+    Jtr, ss = _total((Jtr, ss), axis_name)
+    pad = padded_size(theta.size, _device_count(axis_name)) - theta.size
+    JtJ = jnp.pad(symmetric(gram), ((0, pad), (0, pad)))
+    if axis_name is not None:
+        JtJ = jax.lax.psum_scatter(JtJ, axis_name, scatter_dimension=0, tiled=True)
+    return JtJ / m, Jtr / m, ss / m
+
+
+def _gathered(rows_part: jax.Array, axis_name) -> jax.Array:
+    """Every device's `rows_part` (P'/n,) in device order (P',)."""
+    return rows_part if axis_name is None else jax.lax.all_gather(rows_part, axis_name, tiled=True)
+
+
+def row_sharded_matvec(rows: jax.Array, axis_name: str | None = None):
+    """v (P,) -> JtJ v (P,) from each device's `rows` of JtJ (:func:`row_sharded_normal_equations`): the
+    device's rows times v, then one all-gather of the P' / n results."""
+    def matvec(v):
+        return _gathered(rows @ jnp.pad(v, (0, rows.shape[1] - v.size)), axis_name)[:v.size]
+
+    return matvec
+
+
+def row_sharded_diagonal(rows: jax.Array, n_params: int, axis_name: str | None = None) -> jax.Array:
+    """diag(JtJ) (P,) from each device's `rows`: the diagonal of its own square block, gathered."""
+    first = (0 if axis_name is None else jax.lax.axis_index(axis_name)) * rows.shape[0]
+    own = jax.lax.dynamic_slice_in_dim(rows, first, rows.shape[0], axis=1)
+    return _gathered(jnp.diagonal(own), axis_name)[:n_params]
+
+
+def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
+                         scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False,
+                         alpha: float = 0.75, per_problem: bool = True, max_tries: int = 1,
+                         tol: float = SHARDED_CG_TOL, maxiter: int = 1000, damping_min: float = 1e-15,
+                         damping_max: float = 1e15, rel_floor: float = 1e-10, axis_name: str | None = None):
+    """:func:`lm_iteration` with J^T J split by rows over the devices and the damped systems solved by CG.
+
+    J^T J is reduced once per iteration into row blocks (:func:`row_sharded_normal_equations`); each CG
+    product multiplies a device's rows and all-gathers the result (:func:`row_sharded_matvec`), so per
+    device the solve holds P'/n x P' entries and a few vectors. The scaling D comes from diag(JtJ), the
+    acceptance, damping, retries and geodesic acceleration are :func:`lm_iteration`'s, both systems solved
+    by CG from 0 to a residual of `tol` relative to the right-hand side. CG is not preconditioned: on the
+    :lm problem's damped systems plain CG needed 2 to 20 times fewer iterations than Jacobi, and fewer
+    than block Jacobi with a block per device on 4 or 8 devices (on 2, block Jacobi needed up to 2.1 times
+    fewer; docs/performance.md); unpreconditioned, the iterations do not depend on the device count. On a
+    well-conditioned problem the step is the Cholesky one to round-off.
+
+    Args:
+        tol, maxiter: CG's stopping rule (:func:`damped_cg_solve`).
+        Others: as in :func:`lm_iteration`.
+
+    Returns:
+        (step, new_state, metrics) as in :func:`lm_iteration`.
+    """
+    theta, f, m = _flat(residual_fn, params, batch, axis_name)
+    rows, Jtr, loss = row_sharded_normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem,
+                                                   axis_name=axis_name)
+    matvec = row_sharded_matvec(rows, axis_name)
+    D = update_scaling(scaling, state.scaling, row_sharded_diagonal(rows, theta.size, axis_name), rel_floor)
+
+    def attempt(damping):
+        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter)
+        step, accel_ratio = delta, jnp.zeros_like(loss)
+        if geodesic:
+            rhs = _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name)
+            accel = -0.5 * _damped_cg(matvec, rhs, damping, D, tol, maxiter)
+            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
+
+    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
+                  damping_min=damping_min, damping_max=damping_max)
+
+
+# --------------------------------------------------------------------------------------------------
 # Matrix-free Gauss-Newton-CG, for when JtJ does not fit in memory.
-
-# jacobian_diagonal's budget: each group of problems' Jacobian holds at most this many entries.
-DIAGONAL_ENTRIES = 2**22
-
 
 def linearise(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch, n_chunks: int = 1):
     """The residuals of the batch at theta and their linearisation, computed once.
@@ -358,56 +472,40 @@ def linearise(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch,
     return r, jvp, lambda u: transpose(u)[0]
 
 
-def jacobian_diagonal(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch,
-                      per_problem: bool = True, max_entries: int = DIAGONAL_ENTRIES) -> jax.Array:
-    """diag(J^T J) M = sum_i J_ip^2 (P,), from the batch's Jacobian in groups of problems whose Jacobian holds
-    at most `max_entries` entries (:func:`chunk_jacobian`, reverse mode; `per_problem` as there)."""
-    n = jax.tree.leaves(batch)[0].shape[0]
-    rows = jax.eval_shape(f, theta, batch).shape[0] // n
-    groups = next(c for c in range(1, n + 1) if n % c == 0 and (n // c) * rows * theta.size <= max_entries
-                  or c == n)
-    return _chunk_sum(lambda c: jnp.sum(chunk_jacobian(f, theta, c, per_problem)[1] ** 2, axis=1), batch, groups)
-
-
 def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
-                    *, tol: float = 1e-10, maxiter: int = 100, diagonal: jax.Array | None = None):
+                    *, tol: float = 1e-10, maxiter: int = 100):
     """Solves (JtJ + lam diag(D)) delta = -Jtr by conjugate gradients (``jax.scipy.sparse.linalg.cg``).
 
     ``matvec(v)`` = JtJ v. CG starts from 0 and stops when the residual norm is <= tol ||Jtr|| or after
     ``maxiter`` iterations; every CG iterate is a descent direction of the damped model, so a truncated
     solve is still usable. pred is computed with one more matvec, so it is exact for an inexact solve.
-    With `diagonal` = diag(JtJ), CG is preconditioned by the damped matrix's diagonal (Jacobi).
 
     Returns:
         (delta, pred, ok) as in :func:`damped_solve` (no factor); ok is False for a non-finite step.
     """
-    delta = -_damped_cg(matvec, Jtr, damping, scaling, tol, maxiter, diagonal)
+    delta = -_damped_cg(matvec, Jtr, damping, scaling, tol, maxiter)
     pred = -2.0 * (Jtr @ delta) - delta @ matvec(delta)
     return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
 
 
-def _damped_cg(matvec, b, damping, scaling, tol, maxiter, diagonal):
-    """(JtJ + lam diag(D))^-1 b by CG, Jacobi-preconditioned when `diagonal` = diag(JtJ) is given."""
-    precondition = None if diagonal is None else (lambda x: x / (diagonal + damping * scaling))
-    return jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, b, tol=tol, maxiter=maxiter,
-                                      M=precondition)[0]
+def _damped_cg(matvec, b, damping, scaling, tol, maxiter):
+    """(JtJ + lam diag(D))^-1 b by CG from 0, unpreconditioned."""
+    return jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, b, tol=tol, maxiter=maxiter)[0]
 
 
 def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                     scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
                     n_probes: int = 4, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
-                    precondition: bool = False, per_problem: bool = True, damping_min: float = 1e-15,
+                    damping_min: float = 1e-15,
                     damping_max: float = 1e15, axis_name: str | None = None):
     """One LM iteration solved matrix-free by CG; same acceptance, damping, retries and geodesic acceleration
     as :func:`lm_iteration`.
 
     The residuals are linearised once per iteration (:func:`linearise`, in `n_chunks` chunks): J^T r, every
-    CG product J^T J v = J^T (J v) / M and, with geodesic, J^T r'' replay that linearisation. With
-    `precondition`, CG is preconditioned by the diagonal of the damped matrix, diag(JtJ) from one pass over
-    the batch's Jacobian (:func:`jacobian_diagonal`). Off by default: on the BaseConv model a truncated
-    Jacobi-preconditioned CG came out further from the exact step than plain CG with the same iterations,
-    and it made the answers depend on the device count well beyond round-off (docs/performance.md).
-    Retries reuse the linearisation (and the diagonal).
+    CG product J^T J v = J^T (J v) / M and, with geodesic, J^T r'' replay that linearisation. CG is not
+    preconditioned: on the BaseConv model a truncated Jacobi-preconditioned CG came out further from the
+    exact step than plain CG with the same iterations (docs/performance.md). Retries reuse the
+    linearisation.
 
     D = s I, with s from `scaling` applied to an estimate of mean(diag(JtJ)) = tr(JtJ) / P (isotropic:
     the first iteration's estimate, held; marquardt: its running maximum), the estimate by
@@ -418,7 +516,6 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     Args:
         tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
         n_probes: S, the Hutchinson probes per iteration.
-        precondition: precondition CG by the damped matrix's diagonal (Jacobi).
         Others: as in :func:`lm_iteration` (the acceleration's system is solved by CG too).
 
     Returns:
@@ -429,21 +526,19 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     probes = jax.random.rademacher(jax.random.fold_in(jax.random.key(0), state.iteration),
                                    (n_probes, theta.size), theta.dtype)
     r, jvp, vjp = linearise(f, theta, batch, n_chunks)
-    diagonal = jacobian_diagonal(f, theta, batch, per_problem) if precondition else None
-    Jtr, loss, probed, diagonal = total((vjp(r), jnp.sum(r * r), jnp.sum(jax.vmap(jvp)(probes) ** 2), diagonal))
+    Jtr, loss, probed = total((vjp(r), jnp.sum(r * r), jnp.sum(jax.vmap(jvp)(probes) ** 2)))
     Jtr, loss = Jtr / m, loss / m
-    diagonal = None if diagonal is None else diagonal / m
     mean_diag = jnp.maximum(probed / (m * n_probes * theta.size), jnp.finfo(theta.dtype).tiny)
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
     matvec = lambda v: total(vjp(jvp(v))) / m
 
     def attempt(damping):
-        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter, diagonal=diagonal)
+        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter)
         step, accel_ratio = delta, jnp.zeros_like(loss)
         if geodesic:
             chunks = _chunks(batch, n_chunks)
             rvv = jax.lax.map(lambda c: second_directional_derivative(lambda t: f(t, c), theta, delta), chunks)
-            accel = -0.5 * _damped_cg(matvec, total(vjp(rvv)) / m, damping, D, tol, maxiter, diagonal)
+            accel = -0.5 * _damped_cg(matvec, total(vjp(rvv)) / m, damping, D, tol, maxiter)
             step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 

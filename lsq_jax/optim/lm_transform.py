@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from lsq_jax.config.optim import LM_RULES, LM_SCALINGS, LM_SOLVERS, SOLVER_SETTINGS, OptimConfig, check_solver_settings
+from lsq_jax.config.optim import LM_RULES, LM_SCALINGS, SOLVER_SETTINGS, OptimConfig, check_solver_settings
 from lsq_jax.optim import lm, recipe
+
+TRANSFORM_SOLVERS = tuple(SOLVER_SETTINGS)  # every LM solver but the config's "auto"
 
 
 class LMTransformation(NamedTuple):
@@ -56,9 +58,8 @@ class LMTransformation(NamedTuple):
 def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic", rule: str = "nielsen",
                         damping0: float = 1e-3, geodesic: bool = False, alpha: float = 0.75,
                         max_tries: int | None = None, per_problem: bool = True, rel_floor: float = 1e-10,
-                        cg_iters: int | None = None,
-                        cg_tol: float = 1e-10, n_probes: int = 4, damping_min: float = 1e-15,
-                        damping_max: float = 1e15) -> LMTransformation:
+                        cg_iters: int | None = None, cg_tol: float | None = None, n_probes: int = 4,
+                        damping_min: float = 1e-15, damping_max: float = 1e15) -> LMTransformation:
     """One Levenberg-Marquardt iteration per update, on the flattened parameters (lsq_jax.optim.lm).
 
     ``update(updates, state, params, *, residual_fn, batch, n_chunks=1, axis_name=None, **extra_args)``:
@@ -70,14 +71,20 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     theta otherwise, bit for bit.
 
     Args:
-        solver: ``"cholesky"`` (:func:`lsq_jax.optim.lm.lm_iteration`, dense J^T J) or ``"cg"``
-            (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free).
+        solver: ``"cholesky"`` (:func:`lsq_jax.optim.lm.lm_iteration`, dense J^T J), ``"sharded"``
+            (:func:`lsq_jax.optim.lm.lm_iteration_sharded`, dense J^T J split by rows over `axis_name`,
+            solved by CG) or ``"cg"`` (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free). The
+            config's ``"auto"`` is resolved by the run's plan before a transform is made.
         scaling, rule: the scaling D and the damping rule (lsq_jax.optim.lm_damping).
         damping0: the initial damping lam, > 0.
-        geodesic, alpha, per_problem: the geodesic acceleration and its bound, per-problem Jacobians.
-        max_tries, rel_floor: the Cholesky solver's damped solves per iteration and D's floor.
-        cg_iters, cg_tol, n_probes: the CG solver's iterations, tolerance and Hutchinson probes.
-        max_tries and cg_iters left None take the value OptimConfig gives them (lsq_jax.config.optim).
+        geodesic, alpha, per_problem: the geodesic acceleration and its bound, per-problem Jacobians (the
+            dense solvers').
+        max_tries: damped solves per iteration; rel_floor: D's floor (the dense solvers').
+        cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("sharded", "cg"); cg_tol left None
+            is 1e-10 for "cg" and lsq_jax.optim.lm.SHARDED_CG_TOL for "sharded".
+        n_probes: the Hutchinson probes of "cg".
+        max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
+            (lsq_jax.config.optim.SOLVER_SETTINGS).
         damping_min, damping_max: clamp of lam after each update.
 
     Returns:
@@ -85,10 +92,10 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         ``ravel_pytree(params)[0].size`` and its dtype.
 
     Raises:
-        ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or one solver's
-            setting given to the other (a ConfigError, lsq_jax.config.optim.check_solver_settings).
+        ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or a setting `solver`
+            does not read (a ConfigError, lsq_jax.config.optim.check_solver_settings).
     """
-    for name, value, allowed in (("solver", solver, LM_SOLVERS), ("scaling", scaling, LM_SCALINGS),
+    for name, value, allowed in (("solver", solver, TRANSFORM_SOLVERS), ("scaling", scaling, LM_SCALINGS),
                                  ("rule", rule, LM_RULES)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
@@ -96,18 +103,22 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
     check_solver_settings(solver, {"lm_tries": max_tries, "lm_cg_iters": cg_iters},
                           names={"lm_tries": "max_tries", "lm_cg_iters": "cg_iters"})
-    max_tries = SOLVER_SETTINGS["cholesky"]["lm_tries"] if max_tries is None else max_tries
-    cg_iters = SOLVER_SETTINGS["cg"]["lm_cg_iters"] if cg_iters is None else cg_iters
+    unset = SOLVER_SETTINGS[solver]
+    max_tries = unset["lm_tries"] if max_tries is None else max_tries
+    cg_iters = unset.get("lm_cg_iters", 1) if cg_iters is None else cg_iters
     for name, value in (("max_tries", max_tries), ("cg_iters", cg_iters), ("n_probes", n_probes)):
         if value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: must be >= 1")
-    damping = dict(scaling=scaling, rule=rule, damping_min=damping_min, damping_max=damping_max)
+    damping = dict(scaling=scaling, rule=rule, damping_min=damping_min, damping_max=damping_max,
+                   geodesic=geodesic, alpha=alpha, max_tries=max_tries)
     if solver == "cg":
-        iterate = functools.partial(lm.lm_iteration_cg, tol=cg_tol, maxiter=cg_iters, n_probes=n_probes,
-                                    geodesic=geodesic, alpha=alpha, per_problem=per_problem, **damping)
+        iterate = functools.partial(lm.lm_iteration_cg, tol=1e-10 if cg_tol is None else cg_tol, maxiter=cg_iters,
+                                    n_probes=n_probes, **damping)
+    elif solver == "sharded":
+        iterate = functools.partial(lm.lm_iteration_sharded, tol=lm.SHARDED_CG_TOL if cg_tol is None else cg_tol,
+                                    maxiter=cg_iters, per_problem=per_problem, rel_floor=rel_floor, **damping)
     else:
-        iterate = functools.partial(lm.lm_iteration, geodesic=geodesic, alpha=alpha, max_tries=max_tries,
-                                    per_problem=per_problem, rel_floor=rel_floor, **damping)
+        iterate = functools.partial(lm.lm_iteration, per_problem=per_problem, rel_floor=rel_floor, **damping)
 
     def init_fn(params):
         theta = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
@@ -169,11 +180,14 @@ def adam_then_lm(adam: optax.GradientTransformation, lm_tx: LMTransformation) ->
 def make_lm_optimizer(cfg: OptimConfig) -> Hybrid:
     """optimizer 'lm': ``adam_then_lm(recipe.make_optimizer(cfg), levenberg_marquardt(<cfg.lm_*>))``.
 
-    The config leaves the other solver's settings unset (lm_tries belongs to "cholesky", lm_cg_iters to
-    "cg").
+    The config's solver is a concrete one (the plan resolves 'auto'); it leaves the settings its solver
+    does not read unset (lsq_jax.config.optim.SOLVER_SETTINGS).
     """
     if cfg.optimizer != "lm":
         raise ValueError(f"make_lm_optimizer needs optimizer='lm', not {cfg.optimizer!r}")
+    if cfg.lm_solver == "auto":
+        raise ValueError("lm_solver='auto' is picked by the run's plan (lsq_jax.plan.run.make_plan): make the "
+                         "optimizer from the plan's exp, or name the solver")
     lm_tx = levenberg_marquardt(cfg.lm_solver, scaling=cfg.lm_scaling, rule=cfg.lm_rule, damping0=cfg.lm_damping,
                                 geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries, cg_iters=cfg.lm_cg_iters)
     return adam_then_lm(recipe.make_optimizer(cfg), lm_tx)

@@ -19,6 +19,18 @@ from lsq_jax.optim.lm import gram_depth
 # 4.7 for P = 469 to 4,020; docs/performance.md).
 SOLVE_MATRICES = 4.3
 
+# The row-sharded path's peak while J^T J is reduced, in P x P matrices: the accumulated lower triangle, its
+# symmetric form and the reduction's result (XLA's memory_analysis on CPU, 2 and 4 devices: 2.0 to 2.5 for
+# P = 540 to 4,020).
+SHARDED_MATRICES = 2.3
+
+# The matrix-free path's memory per token and layer, in activations of width n_embd (XLA's memory_analysis
+# on CPU, BaseConv of 2 and 3 layers, widths 8 to 32): what the linearisation saves for each problem, and a
+# chunk's tangents for each of the CG_PROBES Hutchinson probes (lsq_jax.optim.lm.lm_iteration_cg's n_probes).
+CG_SAVED = 6.3
+CG_TANGENTS = 5.4
+CG_PROBES = 4
+
 
 def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
     """The bytes a Cholesky LM iteration holds at its peak, per device: the larger of its two phases.
@@ -33,24 +45,61 @@ def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
     return int(max(build, SOLVE_MATRICES * n_params**2 * itemsize))
 
 
+def lm_sharded_bytes(n_params: int, rows: int, itemsize: int) -> int:
+    """The bytes a row-sharded LM iteration (lsq_jax.optim.lm.lm_iteration_sharded) holds at its peak, per
+    device: building J^T J as the Cholesky path does (lm_cholesky_bytes), or SHARDED_MATRICES P x P
+    matrices while it is reduced. On CPU that peak does not shrink with the device count: XLA:CPU runs the
+    reduce-scatter as an all-reduce whose P' x P' result it then slices. From 8% under to 15% over XLA's
+    memory_analysis on CPU for P = 540 to 4,020 (tests/test_lm_memory.py).
+    """
+    build = ((2 + gram_depth(n_params)) * n_params * rows + n_params**2) * itemsize
+    return int(max(build, SHARDED_MATRICES * n_params**2 * itemsize))
+
+
+def lm_cg_bytes(model: ModelConfig, seq_len: int, problems: int, chunk_problems: int, itemsize: int) -> int:
+    """The bytes a matrix-free LM iteration (lsq_jax.optim.lm.lm_iteration_cg) holds at its peak, per
+    device: the linearisation's saved values of the device's `problems` (CG_SAVED activations of width
+    n_embd per token and layer each) and the tangents of one chunk of `chunk_problems` for every
+    Hutchinson probe (CG_TANGENTS per token, layer and probe). Within 10% of XLA's memory_analysis on CPU
+    (tests/test_lm_memory.py).
+    """
+    activation = model.n_layer * seq_len * model.n_embd * itemsize
+    return int((CG_SAVED * problems + CG_TANGENTS * CG_PROBES * chunk_problems) * activation)
+
+
+def lm_bytes(exp: Experiment, task: Task, n_params: int, rows: int, problems: int, chunk_problems: int,
+             itemsize: int) -> int:
+    """What an LM iteration of exp's solver holds at its peak per device, beyond the state, with `rows`
+    Jacobian rows and `chunk_problems` problems per chunk of the device's `problems`: lm_cholesky_bytes,
+    lm_sharded_bytes or lm_cg_bytes."""
+    solver = exp.optim.lm_solver
+    if solver == "cholesky":
+        return lm_cholesky_bytes(n_params, rows, itemsize)
+    if solver == "sharded":
+        return lm_sharded_bytes(n_params, rows, itemsize)
+    return lm_cg_bytes(exp.model, task.seq_len(), problems, chunk_problems, itemsize)
+
+
 def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: int, live: int, mixing: int,
-                    lm_rows: int) -> dict[str, int]:
+                    lm_rows: int = 0, lm_chunk_problems: int = 0) -> dict[str, int]:
     """A lower bound, in bytes per device, of what training `exp` holds at once, by part.
 
     state: parameters, their gradient and accumulator, and the optimizer's moments and EMA (6 copies);
     activations: the input and output of every block for the `live` examples whose activations are held
     at once (a microbatch, two on CPU where the scan is unrolled), kept for the backward pass; data: the
     per-device batch's matrices A, its input tokens and per-example keys; statistics: the matrix of
-    mini-batch gradients; lm_normal_equations (when LM solves them by Cholesky, with `lm_rows` Jacobian rows
-    per chunk; 0 otherwise): what its iteration holds at its peak (lm_cholesky_bytes); sequence_mixing:
-    `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes); evaluation: the test batch of the final metrics (its
-    matrices, tokens and one activation), held with the state after training.
+    mini-batch gradients; lm_normal_equations (with optimizer 'lm', `lm_rows` Jacobian rows and
+    `lm_chunk_problems` problems per chunk): what an iteration of its solver holds at its peak (lm_bytes);
+    sequence_mixing: `mixing`, what one block's mixer materialises (lsq_jax.models.backbone.mixing_bytes);
+    evaluation: the test batch of the final metrics (its matrices, tokens and one activation), held with the
+    state after training.
     """
     itemsize = jnp.dtype(exp.task.dtype).itemsize
     token = task.seq_len() * exp.model.n_embd * itemsize
     problem = task.example_bytes()
     return {"state": 6 * n_params * itemsize,
-            "lm_normal_equations": lm_cholesky_bytes(n_params, lm_rows, itemsize) if lm_rows else 0,
+            "lm_normal_equations": (lm_bytes(exp, task, n_params, lm_rows, exp.train.batch_size // n_devices,
+                                             lm_chunk_problems, itemsize) if exp.optim.optimizer == "lm" else 0),
             "sequence_mixing": mixing,
             "activations": 2 * (exp.model.n_layer + 1) * live * token,
             "data": exp.train.batch_size // n_devices * (problem + 8),
@@ -59,11 +108,16 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
 
 
 _MEMORY_FIELDS = {"sequence_mixing": "task.n_points (the mixer grows as its square or cube)",
-                  "lm_normal_equations": "model.n_embd, or use optim.lm_solver=cg (matrix-free)",
+                  "lm_normal_equations": "model.n_embd, or use optim.lm_solver=auto or cg (matrix-free)",
                   "state": "model.n_embd / model.n_layer", "activations": "train.microbatch_size / model.n_embd",
                   "data": "train.batch_size / task.n_dims / task.n_points",
                   "statistics": "train.grad_stats_batches / model.n_embd",
                   "evaluation": "train.eval_batch_size / task.n_dims / task.n_points"}
+
+
+def training_bytes(parts: dict[str, int]) -> int:
+    """The bytes per device of a memory_estimate while training (every part but the final test batch)."""
+    return sum(v for k, v in parts.items() if k != "evaluation")
 
 
 def _check(parts: dict[str, int], mesh, what: str) -> None:

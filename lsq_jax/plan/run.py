@@ -16,14 +16,15 @@ import jax
 
 from lsq_jax.config.check import ConfigError
 from lsq_jax.config.experiment import Experiment
+from lsq_jax.config.optim import with_solver
 from lsq_jax.data.base import Task
 from lsq_jax.data.keys import run_keys
 from lsq_jax.data.samplers import example_keys
 from lsq_jax.data.tasks import curriculum_value
-from lsq_jax.mesh import batch_sharded, check_batch_size
+from lsq_jax.mesh import batch_sharded, check_batch_size, device_memory
 from lsq_jax.models.backbone import SequenceModel, mixing_bytes
 from lsq_jax.optim import lm_transform, recipe
-from lsq_jax.plan.memory import check_memory, check_mixing, memory_estimate
+from lsq_jax.plan.memory import check_memory, check_mixing, memory_estimate, training_bytes
 from lsq_jax.plan.report import ReportPlan, make_report_plan, report_parts
 
 # Auto microbatch on CPU: one (examples, T, E) activation holds at most this many elements (1 MiB in
@@ -36,6 +37,9 @@ MICROBATCH_ELEMENTS = 2**17
 # docs/performance.md). Off CPU the scan is not unrolled: a microbatch size chosen there to fit device
 # memory stays the most that is live at once.
 CPU_SCAN_UNROLL = 2
+
+# The LM solvers optim.lm_solver 'auto' tries, in order (pick_lm_solver).
+LM_AUTO_ORDER = ("cholesky", "sharded", "cg")
 
 LM_CHUNK_ENTRIES = 2**22  # auto lm_chunk: a device's chunk Jacobian holds at most this many entries (32 MiB float64)
 
@@ -66,6 +70,7 @@ class RunPlan:
         lm_chunks: the strided chunks each device builds the Jacobian of its share of LM's batch in (1
             without LM).
         memory: the lower-bound bytes per device, by part (lsq_jax.plan.memory.memory_estimate).
+        lm_choice: the line saying which LM solver optim.lm_solver 'auto' picked ("" otherwise).
     """
 
     exp: Experiment
@@ -78,6 +83,7 @@ class RunPlan:
     unroll: int
     lm_chunks: int
     memory: Mapping[str, int]
+    lm_choice: str = ""
 
     @property
     def task(self) -> Task:
@@ -211,9 +217,11 @@ def _refused() -> Iterator[None]:
         raise ConfigError(str(err)) from None
 
 
-def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
+def make_plan(exp: Experiment, mesh, backend: str | None = None, *, lm_memory_budget: int | None = None) -> RunPlan:
     """The plan of `exp` on `mesh`, built for `backend` (None: the platform of the mesh's devices; another
-    platform when tracing a step to export it with jax.export).
+    platform when tracing a step to export it with jax.export). With optim.lm_solver 'auto' the plan picks
+    the solver from its memory estimate against a device's memory, or against `lm_memory_budget` bytes per
+    device when given (`pick_lm_solver`); the plan's exp, and with it what the run saves, holds the pick.
 
     Raises ConfigError, before anything is allocated or written, for a report that does not fit
     (lsq_jax.plan.report.make_report_plan), a batch that does not split over the devices, a microbatch
@@ -240,10 +248,48 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None) -> RunPlan:
     report = make_report_plan(exp, parts=parts)
     n_params = report.n_params
     with _refused():
-        chunks = lm_chunks(exp, task, n_params, n, backend) if uses_lm(exp) else 1
-        cholesky = uses_lm(exp) and exp.optim.lm_solver == "cholesky"
-        rows = local // chunks * lm_outputs(exp, task) * len(exp.task.rows()) if cholesky else 0
-        memory = memory_estimate(exp, task, n_devices=n, n_params=n_params, live=live, mixing=mixing, lm_rows=rows)
+        size = lambda e: lm_sizes(e, task, n_params=n_params, n_devices=n, backend=backend, live=live,
+                                  mixing=mixing)
+        limit = device_memory(mesh.devices.flat[0]) if lm_memory_budget is None else lm_memory_budget
+        exp, choice = pick_lm_solver(exp, size, limit, n)
+        chunks, memory = size(exp)
         check_memory(memory, mesh)
         tx = lm_transform.make_lm_optimizer(exp.optim) if uses_lm(exp) else recipe.make_optimizer(exp.optim)
-    return RunPlan(exp, mesh, backend, report, tx, run_keys(exp.seed), micro, scan_unroll(backend), chunks, memory)
+    report = dataclasses.replace(report, exp=exp)
+    return RunPlan(exp, mesh, backend, report, tx, run_keys(exp.seed), micro, scan_unroll(backend), chunks, memory,
+                   choice)
+
+
+def lm_sizes(exp: Experiment, task: Task, *, n_params: int, n_devices: int, backend: str, live: int,
+             mixing: int) -> tuple[int, dict[str, int]]:
+    """(LM chunks per device, the memory estimate by part) of `exp` with its LM solver (chunks 1 without
+    LM): the dense solvers' estimate counts a chunk's Jacobian rows (lsq_jax.plan.memory)."""
+    if not uses_lm(exp):
+        return 1, memory_estimate(exp, task, n_devices=n_devices, n_params=n_params, live=live, mixing=mixing)
+    chunks = lm_chunks(exp, task, n_params, n_devices, backend)
+    chunk_problems = exp.train.batch_size // len(exp.task.rows()) // n_devices // chunks * len(exp.task.rows())
+    return chunks, memory_estimate(exp, task, n_devices=n_devices, n_params=n_params, live=live, mixing=mixing,
+                                   lm_rows=chunk_problems * lm_outputs(exp, task), lm_chunk_problems=chunk_problems)
+
+
+def pick_lm_solver(exp: Experiment, size, limit: int | None, n_devices: int) -> tuple[Experiment, str]:
+    """`exp` with optim.lm_solver 'auto' resolved, and the line that says what was picked ("" when `exp`
+    names its solver or has no LM phase).
+
+    'auto' picks the first of LM_AUTO_ORDER whose training estimate (``size(exp)[1]``, lm_sizes) fits
+    `limit` bytes per device (None: unknown, so the first): Cholesky while one device holds its solve,
+    then J^T J split by rows when there are devices to split it over, then matrix-free CG.
+    """
+    if not uses_lm(exp) or exp.optim.lm_solver != "auto":
+        return exp, ""
+    candidates = [s for s in LM_AUTO_ORDER if s != "sharded" or n_devices > 1]
+    gib = 2.0**30
+    for solver in candidates:
+        picked = dataclasses.replace(exp, optim=with_solver(exp.optim, solver))
+        need = training_bytes(size(picked)[1])
+        if limit is None or need <= limit or solver == candidates[-1]:
+            budget = "unknown" if limit is None else f"{limit / gib:.3g} GiB"
+            tried = ", ".join(candidates[:candidates.index(solver) + 1])
+            return picked, (f"optim.lm_solver=auto picked {solver!r}: training needs {need / gib:.3g} GiB per "
+                            f"device with it, of {budget} (tried {tried})")
+    raise AssertionError("unreachable")
