@@ -245,7 +245,6 @@ def generality_gap(trained: Trained) -> dict:
     """The model's own relative error in distribution and at condition number OOD_KAPPA: their difference
     (the gap) and their ratio."""
     inside, outside = own_error(trained, trained.plan.exp.task.scale_cond), own_error(trained, OOD_KAPPA)
-    inside, outside = _finite_or_inf(inside), _finite_or_inf(outside)
     return {"in_distribution": inside, "out_of_distribution": outside, "gap": _finite_or_inf(outside - inside),
             "gap_ratio": _ratio(outside, inside)}
 
