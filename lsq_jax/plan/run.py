@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -248,8 +249,8 @@ def make_plan(exp: Experiment, mesh, backend: str | None = None, *, lm_memory_bu
     report = make_report_plan(exp, parts=parts)
     n_params = report.n_params
     with _refused():
-        size = lambda e: lm_sizes(e, task, n_params=n_params, n_devices=n, backend=backend, live=live,
-                                  mixing=mixing)
+        size = functools.partial(lm_sizes, task=task, n_params=n_params, n_devices=n, backend=backend, live=live,
+                                 mixing=mixing)
         limit = device_memory(mesh.devices.flat[0]) if lm_memory_budget is None else lm_memory_budget
         exp, choice = pick_lm_solver(exp, size, limit, n)
         chunks, memory = size(exp)
