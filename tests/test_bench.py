@@ -244,6 +244,7 @@ HloModule m
   %p = (s64[], f64[10,10]{1,0}) parameter(0)
   %x = f64[10,10]{1,0} get-tuple-element(%p), index=1
   %ar = f64[10,10]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %ag = f64[20,10]{1,0} all-gather(%x), channel_id=3, replica_groups={{0,1}}, dimensions={0}
   %i = s64[] get-tuple-element(%p), index=0
   ROOT %t = (s64[], f64[10,10]{1,0}) tuple(%i, %ar)
 }
@@ -273,6 +274,13 @@ def test_reduced_bytes_counts_operands_times_known_trip_counts():
     # 6 trips of a 10 x 10 float64 all-reduce, one trip of the loop without a known count, and one tuple
     # all-reduce of 10 x 10 float64 and 7 float32
     assert reduced_bytes(HLO_WITH_LOOPS) == 6 * 800 + 800 + 800 + 7 * 4
+
+
+def test_gathered_bytes_counts_all_gather_operands_in_the_same_way():
+    from lsq_jax.bench.lm import gathered_bytes
+
+    # the loop body's all-gather of a 10 x 10 float64 operand: 6 trips, then one of the loop without a count
+    assert gathered_bytes(HLO_WITH_LOOPS) == 6 * 800 + 800
 
 
 @pytest.mark.slow

@@ -326,10 +326,10 @@ def sharded_entries() -> dict[str, tuple]:
     """entry -> (jitted fn, abstract args) of the run on make_mesh() over every device of this process:
     the state replicated on the mesh, as the loop places it (see sharded_exports)."""
     mesh = make_mesh()
-    adam, lm, cg = (experiment("baseconv", "float64"), lm_experiment("baseconv", "float64"),
-                    lm_experiment("baseconv", "float64", "cg"))
+    adam, lm, cg, rows = (experiment("baseconv", "float64"), lm_experiment("baseconv", "float64"),
+                          lm_experiment("baseconv", "float64", "cg"), lm_experiment("baseconv", "float64", "sharded"))
     micro = experiment("baseconv", "float64", **{"train.microbatch_size": 1})  # 2 per device
-    state = {exp: abstract_state(exp, replicated(mesh)) for exp in (adam, lm, cg, micro)}
+    state = {exp: abstract_state(exp, replicated(mesh)) for exp in (adam, lm, cg, rows, micro)}
     metric = abstract_metric(adam, replicated(mesh))
     fns = {exp: step_fns(exp, lm_phase=exp.optim.optimizer == "lm", mesh=mesh) for exp in state}
     return {"adam": (fns[adam].train, (state[adam], metric)),
@@ -337,6 +337,7 @@ def sharded_entries() -> dict[str, tuple]:
             "stats": (fns[adam].stats, (state[adam],)),
             "lm_cholesky": (fns[lm].train, (state[lm], metric)),
             "lm_cg": (fns[cg].train, (state[cg], metric)),
+            "lm_sharded": (fns[rows].train, (state[rows], metric)),
             "lm_loss": (fns[lm].lm_loss, (state[lm],)),
             "evaluate_loss": (jax.jit(functools.partial(evaluate_loss, plan=make_plan(adam, mesh))),
                               (state[adam].params,))}
@@ -368,4 +369,4 @@ def test_entries_export_for_a_4_device_mesh():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got == {name: N_SHARDED_DEVICES for name in ("adam", "adam_microbatched", "stats", "lm_cholesky",
-                                                        "lm_cg", "lm_loss", "evaluate_loss")}
+                                                        "lm_cg", "lm_sharded", "lm_loss", "evaluate_loss")}

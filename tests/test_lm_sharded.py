@@ -67,6 +67,24 @@ def step_on(solver, n_devices, geodesic=False, n_chunks=1):
     return np.asarray(jax.jit(run)(place(params, jax.P()), place(batch, jax.P("data"))))
 
 
+def rows_on(n_devices, n_chunks):
+    """Every device's rows of JtJ (row_sharded_normal_equations), stacked in device order: (P', P')."""
+    params, batch = problem()
+    mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
+    build = lambda p, b: lm.row_sharded_normal_equations(mlp_residual, p, b, n_chunks, axis_name="data")[0]
+    run = jax.shard_map(build, mesh=mesh, in_specs=(jax.P(), jax.P("data")), out_specs=jax.P("data"),
+                        check_vma=False)
+    place = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))
+    return np.asarray(jax.jit(run)(place(params, jax.P()), place(batch, jax.P("data"))))
+
+
+def numpy_gram(params, batch):
+    """J^T J / M with J by forward mode."""
+    theta, unravel = ravel_pytree(params)
+    J = np.asarray(jax.jacfwd(lambda t: mlp_residual(unravel(t), batch).reshape(-1))(theta))
+    return J.T @ J / J.shape[0]
+
+
 def rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
@@ -94,18 +112,20 @@ def test_row_sharded_matvec_and_diagonal_on_one_device():
 ON_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     jax.config.update("jax_enable_x64", True)
-    from test_lm_sharded import step_on
+    from test_lm_sharded import rows_on, step_on
     assert jax.device_count() == 4
     steps = {f"{solver}_{n}_{chunks}": step_on(solver, n, geodesic=True, n_chunks=chunks)
              for solver, n, chunks in (("sharded", 2, 3), ("sharded", 4, 2), ("cg", 2, 2))}
-    np.savez(sys.argv[1], **steps)
+    rows = {f"rows_{n}_{chunks}": rows_on(n, chunks) for n, chunks in ((2, 3), (4, 2))}
+    np.savez(sys.argv[1], **steps, **rows)
 """)
 
 
 @pytest.mark.slow
 def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     """The row-sharded step (P = 45, padded to 46 and 48; on 2 and 4 devices) equals the Cholesky step on one
-    device, and CG's step on 2 devices its step on one, to round-off, with the geodesic acceleration."""
+    device, and CG's step on 2 devices its step on one, to round-off, with the geodesic acceleration; the
+    devices' rows of J^T J, stacked, are numpy's J^T J."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
                                                                      os.environ.get("PYTHONPATH")])),
            "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
@@ -117,6 +137,10 @@ def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     cholesky = step_on("cholesky", 0, geodesic=True)
     assert rel_err(z["sharded_2_3"], cholesky) < 1e-11 and rel_err(z["sharded_4_2"], cholesky) < 1e-11
     assert rel_err(z["cg_2_2"], step_on("cg", 0, geodesic=True, n_chunks=4)) < 1e-11
+    gram = numpy_gram(*problem())
+    for name, padded in (("rows_2_3", 46), ("rows_4_2", 48)):  # each device built only its own rows
+        expected = np.pad(gram, (0, padded - gram.shape[0]))
+        np.testing.assert_allclose(z[name], expected, rtol=0, atol=1e-13 * np.abs(gram).max())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -272,6 +272,7 @@ LM_SCALING_COLUMNS = [("devices", "devices", "d"), ("solver", "solver", ""),
                       ("s/iteration", "seconds_per_iteration", ".2f"), ("solves", "tries_mean", ".1f"),
                       ("bytes reduced", "allreduce_bytes_per_iteration", ".4g"),
                       ("/ triangle", "bytes_over_triangle", ".4f"),
+                      ("bytes gathered", "allgather_bytes_per_iteration", ".4g"),
                       ("compiled temp", "compiled_temp_bytes", ".4g"), ("LM estimate", "estimated_lm_bytes", ".4g")]
 
 

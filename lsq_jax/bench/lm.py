@@ -119,7 +119,8 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
     """The LM step of `exp` on the first `n_devices` devices (0: all), its solver picked against `budget`
     bytes per device when optim.lm_solver is 'auto' (None: the device's memory): seconds per iteration (median of
     `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
-    the bytes one iteration reduces across devices, read from the compiled step (:func:`reduced_bytes`); and
+    the bytes one iteration reduces and all-gathers across devices, read from the compiled step
+    (:func:`reduced_bytes`, :func:`gathered_bytes`: a CG solve's loop counts once); and
     the compiled step's temp bytes (XLA's memory_analysis) next to the memory check's figure for LM."""
     import jax
     import jax.numpy as jnp
@@ -142,10 +143,13 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
         times.append(time.perf_counter() - t)
         tries.append(int(state.opt_state["lm"].iteration) - before)
     p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
-    reduced = reduced_bytes(step.as_text()) if plan.n_devices > 1 else 0  # one device: a reduction moves nothing
+    hlo = step.as_text()
+    reduced, gathered = (reduced_bytes(hlo), gathered_bytes(hlo)) if plan.n_devices > 1 else (0, 0)  # one
+    # device: a collective moves nothing
     return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
             "chunks_per_device": plan.lm_chunks, "solver": plan.exp.optim.lm_solver,
-            "allreduce_bytes_per_iteration": reduced, "triangle_bytes": p * (p + 1) // 2 * itemsize,
+            "allreduce_bytes_per_iteration": reduced, "allgather_bytes_per_iteration": gathered,
+            "triangle_bytes": p * (p + 1) // 2 * itemsize,
             "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
             "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:])),
             "compiled_temp_bytes": step.memory_analysis().temp_size_in_bytes,
@@ -159,6 +163,7 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
              "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _REDUCTIONS = ("all-reduce", "all-reduce-start", "reduce-scatter")
+_GATHERS = ("all-gather", "all-gather-start")
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.+?) ([\w-]+)\((.*)$")
 
@@ -171,11 +176,24 @@ def _shape_bytes(shape: str) -> int:
 
 def reduced_bytes(hlo: str) -> int:
     """Bytes one run of the program reduces across devices: the operand bytes of every all-reduce and
-    reduce-scatter, times the trip count of the loops around it (a loop without a known trip count, such as
-    LM's retries, counts once: one damped solve), the larger branch of a conditional.
+    reduce-scatter (:func:`collective_bytes`)."""
+    return collective_bytes(hlo, _REDUCTIONS)
+
+
+def gathered_bytes(hlo: str) -> int:
+    """Bytes one run of the program all-gathers: the operand bytes of every all-gather, what each device
+    contributes (each receives n - 1 times that from the others) (:func:`collective_bytes`)."""
+    return collective_bytes(hlo, _GATHERS)
+
+
+def collective_bytes(hlo: str, ops: tuple[str, ...]) -> int:
+    """The operand bytes of every instruction of `ops` in one run of the program, times the trip count of
+    the loops around it (a loop without a known trip count, such as LM's retries or a CG solve, counts
+    once), the larger branch of a conditional.
 
     Args:
         hlo: the text of a compiled program (``jax.jit(f).lower(...).compile().as_text()``).
+        ops: HLO op names, e.g. ``("all-reduce", "reduce-scatter")``.
     """
     computations, shapes, name, entry = {}, {}, None, None
     for line in hlo.splitlines():
@@ -193,7 +211,7 @@ def reduced_bytes(hlo: str) -> int:
     def total(name: str) -> int:
         out = 0
         for op, rest in computations[name]:
-            if op in _REDUCTIONS:
+            if op in ops:
                 operands = re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])
                 out += sum(_shape_bytes(shapes[name][o]) for o in operands)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)

@@ -19,8 +19,8 @@ device accumulates its own sums over all its chunks, and one ``lax.psum`` per su
 loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entries), J^T r and r.r, and
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
 With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
-row-sharded path (:func:`lm_iteration_sharded`) reduce-scatters J^T J instead, so each device holds its
-rows alone, and solves by CG. Without ``axis_name`` the functions are ordinary jittable code on the whole
+row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
+gathered Jacobians, and solves by CG. Without ``axis_name`` the functions are ordinary jittable code on the whole
 batch.
 
 One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
@@ -359,31 +359,34 @@ def padded_size(n_params: int, n_devices: int) -> int:
 
 def row_sharded_normal_equations(residual_fn: ResidualFn, params, batch, n_chunks: int = 1, *,
                                  per_problem: bool = True, axis_name: str | None = None):
-    """:func:`normal_equations` with J^T J left split by rows over the devices along `axis_name`.
+    """:func:`normal_equations` with J^T J built and kept split by rows over the devices along `axis_name`.
 
-    Each device accumulates its own problems' J^T J over its chunks, as there; one reduce-scatter
-    (``lax.psum_scatter``) then adds them and leaves device k holding rows k P'/n .. (k + 1) P'/n of the
-    sum, P' = :func:`padded_size` (J^T J padded by zero rows and columns). The solve never needs the
-    reduced P x P matrix whole (XLA:CPU still forms it inside the reduce-scatter, which it runs as an
-    all-reduce and a slice: lsq_jax.plan.memory.lm_sharded_bytes).
+    Device k owns rows k P'/n .. (k + 1) P'/n of J^T J, P' = :func:`padded_size` (J^T J padded by zero rows
+    and columns). For each chunk every device all-gathers the chunks' transposed Jacobians of all devices
+    (P x n m) and multiplies its own rows of it by the whole, accumulating its row block over the chunks.
+    No device ever holds more of J^T J than its P'/n x P' rows, so the dense system grows with the device
+    count; the price is the all-gathers, P M entries per iteration for M residuals in all (a reduction of
+    J^T J moves P^2), and full rows instead of the lower triangle: twice the Cholesky path's multiply-adds.
 
     Returns:
         (rows (P'/n, P'), Jtr (P,), loss): this device's rows of JtJ = J^T J / M, and J^T r / M and r.r / M
         of the problems of every device.
     """
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
+    n = _device_count(axis_name)
+    size = padded_size(theta.size, n)
+    first = (0 if axis_name is None else jax.lax.axis_index(axis_name)) * (size // n)
 
     def terms(chunk):
         r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
-        return lower_gram(Jt), Jt @ r, r @ r
+        every = Jt if axis_name is None else jax.lax.all_gather(Jt, axis_name, axis=1, tiled=True)
+        every = jnp.pad(every, ((0, size - theta.size), (0, 0)))
+        own = jax.lax.dynamic_slice_in_dim(every, first, size // n, axis=0)
+        return own @ every.T, Jt @ r, r @ r
 
-    gram, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
+    rows, Jtr, ss = _chunk_sum(terms, batch, n_chunks)
     Jtr, ss = _total((Jtr, ss), axis_name)
-    pad = padded_size(theta.size, _device_count(axis_name)) - theta.size
-    JtJ = jnp.pad(symmetric(gram), ((0, pad), (0, pad)))
-    if axis_name is not None:
-        JtJ = jax.lax.psum_scatter(JtJ, axis_name, scatter_dimension=0, tiled=True)
-    return JtJ / m, Jtr / m, ss / m
+    return rows / m, Jtr / m, ss / m
 
 
 def _gathered(rows_part: jax.Array, axis_name) -> jax.Array:
@@ -414,7 +417,7 @@ def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState,
                          damping_max: float = 1e15, rel_floor: float = 1e-10, axis_name: str | None = None):
     """:func:`lm_iteration` with J^T J split by rows over the devices and the damped systems solved by CG.
 
-    J^T J is reduced once per iteration into row blocks (:func:`row_sharded_normal_equations`); each CG
+    Each device builds its row block of J^T J once per iteration (:func:`row_sharded_normal_equations`); each CG
     product multiplies a device's rows and all-gathers the result (:func:`row_sharded_matvec`), so per
     device the solve holds P'/n x P' entries and a few vectors. The scaling D comes from diag(JtJ), the
     acceptance, damping, retries and geodesic acceleration are :func:`lm_iteration`'s, both systems solved

@@ -12,17 +12,17 @@ from lsq_jax.data.base import Task
 from lsq_jax.mesh import check_fits, device_memory
 from lsq_jax.models import gd_weights
 from lsq_jax.models.backbone import mixing_bytes
-from lsq_jax.optim.lm import gram_depth
+from lsq_jax.optim.lm import gram_depth, padded_size
 
 # The Cholesky solve's peak, in P x P matrices: J^T J whole, its damped copy and Cholesky factor, the
 # lower triangle it is unpacked from and the unpacking's indices (XLA's memory_analysis on CPU: 4.1 to
 # 4.7 for P = 469 to 4,020; docs/performance.md).
 SOLVE_MATRICES = 4.3
 
-# The row-sharded path's peak while J^T J is reduced, in P x P matrices: the accumulated lower triangle, its
-# symmetric form and the reduction's result (XLA's memory_analysis on CPU, 2 and 4 devices: 2.0 to 2.5 for
-# P = 540 to 4,020).
-SHARDED_MATRICES = 2.3
+# The row-sharded path's row blocks of J^T J held at its peak, in P'/n x P' blocks per device: the
+# accumulated one and the chunk's product, less what XLA reuses (XLA's memory_analysis on CPU, 2 and 4
+# devices, P = 540 to 6,960; docs/performance.md).
+SHARDED_ROW_BLOCKS = 1.9
 
 # The matrix-free path's memory per token and layer, in activations of width n_embd (XLA's memory_analysis
 # on CPU, BaseConv of 2 and 3 layers, widths 8 to 32): what the linearisation saves for each problem, and a
@@ -45,15 +45,15 @@ def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
     return int(max(build, SOLVE_MATRICES * n_params**2 * itemsize))
 
 
-def lm_sharded_bytes(n_params: int, rows: int, itemsize: int) -> int:
+def lm_sharded_bytes(n_params: int, rows: int, itemsize: int, n_devices: int) -> int:
     """The bytes a row-sharded LM iteration (lsq_jax.optim.lm.lm_iteration_sharded) holds at its peak, per
-    device: building J^T J as the Cholesky path does (lm_cholesky_bytes), or SHARDED_MATRICES P x P
-    matrices while it is reduced. On CPU that peak does not shrink with the device count: XLA:CPU runs the
-    reduce-scatter as an all-reduce whose P' x P' result it then slices. From 8% under to 15% over XLA's
-    memory_analysis on CPU for P = 540 to 4,020 (tests/test_lm_memory.py).
+    device, with `rows` Jacobian rows per chunk on each of `n_devices`: the chunk's Jacobians of every device,
+    gathered (P' x n rows, twice: gathered and padded), and SHARDED_ROW_BLOCKS of the device's P'/n x P' rows
+    of J^T J (P' = lsq_jax.optim.lm.padded_size). Within 10% of XLA's memory_analysis temp bytes on CPU
+    (tests/test_lm_memory.py).
     """
-    build = ((2 + gram_depth(n_params)) * n_params * rows + n_params**2) * itemsize
-    return int(max(build, SHARDED_MATRICES * n_params**2 * itemsize))
+    size = padded_size(n_params, n_devices)
+    return int((2 * size * n_devices * rows + SHARDED_ROW_BLOCKS * size * size / n_devices) * itemsize)
 
 
 def lm_cg_bytes(model: ModelConfig, seq_len: int, problems: int, chunk_problems: int, itemsize: int) -> int:
@@ -68,15 +68,15 @@ def lm_cg_bytes(model: ModelConfig, seq_len: int, problems: int, chunk_problems:
 
 
 def lm_bytes(exp: Experiment, task: Task, n_params: int, rows: int, problems: int, chunk_problems: int,
-             itemsize: int) -> int:
+             itemsize: int, n_devices: int) -> int:
     """What an LM iteration of exp's solver holds at its peak per device, beyond the state, with `rows`
-    Jacobian rows and `chunk_problems` problems per chunk of the device's `problems`: lm_cholesky_bytes,
-    lm_sharded_bytes or lm_cg_bytes."""
+    Jacobian rows and `chunk_problems` problems per chunk of the device's `problems` on each of `n_devices`:
+    lm_cholesky_bytes, lm_sharded_bytes or lm_cg_bytes."""
     solver = exp.optim.lm_solver
     if solver == "cholesky":
         return lm_cholesky_bytes(n_params, rows, itemsize)
     if solver == "sharded":
-        return lm_sharded_bytes(n_params, rows, itemsize)
+        return lm_sharded_bytes(n_params, rows, itemsize, n_devices)
     return lm_cg_bytes(exp.model, task.seq_len(), problems, chunk_problems, itemsize)
 
 
@@ -99,7 +99,8 @@ def memory_estimate(exp: Experiment, task: Task, *, n_devices: int, n_params: in
     problem = task.example_bytes()
     return {"state": 6 * n_params * itemsize,
             "lm_normal_equations": (lm_bytes(exp, task, n_params, lm_rows, exp.train.batch_size // n_devices,
-                                             lm_chunk_problems, itemsize) if exp.optim.optimizer == "lm" else 0),
+                                             lm_chunk_problems, itemsize, n_devices)
+                                    if exp.optim.optimizer == "lm" else 0),
             "sequence_mixing": mixing,
             "activations": 2 * (exp.model.n_layer + 1) * live * token,
             "data": exp.train.batch_size // n_devices * (problem + 8),
