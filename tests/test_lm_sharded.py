@@ -1,6 +1,6 @@
-"""LM with J^T J split by rows over the devices (lsq_jax.optim.lm.lm_iteration_sharded), and the
-matrix-free CG path across devices: against numpy's solve of the damped normal equations and against the
-Cholesky path, on one device and on 2 and 4 emulated devices (one subprocess)."""
+"""LM with J^T J split by rows over the devices (lsq_jax.optim.lm.lm_iteration_sharded and its block
+Cholesky), and the matrix-free CG path across devices: against numpy's solve of the damped normal equations
+and against the Cholesky path, on one device and on 2 and 4 emulated devices (one subprocess)."""
 import functools
 import os
 import pathlib
@@ -78,6 +78,49 @@ def rows_on(n_devices, n_chunks):
     return np.asarray(jax.jit(run)(place(params, jax.P()), place(batch, jax.P("data"))))
 
 
+def spd_problem(size=45, padded=48):
+    """A positive definite matrix (cond ~1e3) padded as the sharded path pads (1 on the padding's
+    diagonal), a right-hand side zero on the padding, and numpy's factor and solution."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(size, 2 * size))
+    a = np.eye(padded)
+    a[:size, :size] = x @ x.T / (2 * size) + 1e-3 * np.eye(size)
+    rhs = np.zeros(padded)
+    rhs[:size] = rng.normal(size=size)
+    return a, rhs, np.linalg.cholesky(a), np.linalg.solve(a, rhs)
+
+
+def cholesky_on(n_devices, padded):
+    """(factor, solution) of spd_problem by sharded_cholesky and sharded_cho_solve on `n_devices` (0: none)."""
+    a, rhs, _, _ = spd_problem(padded=padded)
+    solve = lambda rows, v, axis=None: (lm.sharded_cholesky(rows, axis),
+                                        lm.sharded_cho_solve(lm.sharded_cholesky(rows, axis), v, axis))
+    if not n_devices:
+        return tuple(np.asarray(x) for x in jax.jit(solve)(a, rhs))
+    mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
+    run = jax.shard_map(functools.partial(solve, axis="data"), mesh=mesh, in_specs=(jax.P("data"), jax.P()),
+                        out_specs=(jax.P("data"), jax.P()), check_vma=False)
+    place = lambda x, spec: jax.device_put(jnp.asarray(x), jax.NamedSharding(mesh, spec))
+    return tuple(np.asarray(x) for x in jax.jit(run)(place(a, jax.P("data")), place(rhs, jax.P())))
+
+
+def assert_factor_and_solution(factor, solution, padded):
+    _, _, expected_factor, expected = spd_problem(padded=padded)
+    np.testing.assert_allclose(factor, expected_factor, rtol=0, atol=1e-12)
+    assert rel_err(solution, expected) < 1e-11 and np.all(solution[45:] == 0)
+
+
+def test_sharded_cholesky_on_one_device_is_numpys():
+    assert_factor_and_solution(*cholesky_on(0, 45), 45)
+
+
+def test_damped_rows_add_the_damping_to_this_devices_diagonal_and_1_to_the_padding():
+    rows = jnp.asarray(np.arange(12.0).reshape(2, 6))  # rows 0, 1 of a 6 x 6 matrix, P = 4 padded to 6
+    got = np.asarray(lm.damped_rows(rows, 0.5, jnp.asarray([2.0, 4.0, 6.0, 8.0])))
+    np.testing.assert_array_equal(got, np.arange(12.0).reshape(2, 6) + np.array([[1, 0, 0, 0, 0, 0],
+                                                                                   [0, 2, 0, 0, 0, 0]]))
+
+
 def numpy_gram(params, batch):
     """J^T J / M with J by forward mode."""
     theta, unravel = ravel_pytree(params)
@@ -112,12 +155,13 @@ def test_row_sharded_matvec_and_diagonal_on_one_device():
 ON_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     jax.config.update("jax_enable_x64", True)
-    from test_lm_sharded import rows_on, step_on
+    from test_lm_sharded import cholesky_on, rows_on, step_on
     assert jax.device_count() == 4
     steps = {f"{solver}_{n}_{chunks}": step_on(solver, n, geodesic=True, n_chunks=chunks)
              for solver, n, chunks in (("sharded", 2, 3), ("sharded", 4, 2), ("cg", 2, 2))}
     rows = {f"rows_{n}_{chunks}": rows_on(n, chunks) for n, chunks in ((2, 3), (4, 2))}
-    np.savez(sys.argv[1], **steps, **rows)
+    factors = {f"{what}_{n}": x for n in (2, 4) for what, x in zip(("factor", "solution"), cholesky_on(n, 48))}
+    np.savez(sys.argv[1], **steps, **rows, **factors)
 """)
 
 
@@ -125,7 +169,7 @@ ON_DEVICES = textwrap.dedent("""
 def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     """The row-sharded step (P = 45, padded to 46 and 48; on 2 and 4 devices) equals the Cholesky step on one
     device, and CG's step on 2 devices its step on one, to round-off, with the geodesic acceleration; the
-    devices' rows of J^T J, stacked, are numpy's J^T J."""
+    devices' rows of J^T J, stacked, are numpy's J^T J; the block Cholesky over them is numpy's."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
                                                                      os.environ.get("PYTHONPATH")])),
            "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
@@ -141,6 +185,8 @@ def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     for name, padded in (("rows_2_3", 46), ("rows_4_2", 48)):  # each device built only its own rows
         expected = np.pad(gram, (0, padded - gram.shape[0]))
         np.testing.assert_allclose(z[name], expected, rtol=0, atol=1e-13 * np.abs(gram).max())
+    for n in (2, 4):  # the block Cholesky over the devices: 2 and 4 blocks of 24 and 12 rows
+        assert_factor_and_solution(z[f"factor_{n}"], z[f"solution_{n}"], 48)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +214,7 @@ def test_auto_picks_the_first_solver_whose_training_estimate_fits(n_devices, lim
     size = lambda e: (1, {"state": 10, "lm_normal_equations": need[e.optim.lm_solver], "evaluation": 10**9})
     exp, line = pick_lm_solver(lm_experiment(), size, limit, n_devices)
     assert exp.optim.lm_solver == picked and f"picked {picked!r}" in line
-    assert (exp.optim.lm_tries, exp.optim.lm_cg_iters) == {"cholesky": (10, None), "sharded": (10, 1000),
+    assert (exp.optim.lm_tries, exp.optim.lm_cg_iters) == {"cholesky": (10, None), "sharded": (10, None),
                                                            "cg": (1, 100)}[picked]
 
 

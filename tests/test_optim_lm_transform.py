@@ -192,7 +192,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="solver='auto' is not allowed: must be one of cholesky, sharded, cg"):
         levenberg_marquardt("auto")
     with pytest.raises(ValueError, match="^cg_iters: got 100; allowed None with lm_solver='cholesky' "
-                                         r"\(only 'sharded', 'cg' read it\)"):
+                                         r"\(only 'cg' reads it\)"):
         levenberg_marquardt("cholesky", cg_iters=100)
     with pytest.raises(ValueError, match="optimizer='lm'"):
         make_lm_optimizer(OptimConfig(optimizer="adam"))

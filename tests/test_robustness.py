@@ -527,7 +527,7 @@ def test_a_full_disk_under_the_metrics_or_the_report_is_one_line(tmp_path, no_re
     (["--config.optim.lm_after=5"], "optim.lm_after: got 5; allowed 0 unless optimizer='lm'"),
     (["--config.optim.lm_solver=cg"], "optim.lm_solver: got 'cg'; allowed 'auto' unless optimizer='lm'"),
     (["--config.optim.optimizer=lm", "--config.optim.lm_solver=cholesky", "--config.optim.lm_cg_iters=100"],
-     "optim.lm_cg_iters: got 100; allowed None with lm_solver='cholesky' (only 'sharded', 'cg' read it)"),
+     "optim.lm_cg_iters: got 100; allowed None with lm_solver='cholesky' (only 'cg' reads it)"),
     (["--config.optim.optimizer=lm", "--config.optim.lm_solver=dense"],
      "optim.lm_solver: got 'dense'; allowed one of auto, cholesky, sharded, cg"),
 ])

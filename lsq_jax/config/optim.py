@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
 # The settings each LM solver reads, each with the value it takes under that solver when left None; a
 # setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
-SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "sharded": {"lm_tries": 10, "lm_cg_iters": 1000},
+SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "sharded": {"lm_tries": 10},
                    "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
@@ -57,9 +57,9 @@ class OptimConfig:
             consecutive rejections) or ``"delayed"`` (/3 on accept, x2 on reject).
         lm_solver: ``"auto"`` (the plan picks the first of the next three whose memory fits a device),
             ``"cholesky"`` (dense J^T J, P x P, on every device), ``"sharded"`` (dense J^T J split by rows
-            over the devices, solved by CG without gathering it) or ``"cg"`` (matrix-free Gauss-Newton-CG).
-        lm_cg_iters: conjugate-gradient iterations per damped solve, ``"sharded"`` and ``"cg"`` (unset:
-            1000 and 100).
+            over the devices, built and factorised there without gathering it) or ``"cg"`` (matrix-free
+            Gauss-Newton-CG).
+        lm_cg_iters: conjugate-gradient iterations per damped solve of ``"cg"`` (unset: 100).
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).
@@ -187,9 +187,10 @@ def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mappi
     defaults = lm_defaults()
     for field in solver_settings():
         if field in settings and field not in SOLVER_SETTINGS[solver]:
-            readers = ", ".join(repr(s) for s, owned in SOLVER_SETTINGS.items() if field in owned)
+            readers = [repr(s) for s, owned in SOLVER_SETTINGS.items() if field in owned]
+            verb = "reads" if len(readers) == 1 else "read"
             require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
-                    f"{defaults[field]!r} with lm_solver={solver!r} (only {readers} read it)")
+                    f"{defaults[field]!r} with lm_solver={solver!r} (only {', '.join(readers)} {verb} it)")
 
 
 def with_solver(cfg: OptimConfig, solver: str) -> OptimConfig:

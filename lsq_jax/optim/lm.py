@@ -20,7 +20,7 @@ loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entri
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
 With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
 row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
-gathered Jacobians, and solves by CG. Without ``axis_name`` the functions are ordinary jittable code on the whole
+gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Without ``axis_name`` the functions are ordinary jittable code on the whole
 batch.
 
 One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
@@ -44,7 +44,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import cho_factor, cho_solve
+from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from lsq_jax.optim.lm_damping import update_damping, update_scaling
 
@@ -343,11 +343,6 @@ def _tries(attempt, state, theta, loss, D, *, rule, max_tries, geodesic, damping
 # --------------------------------------------------------------------------------------------------
 # Dense J^T J split by rows over the devices, for when one device cannot hold the Cholesky solve.
 
-# The row-sharded solve's CG stops at this residual relative to J^T r: the step then equals the Cholesky
-# step to about cond(JtJ + lam D) times this.
-SHARDED_CG_TOL = 1e-13
-
-
 def _total(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
@@ -410,26 +405,91 @@ def row_sharded_diagonal(rows: jax.Array, n_params: int, axis_name: str | None =
     return _gathered(jnp.diagonal(own), axis_name)[:n_params]
 
 
+def _own_index(axis_name) -> jax.Array:
+    return jnp.zeros([], jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def _from_device(x: jax.Array, j, axis_name) -> jax.Array:
+    """Device j's `x`, on every device along `axis_name` (a masked ``psum``)."""
+    return x if axis_name is None else jax.lax.psum(jnp.where(_own_index(axis_name) == j, x, 0), axis_name)
+
+
+def sharded_cholesky(rows: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """The lower Cholesky factor of a symmetric positive definite matrix held by rows over the devices.
+
+    Device k holds rows k b .. (k + 1) b of the P' x P' matrix (`rows`, b x P', b = P'/n) and gets the same
+    rows of its factor L (zero right of the diagonal). A right-looking block Cholesky, one block column j at
+    a time: device j factors its diagonal block, every device receives that b x b factor, computes its block
+    L_kj = A_kj L_jj^-T of the column and all-gathers the column (P' x b), then subtracts L_kj times the
+    column's transpose from its rows right of column j. Per device n (b^3 + b^2 P') multiply-adds, P'^3 / n
+    in all; the devices exchange P' (P' + b) numbers. Entries above the diagonal are garbage until the end,
+    when they are zeroed. A matrix that is not positive definite gives NaN, as ``jnp.linalg.cholesky``.
+    """
+    b, size = rows.shape
+    n, k = size // b, _own_index(axis_name)
+
+    def column(j, a):
+        ljj = _from_device(jnp.linalg.cholesky(jax.lax.dynamic_slice_in_dim(a, j * b, b, axis=1)), j, axis_name)
+        akj = jax.lax.dynamic_slice_in_dim(a, j * b, b, axis=1)
+        lkj = solve_triangular(ljj, akj.T, lower=True).T
+        lkj = jnp.where(k > j, lkj, jnp.where(k == j, ljj, 0.0))
+        panel = lkj if axis_name is None else jax.lax.all_gather(lkj, axis_name, tiled=True)
+        right = jnp.arange(size) >= (j + 1) * b
+        a = a - jnp.where(right, lkj @ panel.T, 0.0)
+        return jax.lax.dynamic_update_slice_in_dim(a, lkj, j * b, axis=1)
+
+    factor = jax.lax.fori_loop(0, n, column, rows)
+    return jnp.where(jnp.arange(size) < (k + 1) * b, factor, 0.0)
+
+
+def sharded_cho_solve(factor: jax.Array, rhs: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """A^-1 rhs, replicated (P',), from each device's rows of A's Cholesky factor (:func:`sharded_cholesky`):
+    forward substitution L y = rhs, then backward L^T x = y, one device's block of b unknowns at a time
+    (the forward pass exchanges b numbers per block, the backward 2 b)."""
+    b, size = factor.shape
+    n, k = size // b, _own_index(axis_name)
+    own = jax.lax.dynamic_slice_in_dim(factor, k * b, b, axis=1)
+
+    def forward(j, y):  # device j's row: L_jj y_j = rhs_j - L_j,<j y_<j (y is zero from block j on)
+        yj = solve_triangular(own, jax.lax.dynamic_slice_in_dim(rhs, k * b, b) - factor @ y, lower=True)
+        return jax.lax.dynamic_update_slice_in_dim(y, _from_device(yj, j, axis_name), j * b, axis=0)
+
+    def backward(t, x):  # L_jj^T x_j = y_j - sum_{i > j} L_ij^T x_i (x is zero up to block j)
+        j = n - 1 - t
+        lkj = jax.lax.dynamic_slice_in_dim(factor, j * b, b, axis=1)
+        later = _total(jnp.where(k > j, lkj.T @ jax.lax.dynamic_slice_in_dim(x, k * b, b), 0.0), axis_name)
+        xj = solve_triangular(own, jax.lax.dynamic_slice_in_dim(y, j * b, b) - later, lower=True, trans="T")
+        return jax.lax.dynamic_update_slice_in_dim(x, _from_device(xj, j, axis_name), j * b, axis=0)
+
+    y = jax.lax.fori_loop(0, n, forward, jnp.zeros_like(rhs))
+    return jax.lax.fori_loop(0, n, backward, jnp.zeros_like(rhs))
+
+
+def damped_rows(rows: jax.Array, damping, scaling: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """This device's rows of JtJ + lam diag(D) (padded: the padding's diagonal is 1, so the matrix stays
+    positive definite and the padded unknowns 0)."""
+    b, size = rows.shape
+    diagonal = jnp.pad(damping * scaling, (0, size - scaling.size), constant_values=1.0)
+    own = jax.lax.dynamic_slice_in_dim(diagonal, _own_index(axis_name) * b, b)
+    first = _own_index(axis_name) * b
+    return rows.at[jnp.arange(b), first + jnp.arange(b)].add(own)
+
+
 def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                          scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False,
                          alpha: float = 0.75, per_problem: bool = True, max_tries: int = 1,
-                         tol: float = SHARDED_CG_TOL, maxiter: int = 1000, damping_min: float = 1e-15,
-                         damping_max: float = 1e15, rel_floor: float = 1e-10, axis_name: str | None = None):
-    """:func:`lm_iteration` with J^T J split by rows over the devices and the damped systems solved by CG.
+                         damping_min: float = 1e-15, damping_max: float = 1e15, rel_floor: float = 1e-10,
+                         axis_name: str | None = None):
+    """:func:`lm_iteration` with J^T J split by rows over the devices, factorised there.
 
-    Each device builds its row block of J^T J once per iteration (:func:`row_sharded_normal_equations`); each CG
-    product multiplies a device's rows and all-gathers the result (:func:`row_sharded_matvec`), so per
-    device the solve holds P'/n x P' entries and a few vectors. The scaling D comes from diag(JtJ), the
-    acceptance, damping, retries and geodesic acceleration are :func:`lm_iteration`'s, both systems solved
-    by CG from 0 to a residual of `tol` relative to the right-hand side. CG is not preconditioned: on the
-    :lm problem's damped systems plain CG needed 2 to 20 times fewer iterations than Jacobi, and fewer
-    than block Jacobi with a block per device on 4 or 8 devices (on 2, block Jacobi needed up to 2.1 times
-    fewer; docs/performance.md); unpreconditioned, the iterations do not depend on the device count. On a
-    well-conditioned problem the step is the Cholesky one to round-off.
+    Each device builds its row block of J^T J once per iteration (:func:`row_sharded_normal_equations`) and
+    each damped system is factorised by the block Cholesky over the devices (:func:`sharded_cholesky`),
+    whose factor solves the step and the geodesic acceleration's system (:func:`sharded_cho_solve`); no
+    device holds more than its rows of either. The scaling D, the acceptance, damping, retries and geodesic
+    acceleration are :func:`lm_iteration`'s, and the step is the Cholesky one to round-off.
 
     Args:
-        tol, maxiter: CG's stopping rule (:func:`damped_cg_solve`).
-        Others: as in :func:`lm_iteration`.
+        As in :func:`lm_iteration`.
 
     Returns:
         (step, new_state, metrics) as in :func:`lm_iteration`.
@@ -437,15 +497,18 @@ def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState,
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
     rows, Jtr, loss = row_sharded_normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem,
                                                    axis_name=axis_name)
-    matvec = row_sharded_matvec(rows, axis_name)
     D = update_scaling(scaling, state.scaling, row_sharded_diagonal(rows, theta.size, axis_name), rel_floor)
+    padded = lambda v: jnp.pad(v, (0, rows.shape[1] - v.size))
 
     def attempt(damping):
-        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter)
+        factor = sharded_cholesky(damped_rows(rows, damping, D, axis_name), axis_name)
+        solve = lambda v: sharded_cho_solve(factor, padded(v), axis_name)[:theta.size]
+        delta = -solve(Jtr)
+        pred = -2.0 * (Jtr @ delta) - delta @ row_sharded_matvec(rows, axis_name)(delta)
+        ok = jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
         step, accel_ratio = delta, jnp.zeros_like(loss)
         if geodesic:
-            rhs = _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name)
-            accel = -0.5 * _damped_cg(matvec, rhs, damping, D, tol, maxiter)
+            accel = -0.5 * solve(_geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name))
             step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 

@@ -73,15 +73,14 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     Args:
         solver: ``"cholesky"`` (:func:`lsq_jax.optim.lm.lm_iteration`, dense J^T J), ``"sharded"``
             (:func:`lsq_jax.optim.lm.lm_iteration_sharded`, dense J^T J split by rows over `axis_name`,
-            solved by CG) or ``"cg"`` (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free). The
+            factorised there) or ``"cg"`` (:func:`lsq_jax.optim.lm.lm_iteration_cg`, matrix-free). The
             config's ``"auto"`` is resolved by the run's plan before a transform is made.
         scaling, rule: the scaling D and the damping rule (lsq_jax.optim.lm_damping).
         damping0: the initial damping lam, > 0.
         geodesic, alpha, per_problem: the geodesic acceleration and its bound, per-problem Jacobians (the
             dense solvers').
         max_tries: damped solves per iteration; rel_floor: D's floor (the dense solvers').
-        cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("sharded", "cg"); cg_tol left None
-            is 1e-10 for "cg" and lsq_jax.optim.lm.SHARDED_CG_TOL for "sharded".
+        cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("cg"); cg_tol left None is 1e-10.
         n_probes: the Hutchinson probes of "cg".
         max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
             (lsq_jax.config.optim.SOLVER_SETTINGS).
@@ -115,8 +114,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         iterate = functools.partial(lm.lm_iteration_cg, tol=1e-10 if cg_tol is None else cg_tol, maxiter=cg_iters,
                                     n_probes=n_probes, **damping)
     elif solver == "sharded":
-        iterate = functools.partial(lm.lm_iteration_sharded, tol=lm.SHARDED_CG_TOL if cg_tol is None else cg_tol,
-                                    maxiter=cg_iters, per_problem=per_problem, rel_floor=rel_floor, **damping)
+        iterate = functools.partial(lm.lm_iteration_sharded, per_problem=per_problem, rel_floor=rel_floor,
+                                    **damping)
     else:
         iterate = functools.partial(lm.lm_iteration, per_problem=per_problem, rel_floor=rel_floor, **damping)
 

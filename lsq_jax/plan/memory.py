@@ -19,10 +19,12 @@ from lsq_jax.optim.lm import gram_depth, padded_size
 # 4.7 for P = 469 to 4,020; docs/performance.md).
 SOLVE_MATRICES = 4.3
 
-# The row-sharded path's row blocks of J^T J held at its peak, in P'/n x P' blocks per device: the
-# accumulated one and the chunk's product, less what XLA reuses (XLA's memory_analysis on CPU, 2 and 4
-# devices, P = 540 to 6,960; docs/performance.md).
-SHARDED_ROW_BLOCKS = 1.9
+# The row-sharded path's peak, in P'/n x P' row blocks per device: while J^T J is built, the accumulated
+# block and the chunk's product, less what XLA reuses; while a damped system is factorised, the rows, their
+# damped copy, the factor and the block column's update (XLA's memory_analysis on CPU, 2 and 4 devices,
+# P = 540 to 6,960: 1.9 and 4.3 to 4.6; docs/performance.md).
+SHARDED_BUILD_BLOCKS = 1.9
+SHARDED_SOLVE_BLOCKS = 4.4
 
 # The matrix-free path's memory per token and layer, in activations of width n_embd (XLA's memory_analysis
 # on CPU, BaseConv of 2 and 3 layers, widths 8 to 32): what the linearisation saves for each problem, and a
@@ -47,13 +49,16 @@ def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
 
 def lm_sharded_bytes(n_params: int, rows: int, itemsize: int, n_devices: int) -> int:
     """The bytes a row-sharded LM iteration (lsq_jax.optim.lm.lm_iteration_sharded) holds at its peak, per
-    device, with `rows` Jacobian rows per chunk on each of `n_devices`: the chunk's Jacobians of every device,
-    gathered (P' x n rows, twice: gathered and padded), and SHARDED_ROW_BLOCKS of the device's P'/n x P' rows
-    of J^T J (P' = lsq_jax.optim.lm.padded_size). Within 10% of XLA's memory_analysis temp bytes on CPU
-    (tests/test_lm_memory.py).
+    device, with `rows` Jacobian rows per chunk on each of `n_devices`: the larger of its two phases.
+    Building J^T J, the chunk's Jacobians of every device, gathered (P' x n rows, twice: gathered and
+    padded), and SHARDED_BUILD_BLOCKS of the device's P'/n x P' rows of J^T J (P' =
+    lsq_jax.optim.lm.padded_size); factorising, SHARDED_SOLVE_BLOCKS of them. Within 10% of XLA's
+    memory_analysis temp bytes on CPU (tests/test_lm_memory.py).
     """
     size = padded_size(n_params, n_devices)
-    return int((2 * size * n_devices * rows + SHARDED_ROW_BLOCKS * size * size / n_devices) * itemsize)
+    block = size * size / n_devices
+    build = 2 * size * n_devices * rows + SHARDED_BUILD_BLOCKS * block
+    return int(max(build, SHARDED_SOLVE_BLOCKS * block) * itemsize)
 
 
 def lm_cg_bytes(model: ModelConfig, seq_len: int, problems: int, chunk_problems: int, itemsize: int) -> int:
