@@ -20,8 +20,8 @@ loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entri
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
 With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
 row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
-gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Without ``axis_name`` the functions are ordinary jittable code on the whole
-batch.
+gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Without
+``axis_name`` the functions are ordinary jittable code on the whole batch.
 
 One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
 returns its step, the new state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style
@@ -347,6 +347,11 @@ def _total(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def _own_index(axis_name) -> jax.Array:
+    """This device's index along `axis_name` (0 without one)."""
+    return jnp.zeros([], jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
+
+
 def padded_size(n_params: int, n_devices: int) -> int:
     """P', the rows of J^T J padded to a multiple of the device count (each device holds P' / n rows)."""
     return -(-n_params // n_devices) * n_devices
@@ -370,7 +375,7 @@ def row_sharded_normal_equations(residual_fn: ResidualFn, params, batch, n_chunk
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
     n = _device_count(axis_name)
     size = padded_size(theta.size, n)
-    first = (0 if axis_name is None else jax.lax.axis_index(axis_name)) * (size // n)
+    first = _own_index(axis_name) * (size // n)
 
     def terms(chunk):
         r, Jt = chunk_jacobian(f, theta, chunk, per_problem)
@@ -400,13 +405,8 @@ def row_sharded_matvec(rows: jax.Array, axis_name: str | None = None):
 
 def row_sharded_diagonal(rows: jax.Array, n_params: int, axis_name: str | None = None) -> jax.Array:
     """diag(JtJ) (P,) from each device's `rows`: the diagonal of its own square block, gathered."""
-    first = (0 if axis_name is None else jax.lax.axis_index(axis_name)) * rows.shape[0]
-    own = jax.lax.dynamic_slice_in_dim(rows, first, rows.shape[0], axis=1)
+    own = jax.lax.dynamic_slice_in_dim(rows, _own_index(axis_name) * rows.shape[0], rows.shape[0], axis=1)
     return _gathered(jnp.diagonal(own), axis_name)[:n_params]
-
-
-def _own_index(axis_name) -> jax.Array:
-    return jnp.zeros([], jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
 
 
 def _from_device(x: jax.Array, j, axis_name) -> jax.Array:
@@ -429,8 +429,8 @@ def sharded_cholesky(rows: jax.Array, axis_name: str | None = None) -> jax.Array
     n, k = size // b, _own_index(axis_name)
 
     def column(j, a):
-        ljj = _from_device(jnp.linalg.cholesky(jax.lax.dynamic_slice_in_dim(a, j * b, b, axis=1)), j, axis_name)
-        akj = jax.lax.dynamic_slice_in_dim(a, j * b, b, axis=1)
+        akj = jax.lax.dynamic_slice_in_dim(a, j * b, b, axis=1)  # on device j, the diagonal block
+        ljj = _from_device(jnp.linalg.cholesky(akj), j, axis_name)
         lkj = solve_triangular(ljj, akj.T, lower=True).T
         lkj = jnp.where(k > j, lkj, jnp.where(k == j, ljj, 0.0))
         panel = lkj if axis_name is None else jax.lax.all_gather(lkj, axis_name, tiled=True)
@@ -469,10 +469,9 @@ def damped_rows(rows: jax.Array, damping, scaling: jax.Array, axis_name: str | N
     """This device's rows of JtJ + lam diag(D) (padded: the padding's diagonal is 1, so the matrix stays
     positive definite and the padded unknowns 0)."""
     b, size = rows.shape
-    diagonal = jnp.pad(damping * scaling, (0, size - scaling.size), constant_values=1.0)
-    own = jax.lax.dynamic_slice_in_dim(diagonal, _own_index(axis_name) * b, b)
     first = _own_index(axis_name) * b
-    return rows.at[jnp.arange(b), first + jnp.arange(b)].add(own)
+    diagonal = jnp.pad(damping * scaling, (0, size - scaling.size), constant_values=1.0)
+    return rows.at[jnp.arange(b), first + jnp.arange(b)].add(jax.lax.dynamic_slice_in_dim(diagonal, first, b))
 
 
 def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
