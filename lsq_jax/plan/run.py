@@ -287,13 +287,14 @@ def pick_lm_solver(exp: Experiment, size, limit: int | None, n_devices: int) -> 
     if not uses_lm(exp) or exp.optim.lm_solver != "auto":
         return exp, ""
     candidates = [s for s in LM_AUTO_ORDER if s != "sharded" or n_devices > 1]
-    gib = 2.0**30
+    tried = []
     for solver in candidates:
+        tried.append(solver)
         picked = dataclasses.replace(exp, optim=with_solver(exp.optim, solver))
         need = training_bytes(size(picked)[1])
-        if limit is None or need <= limit or solver == candidates[-1]:
-            budget = "unknown" if limit is None else f"{limit / gib:.3g} GiB"
-            tried = ", ".join(candidates[:candidates.index(solver) + 1])
-            return picked, (f"optim.lm_solver=auto picked {solver!r}: training needs {need / gib:.3g} GiB per "
-                            f"device with it, of {budget} (tried {tried})")
-    raise AssertionError("unreachable")
+        if limit is None or need <= limit:
+            break
+    gib = 2.0**30
+    budget = "unknown" if limit is None else f"{limit / gib:.3g} GiB"
+    return picked, (f"optim.lm_solver=auto picked {solver!r}: training needs {need / gib:.3g} GiB per device "
+                    f"with it, of {budget} (tried {', '.join(tried)})")
