@@ -307,3 +307,14 @@ def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
         assert row["devices"] == 2 and row["n_params"] == p and row["solver"] == "cholesky"
         assert row["allreduce_bytes_per_iteration"] == 8 * (p * (p + 1) // 2 + p + 1 + (1 + p))
         assert row["seconds_per_iteration"] > 0 and row["tries_mean"] >= 1
+
+
+def test_lm_solve_row_solves_by_the_block_cholesky_and_cuts_cg_short():
+    """The residuals are numpy's ||A x - b|| / ||b|| of each solution: the block Cholesky's at round-off,
+    5 CG iterations' far from it on a matrix of condition ~1e6."""
+    from lsq_jax.bench.lm import lm_solve_row
+
+    row = lm_solve_row(30, 1, repeats=1, cg_iterations=5)
+    assert row["devices"] == 1 and row["n_params"] == 30
+    assert row["cholesky_residual"] < 1e-10 and row["cg_residual"] > 1e-3
+    assert row["cholesky_s"] > 0 and row["cg_s"] > 0

@@ -9,6 +9,7 @@ r"""Benchmarks: throughput, time-to-precision and scaling of the training step.
     python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=1,2,4
     python -m lsq_jax.bench --bench=lm_scaling --config=configs/baseconv.py:lm --devices=2,4 \
         --lm_memory_budget_gib=0.3     # below Cholesky's 0.37 GiB: optim.lm_solver=auto picks 'sharded'
+    python -m lsq_jax.bench --bench=lm_solve --config=configs/baseconv.py:lm --devices=1,2,4   # sharded solves
     python -m lsq_jax.bench --bench=claims [--quick]           # the papers' claims over --seeds (bench/claims.py)
 
 Every figure is measured: steps/s is the median (with min and max) of timed windows after warm-up, compile
@@ -31,13 +32,13 @@ from ml_collections import config_flags
 
 from lsq_jax.bench.claims import claim_rows, plot_claims, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
-from lsq_jax.bench.lm import lm_iteration, lm_scaling_row
+from lsq_jax.bench.lm import lm_iteration, lm_scaling_row, lm_solve_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
 _BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
                           "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, lm_scaling, "
-                          "curvature, claims.")
+                          "lm_solve, curvature, claims.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
 _WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
@@ -55,8 +56,8 @@ _LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps
 _QUICK = flags.DEFINE_bool("quick", False, "Claims: a few iterations per training and few test problems, to "
                            "check the machinery (its figures are not the claims).")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
-_CHILD = flags.DEFINE_string("child", "", "Internal: BENCH:N, one row of scaling or lm_scaling on N devices, "
-                             "in a subprocess.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: BENCH:N, one row of scaling, lm_scaling or lm_solve on N "
+                             "devices, in a subprocess.")
 
 
 def _timed_windows(fn, state, n_windows: int, window_s: float):
@@ -244,6 +245,20 @@ def lm_scaling(config, argv: list[str], devices: list[int], repeats: int, budget
                             [f"--repeats={repeats}", *budget_flag])
 
 
+def lm_params(config) -> int:
+    """P, the parameter count of the config's model."""
+    from lsq_jax.models.backbone import parameter_count
+
+    return parameter_count(experiment(config).model)
+
+
+def lm_solve(config, argv: list[str], devices: list[int], repeats: int) -> list[dict]:
+    """The row-sharded solves at the config's parameter count on 1, 2, 4 ... devices (`on_device_counts`,
+    lsq_jax.bench.lm.lm_solve_row)."""
+    return on_device_counts("lm_solve", lambda n: lm_solve_row(lm_params(config), n, repeats), argv, devices,
+                            [f"--repeats={repeats}"])
+
+
 def _lm_memory_budget() -> int | None:
     return int(_LM_MEMORY_BUDGET.value * 2**30) if _LM_MEMORY_BUDGET.value else None
 
@@ -274,6 +289,12 @@ LM_SCALING_COLUMNS = [("devices", "devices", "d"), ("solver", "solver", ""),
                       ("/ triangle", "bytes_over_triangle", ".4f"),
                       ("bytes gathered", "allgather_bytes_per_iteration", ".4g"),
                       ("compiled temp", "compiled_temp_bytes", ".4g"), ("LM estimate", "estimated_lm_bytes", ".4g")]
+
+
+LM_SOLVE_COLUMNS = [("devices", "devices", "d"), ("block Cholesky + 2 solves s", "cholesky_s", ".3f"),
+                    ("residual", "cholesky_residual", ".1e"), ("CG s", "cg_s", ".3f"),
+                    ("CG iterations", "cg_iterations", "d"), ("CG residual", "cg_residual", ".1e"),
+                    ("Cholesky = CG iterations", "cholesky_in_cg_iterations", ".0f")]
 
 
 def print_curvature(c: dict) -> None:
@@ -317,9 +338,11 @@ def main(argv):
     setup_jax(matmul_precision_of(config))  # the same JAX settings as main
     if _CHILD.value:
         name, n = _CHILD.value.split(":")
-        row = (throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, int(n)) if name == "scaling" else
-               lm_scaling_row(experiment(config, **{"optim.optimizer": "lm"}), int(n), _REPEATS.value,
-                              _lm_memory_budget()))
+        rows = {"scaling": lambda: throughput(config, "float64", _WINDOWS.value, _WINDOW_S.value, int(n)),
+                "lm_scaling": lambda: lm_scaling_row(experiment(config, **{"optim.optimizer": "lm"}), int(n),
+                                                     _REPEATS.value, _lm_memory_budget()),
+                "lm_solve": lambda: lm_solve_row(lm_params(config), int(n), _REPEATS.value)}
+        row = rows[name]()
         print(json.dumps(row))
         return
     results = {"machine": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
@@ -379,6 +402,10 @@ def main(argv):
         first = results["lm_scaling"][0]
         print(f"LM scaling ({first['config']}, P = {first['n_params']}, fixed global batch {first['batch_size']})")
         print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)
+    if "lm_solve" in _BENCH.value:
+        results["lm_solve"] = lm_solve(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _REPEATS.value)
+        print(f"LM sharded solves (P = {results['lm_solve'][0]['n_params']}, cond ~1e6)")
+        print(_table(results["lm_solve"], LM_SOLVE_COLUMNS) + "\n", flush=True)
     if "claims" in _BENCH.value:
         seeds = [int(s) for s in _SEEDS.value]
         rows, runs = claim_rows(seeds, _QUICK.value, directory=os.path.splitext(_OUT.value)[0] + "_trainings")

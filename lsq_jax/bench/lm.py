@@ -157,6 +157,51 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
             "lm_choice": plan.lm_choice}
 
 
+def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterations: int = 100,
+                 seed: int = 0) -> dict:
+    """The row-sharded path's two ways to solve a damped system, on the first `n_devices` devices (0: all):
+    the block Cholesky over the devices with its two solves (the step's and the geodesic acceleration's;
+    lsq_jax.optim.lm.sharded_cholesky) against `cg_iterations` of unpreconditioned CG on the same rows
+    (lsq_jax.optim.lm.row_sharded_matvec). The matrix is X X^T / (2P) + 1e-6 I, X a P x 2P Gaussian draw
+    (condition ~1e6), padded as the path pads it. Seconds are the median of `repeats` after a warm-up; each
+    way's relative residual ||A x - b|| / ||b|| says how far CG is from the solution after its iterations."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lsq_jax.optim import lm
+
+    devices = jax.devices()[:n_devices] if n_devices else jax.devices()
+    n, size = len(devices), lm.padded_size(n_params, len(devices))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_params, 2 * n_params))
+    a = np.eye(size)
+    a[:n_params, :n_params] = x @ x.T / (2 * n_params) + 1e-6 * np.eye(n_params)
+    b = np.zeros(size)
+    b[:n_params] = rng.normal(size=n_params)
+    mesh = jax.make_mesh((n,), ("data",), devices=devices)
+
+    def cholesky(rows, v):
+        factor = lm.sharded_cholesky(rows, "data")
+        return lm.sharded_cho_solve(factor, v, "data"), lm.sharded_cho_solve(factor, 2.0 * v, "data")[0]
+
+    def cg(rows, v):
+        solve = jax.scipy.sparse.linalg.cg(lm.row_sharded_matvec(rows, "data"), v, tol=0.0, maxiter=cg_iterations)
+        return solve[0], jnp.zeros([])
+
+    row = {"devices": n, "n_params": n_params, "cg_iterations": cg_iterations}
+    rows, rhs = (jax.device_put(jnp.asarray(v), jax.NamedSharding(mesh, spec))
+                 for v, spec in ((a, jax.P("data")), (b, jax.P())))
+    for name, fn in (("cholesky", cholesky), ("cg", cg)):
+        solve = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(jax.P("data"), jax.P()), out_specs=(jax.P(), jax.P()),
+                                      check_vma=False))
+        solution = np.asarray(jax.block_until_ready(solve(rows, rhs))[0])
+        row[f"{name}_s"] = _median_seconds(lambda: jax.block_until_ready(solve(rows, rhs)), repeats)
+        row[f"{name}_residual"] = float(np.linalg.norm(a @ solution - b) / np.linalg.norm(b))
+    row["cholesky_in_cg_iterations"] = row["cholesky_s"] / row["cg_s"] * cg_iterations
+    return row
+
+
 # --------------------------------------------------------------------------------------------------
 # Bytes reduced across devices, read from a compiled program's HLO text.
 
