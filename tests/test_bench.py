@@ -311,7 +311,7 @@ def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
 
 def test_lm_solve_row_solves_by_the_block_cholesky_and_cuts_cg_short():
     """The residuals are numpy's ||A x - b|| / ||b|| of each solution: the block Cholesky's at round-off,
-    5 CG iterations' far from it on a matrix of condition ~1e6."""
+    5 CG iterations' far from it on a matrix of condition 1e6."""
     from lsq_jax.bench.lm import lm_solve_row
 
     row = lm_solve_row(30, 1, repeats=1, cg_iterations=5)

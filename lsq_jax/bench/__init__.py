@@ -404,7 +404,7 @@ def main(argv):
         print(_table(results["lm_scaling"], LM_SCALING_COLUMNS) + "\n", flush=True)
     if "lm_solve" in _BENCH.value:
         results["lm_solve"] = lm_solve(config, sys.argv[1:], [int(d) for d in _DEVICES.value], _REPEATS.value)
-        print(f"LM sharded solves (P = {results['lm_solve'][0]['n_params']}, cond ~1e6)")
+        print(f"LM sharded solves (P = {results['lm_solve'][0]['n_params']}, condition 1e6)")
         print(_table(results["lm_solve"], LM_SOLVE_COLUMNS) + "\n", flush=True)
     if "claims" in _BENCH.value:
         seeds = [int(s) for s in _SEEDS.value]

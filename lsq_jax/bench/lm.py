@@ -162,8 +162,9 @@ def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterati
     """The row-sharded path's two ways to solve a damped system, on the first `n_devices` devices (0: all):
     the block Cholesky over the devices with its two solves (the step's and the geodesic acceleration's;
     lsq_jax.optim.lm.sharded_cholesky) against `cg_iterations` of unpreconditioned CG on the same rows
-    (lsq_jax.optim.lm.row_sharded_matvec). The matrix is X X^T / (2P) + 1e-6 I, X a P x 2P Gaussian draw
-    (condition ~1e6), padded as the path pads it. Seconds are the median of `repeats` after a warm-up; each
+    (lsq_jax.optim.lm.row_sharded_matvec). The matrix is Q diag(s) Q^T, Q a random orthogonal matrix and s
+    log-spaced from 1 down to 1e-6 (condition 1e6, as LM's damped systems at small damping), padded as the
+    path pads it. Seconds are the median of `repeats` after a warm-up; each
     way's relative residual ||A x - b|| / ||b|| says how far CG is from the solution after its iterations."""
     import jax
     import jax.numpy as jnp
@@ -174,9 +175,9 @@ def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterati
     devices = jax.devices()[:n_devices] if n_devices else jax.devices()
     n, size = len(devices), lm.padded_size(n_params, len(devices))
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n_params, 2 * n_params))
+    q = np.linalg.qr(rng.normal(size=(n_params, n_params)))[0]
     a = np.eye(size)
-    a[:n_params, :n_params] = x @ x.T / (2 * n_params) + 1e-6 * np.eye(n_params)
+    a[:n_params, :n_params] = (q * np.logspace(0, -6, n_params)) @ q.T
     b = np.zeros(size)
     b[:n_params] = rng.normal(size=n_params)
     mesh = jax.make_mesh((n,), ("data",), devices=devices)
