@@ -145,8 +145,8 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
         tries.append(int(state.opt_state["lm"].iteration) - before)
     p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
     hlo = step.as_text()
-    reduced, gathered = (reduced_bytes(hlo), gathered_bytes(hlo)) if plan.n_devices > 1 else (0, 0)  # one
-    # device: a collective moves nothing
+    one = plan.n_devices == 1  # on one device a collective moves nothing
+    reduced, gathered = (0, 0) if one else (reduced_bytes(hlo), gathered_bytes(hlo))
     return {"config": exp.name, "devices": plan.n_devices, "n_params": p, "batch_size": exp.train.batch_size,
             "chunks_per_device": plan.lm_chunks, "solver": plan.exp.optim.lm_solver,
             "allreduce_bytes_per_iteration": reduced, "allgather_bytes_per_iteration": gathered,
@@ -165,8 +165,8 @@ def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterati
     lsq_jax.optim.lm.sharded_cholesky) against `cg_iterations` of unpreconditioned CG on the same rows
     (lsq_jax.optim.lm.row_sharded_matvec). The matrix is Q diag(s) Q^T, Q a random orthogonal matrix and s
     log-spaced from 1 down to 1e-6 (condition 1e6, as LM's damped systems at small damping), padded as the
-    path pads it. Seconds are the median of `repeats` after a warm-up; each
-    way's relative residual ||A x - b|| / ||b|| says how far CG is from the solution after its iterations."""
+    path pads it. Seconds are the median of `repeats` after a warm-up; each way's relative residual
+    ||A x - b|| / ||b|| says how far CG is from the solution after its iterations."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -183,7 +183,7 @@ def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterati
     b[:n_params] = rng.normal(size=n_params)
     mesh = jax.make_mesh((n,), ("data",), devices=devices)
 
-    def cholesky(rows, v):
+    def cholesky(rows, v):  # the second solve's first entry is returned so that it is not compiled away
         factor = lm.sharded_cholesky(rows, "data")
         return lm.sharded_cho_solve(factor, v, "data"), lm.sharded_cho_solve(factor, 2.0 * v, "data")[0]
 
