@@ -189,8 +189,8 @@ def lm_outputs(exp: Experiment, task: Task) -> int:
 def lm_chunks(exp: Experiment, task: Task, n_params: int, n_devices: int, backend: str = "cpu") -> int:
     """How many strided chunks each device builds the Jacobian of its share of the LM batch in:
     optim.lm_chunk problems each, or (auto) the fewest whose Jacobian stays within LM_CHUNK_ENTRIES (a
-    budget per device: each device accumulates its own chunks, lsq_jax.optim.lm; with lm_solver 'sharded',
-    for the chunk's Jacobians of every device, which each device gathers); with lm_solver 'cg',
+    budget per device, since each device accumulates its own chunks, lsq_jax.optim.lm; with lm_solver
+    'sharded' it holds the chunk's Jacobians of every device, which each device gathers); with lm_solver 'cg',
     which holds one chunk's activations and never a Jacobian row block, the step's microbatches at full
     size. With a range of rows every chunk holds an equal part of each row count's share (optim.lm_chunk
     problems of each), and the count is of that share."""
