@@ -230,3 +230,18 @@ def test_the_plan_holds_the_pick_and_a_named_solver_is_kept():
     named = lm_experiment(**{"optim.lm_solver": "cholesky"})
     plan = make_plan(named, make_mesh(1), lm_memory_budget=1)
     assert plan.exp == named and plan.lm_choice == ""
+
+
+def test_sharded_chunks_keep_the_gathered_jacobian_within_the_budget():
+    """With 'sharded' each device gathers the chunk's Jacobians of all n devices, so the 2^22-entry budget
+    holds n times the local rows: on 2 devices the fewest chunks of the 24 local problems whose gathered
+    Jacobian fits, where Cholesky's local one fits in fewer."""
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.plan.run import LM_CHUNK_ENTRIES, lm_chunks, lm_outputs, make_plan
+
+    cholesky, sharded = (lm_experiment(**{"optim.lm_solver": s}) for s in ("cholesky", "sharded"))
+    task = make_plan(cholesky, make_mesh(1)).task
+    k = lm_outputs(cholesky, task)
+    n_params = LM_CHUNK_ENTRIES // (8 * k)  # 8 problems' local Jacobian fills the budget, 4 problems' gathered
+    assert lm_chunks(cholesky, task, n_params, 2) == 3  # 24 / 3 = 8 problems
+    assert lm_chunks(sharded, task, n_params, 2) == 6  # 24 / 6 = 4 problems, 2 x 4 gathered
