@@ -220,7 +220,8 @@ def on_device_counts(name: str, row, argv: list[str], devices: list[int], child_
         cmd = [sys.executable, "-m", "lsq_jax.bench", f"--child={name}:{n}", *config_argv(argv), *child_flags]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"{name} run on {n} devices failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{name} run on {n} devices failed (exit status {proc.returncode}; a negative one "
+                               f"is the signal that killed it): {proc.stderr.strip().splitlines()[-1:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -246,10 +247,10 @@ def lm_scaling(config, argv: list[str], devices: list[int], repeats: int, budget
 
 
 def lm_params(config) -> int:
-    """P, the parameter count of the config's model."""
-    from lsq_jax.models.backbone import parameter_count
+    """P, the parameter count of the config's model (as its plan counts it)."""
+    from lsq_jax.plan.report import make_report_plan
 
-    return parameter_count(experiment(config).model)
+    return make_report_plan(experiment(config)).n_params
 
 
 def lm_solve(config, argv: list[str], devices: list[int], repeats: int) -> list[dict]:
