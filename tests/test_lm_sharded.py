@@ -79,7 +79,7 @@ def rows_on(n_devices, n_chunks):
 
 
 def spd_problem(size=45, padded=48):
-    """A positive definite matrix (condition about 30) padded as the sharded path pads (1 on the padding's
+    """A positive definite matrix (condition about 40) padded as the sharded path pads (1 on the padding's
     diagonal), a right-hand side zero on the padding, and numpy's factor and solution."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=(size, 2 * size))
