@@ -85,3 +85,10 @@ def test_softmax_lm_is_linear_attention_lm_with_softmax():
     linear, softmax = (experiment_from_config(load("linear_attention").get_config(a)) for a in ("lm", "softmax,lm"))
     assert softmax.model.mixer == "attention" and linear.model.mixer == "linear_attention"
     assert (softmax.task, softmax.optim, softmax.train) == (linear.task, linear.optim, linear.train)
+
+
+def test_the_lm_read_variant_reads_one_position_into_another():
+    """Under float64 keys the default task seed draws the pair (7, 7) at L = 8, where read is the identity."""
+    task = make_task(experiment_from_config(load("primitives").get_config("read,lm")).task)
+    i, j = task.pair
+    assert i != j and 0 <= i < j < 8
