@@ -89,11 +89,10 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
     """`training` from random initialisation (seed `seed`) for its steps (QUICK_STEPS with `quick`), the test
     MSE measured CURVE_POINTS times along the way. With optim.lm_restarts the starts are trained first, as
     a run of the config trains them (lsq_jax.train.loop.best_start), and their seconds count."""
-    import types
-
     import jax
 
-    from lsq_jax.train.loop import best_start, drive
+    from lsq_jax.bench.lm import chosen_start
+    from lsq_jax.train.loop import drive
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import Steps, evaluate_loss
 
@@ -107,8 +106,7 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
     steps = Steps(plan)
     if plan.exp.optim.lm_restarts > 1:
         since = time.perf_counter()
-        nothing = types.SimpleNamespace(write=lambda step, record: None)
-        state = jax.block_until_ready(best_start(steps, state, nothing, lambda _: None, lambda _: False))
+        state, _ = chosen_start(steps, state)
         seconds = time.perf_counter() - since
         curve.append({"step": int(state.step), "seconds": seconds,
                       "test_mse": _finite_or_inf(float(evaluate(state.params)))})

@@ -28,6 +28,23 @@ LM_VARIANTS = {
 }
 
 
+def chosen_start(steps, state):
+    """(state, choice): with optim.lm_restarts > 1, the starts trained and the best chosen as a run of the
+    config does (lsq_jax.train.loop.best_start), without a workdir; choice holds restart_losses and
+    restart_chosen as metrics.jsonl would. Without restarts, (state, {})."""
+    import types
+
+    import jax
+
+    from lsq_jax.train.loop import best_start
+
+    choice = {}
+    if steps.plan.exp.optim.lm_restarts > 1:
+        record = types.SimpleNamespace(write=lambda step, r: choice.update(r))
+        state = jax.block_until_ready(best_start(steps, state, record, lambda _: None, lambda _: False))
+    return state, choice
+
+
 def iterated_use(plan, params) -> dict:
     """The learned gradient model as GD, applied train.eval_iters times to train.eval_problems problems
     (those of the run's report: `plan` is its lsq_jax.plan.report.ReportPlan), next to exact GD: median final

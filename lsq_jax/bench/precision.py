@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import statistics
 import time
-import types
 
-from lsq_jax.bench.lm import LM_VARIANTS, iterated_use
+from lsq_jax.bench.lm import LM_VARIANTS, chosen_start, iterated_use
 
 PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
 HYBRID_ADAM_STEPS = 500
@@ -47,7 +46,7 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
 
     from lsq_jax.config.check import ConfigError
     from lsq_jax.mesh import make_mesh
-    from lsq_jax.train.loop import best_start, drive
+    from lsq_jax.train.loop import drive
     from lsq_jax.plan.run import make_plan
     from lsq_jax.train.state import init_state, place_state
     from lsq_jax.train.step import Steps, evaluate_loss
@@ -73,10 +72,8 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     crossings = {}
     steps = Steps(plan, warm=True)  # each new step compiled and run once before its time counts
     trained_s, since, build_s = 0.0, time.perf_counter(), 0.0
-    restarts = {}
-    if exp.optim.lm_restarts > 1:
-        record = types.SimpleNamespace(write=lambda step, r: restarts.update(r))  # the choice, as metrics.jsonl's
-        state = jax.block_until_ready(best_start(steps, state, record, lambda _: None, lambda _: False))
+    state, restarts = chosen_start(steps, state)
+    if restarts:
         trained_s, build_s = time.perf_counter() - since - steps.build_s, steps.build_s
         curve.append(point(int(state.step), trained_s, state.params))
         since = time.perf_counter()
