@@ -67,7 +67,9 @@ class OptimConfig:
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
             with the lowest training loss continues (1: no restarts).
-        lm_restart_steps: iterations of each start: None without restarts, >= 1 with.
+        lm_restart_steps: iterations of each start, >= 1, needed when lm_restarts > 1; with lm_restarts=1 it
+            is not read and is unset on construction (so `--config.optim.lm_restarts=1` turns a variant's
+            restarts off).
 
     The fields named lm_* are Levenberg-Marquardt's: with any other optimizer they keep their defaults. With
     optimizer 'lm', the chosen solver's unset settings take their value on construction (so equal runs have
@@ -157,9 +159,8 @@ class OptimConfig:
                     "integers >= 1 when lm_restarts > 1")
             require("lm_restarts", self.lm_restarts, self.lm_after == 0,
                     "1 unless optimizer='lm' with lm_after=0 (restarts compare LM's training loss)")
-        else:
-            require("lm_restart_steps", self.lm_restart_steps, self.lm_restart_steps is None,
-                    "None when lm_restarts=1 (no restarts)")
+        else:  # not read without restarts: unset, so that equal runs have equal configs
+            object.__setattr__(self, "lm_restart_steps", None)
 
 
 def lm_defaults() -> dict[str, Any]:
