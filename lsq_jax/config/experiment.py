@@ -114,6 +114,9 @@ def _checked(exp: Experiment) -> Experiment:
     if exp.optim.schedule == "adaptive":
         require("train.grad_stats_batches", exp.train.grad_stats_batches, exp.train.grad_stats_batches > 0,
                 "integers >= 3 with optim.schedule='adaptive' (the adaptive LR needs the gradient metric)")
+    require("model.scale_equivariant", exp.model.scale_equivariant,
+            not exp.model.scale_equivariant or (exp.task.name, exp.task.setting) == ("explicit_gradient", "last"),
+            "False unless task.name='explicit_gradient' with setting='last' (the one target normalised here)")
     n_rows = len(exp.task.rows())
     if n_rows > 1:
         require("task.n_points_min", exp.task.n_points_min, exp.points.inc == 0 and exp.points.start == exp.points.end,

@@ -41,6 +41,9 @@ class ModelConfig:
       train_proj: False freezes read-in and read-out to rectangular identities (they hold no parameters).
       train_pos: False makes the positional table zero (it holds no parameters).
       dtype: 'float64' or 'float32', for parameters and activations alike.
+      scale_equivariant: the model sees each problem at unit scale and scales its output back by the
+        target's own homogeneity (the task's `normalize`; explicit_gradient 'last' only), so that a problem
+        rescaled gets its prediction rescaled exactly. No parameters change.
     """
 
     in_dims: int
@@ -63,12 +66,13 @@ class ModelConfig:
     train_proj: bool = True
     train_pos: bool = True
     dtype: str = "float64"
+    scale_equivariant: bool = False
 
     def __post_init__(self):
         for name in ("in_dims", "out_dims", "n_positions", "n_embd", "n_layer", "n_head", "mlp_upfactor"):
             check_int(name, getattr(self, name), 1)
         for name in ("causal", "use_resid", "use_mlps", "use_seqop_ln", "use_mlp_ln", "use_final_ln",
-                     "use_bias", "train_proj", "train_pos"):
+                     "use_bias", "train_proj", "train_pos", "scale_equivariant"):
             check_flag(name, getattr(self, name))
         check_choice("mixer", self.mixer, MIXERS)
         check_choice("conv_type", self.conv_type, CONV_TYPES)

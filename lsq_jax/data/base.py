@@ -84,6 +84,12 @@ class Task:
         predicted gradient is a GD step with any eta) or the model is no GD step."""
         return None
 
+    def normalize(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the tokens with the problem at unit scale, the factor that scales the prediction back): the
+        target's homogeneity, for a scale-equivariant model (model.scale_equivariant). Only explicit_gradient
+        'last' has one."""
+        raise NotImplementedError(f"task {self.name!r} has no scale normalisation")
+
     # -- sizes -------------------------------------------------------------------------------------
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ from lsq_jax.data import samplers
 from lsq_jax.data.base import Task
 from lsq_jax.data.lsq import (
     explicit_gradient_inputs,
+    explicit_gradient_normalization,
     gradient_descent,
     least_squares_gradient,
     multistep_gd_inputs,
@@ -132,6 +133,9 @@ class ExplicitGradientTask(LeastSquaresFamilyTask):
         if self.config.setting == "last":
             return inputs, least_squares_gradient(s.a, s.b, s.x0)[:, None, :]
         return inputs, prefix_gradients(s.a, s.b, s.x0)
+
+    def normalize(self, tokens):
+        return explicit_gradient_normalization(tokens)
 
     def _read(self, pred):
         if self.config.setting == "last":

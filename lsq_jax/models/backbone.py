@@ -6,6 +6,7 @@ final LayerNorm is sown into the 'intermediates' collection as 'hidden' for insp
 """
 import functools
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -82,9 +83,13 @@ class SequenceModel(nn.Module):
     `last_only=True` returns only the last position, (B, 1, out_dims), equal to the last row of the full
     output; the last block then evaluates its mixer output, MLP, final LN and read-out at that position
     alone (what a loss read at the last position needs).
+
+    With `normalize` (the task's, for model.scale_equivariant), the blocks see the tokens it returns and the
+    output is multiplied by the factor it returns.
     """
 
     config: ModelConfig
+    normalize: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD, last_only: bool = False):
@@ -96,6 +101,9 @@ class SequenceModel(nn.Module):
         if n > cfg.n_positions:
             raise ValueError(f"sequence length {n} is not allowed: must be <= n_positions={cfg.n_positions}")
         x = x_BxTxD.astype(dt)
+        out_scale = 1
+        if self.normalize is not None:
+            x, out_scale = self.normalize(x)
         if cfg.train_proj:
             x = Dense(cfg.n_embd, dtype=dt, param_dtype=dt, kernel_init=initializers.uniform_fan_in(cfg.in_dims),
                       bias_init=initializers.uniform_fan_in(cfg.in_dims), name="read_in")(x)
@@ -112,10 +120,11 @@ class SequenceModel(nn.Module):
             x = layer_norm(cfg, "ln_f")(x)
             self.sow("intermediates", "hidden", x)
         if cfg.train_proj:
-            return Dense(cfg.out_dims, dtype=dt, param_dtype=dt,
-                         kernel_init=initializers.uniform_fan_in(cfg.n_embd),
-                         bias_init=initializers.uniform_fan_in(cfg.n_embd), name="read_out")(x)
-        return rectangular_identity(x, cfg.out_dims)
+            x = Dense(cfg.out_dims, dtype=dt, param_dtype=dt, kernel_init=initializers.uniform_fan_in(cfg.n_embd),
+                      bias_init=initializers.uniform_fan_in(cfg.n_embd), name="read_out")(x)
+        else:
+            x = rectangular_identity(x, cfg.out_dims)
+        return x * out_scale
 
 
 def init_params(cfg: ModelConfig, key, seq_len: int | None = None):

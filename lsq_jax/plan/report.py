@@ -95,5 +95,6 @@ def make_report_plan(exp: Experiment, *, constructions_only: bool = False,
     n_params = {part: parameter_count(cfg) for part, cfg in models.items()}
     memory = report_estimate(exp, task, models, n_params)
     check_report_memory(memory)
-    return ReportPlan(exp, task, SequenceModel(exp.model), n_params.get("model"), run_keys(exp.seed)["eval"],
-                      report_sizes(exp.train.eval_problems, exp.train.eval_iters), constructions_only, memory)
+    model = SequenceModel(exp.model, task.normalize if exp.model.scale_equivariant else None)
+    return ReportPlan(exp, task, model, n_params.get("model"), run_keys(exp.seed)["eval"], report_sizes(
+        exp.train.eval_problems, exp.train.eval_iters), constructions_only, memory)
