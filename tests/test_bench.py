@@ -318,3 +318,40 @@ def test_lm_solve_row_solves_by_the_block_cholesky_and_cuts_cg_short():
     assert row["devices"] == 1 and row["n_params"] == 30
     assert row["cholesky_residual"] < 1e-10 and row["cg_residual"] > 1e-3
     assert row["cholesky_s"] > 0 and row["cg_s"] > 0
+
+
+@pytest.mark.slow
+def test_generality_reads_the_grid_as_the_targets_do():
+    """A scale-equivariant model over rows [5, 6] and kappa [1, 10], as initialised: the in-distribution
+    one-step error is the median of ||model - g|| / ||g|| computed in numpy on that cell's problems, the
+    largest gap in range is that of the cells inside, target scale 100 has gap 1 (the model is equivariant)
+    and the cells outside are named as the targets name them."""
+    from lsq_jax.bench.generality import generality, summarize
+    from lsq_jax.eval.ood import draw_cell
+    from lsq_jax.mesh import make_mesh
+    from lsq_jax.plan.run import make_plan
+    from lsq_jax.bench.precision import experiment
+
+    config = get_config("linear_attention", "smoke")
+    exp = experiment(config, **{"task.n_points": 6, "task.n_points_min": 5, "model.n_positions": 9,
+                                "task.scale_cond_max": 10.0, "model.scale_equivariant": True, **SMALL_REPORT})
+    plan = make_plan(exp, make_mesh())
+    params = initial_state(exp).params
+    r = generality(plan.report, params)
+    cells = r["cells"]
+    assert cells[0]["axis"] == "in_distribution" and (cells[0]["kappa"], cells[0]["n_points"]) == (1.0, 6)
+    a, b, _, x0 = (np.asarray(v) for v in draw_cell(jax.random.fold_in(plan.report.key, 2), cells[0],
+                                                    n_problems=SMALL_REPORT["train.eval_problems"], n_dims=exp.task.n_dims))
+    tokens = np.concatenate([np.concatenate([x0, np.zeros((len(x0), 1))], 1)[:, None],
+                             np.concatenate([a, b[..., None]], -1)], 1)
+    pred = np.asarray(plan.report.model.apply({"params": params}, tokens))[:, -1, :exp.task.n_dims]
+    g = np.einsum("nld,nl->nd", a, np.einsum("nld,nd->nl", a, x0) - b) / a.shape[1]
+    np.testing.assert_allclose(r["in_distribution_step_error"],
+                               np.median(np.linalg.norm(pred - g, axis=1) / np.linalg.norm(g, axis=1)), rtol=1e-10)
+    assert r["max_gap_in_range"] == max(c["gap"] for c in cells if c["in_range"])
+    assert {c["n_points"] for c in cells if c["in_range"] and c["axis"] == "rows"} == {5}
+    np.testing.assert_allclose(r["gap_scale_target_100"], 1.0, rtol=1e-6)
+    assert {"gap_kappa_1000", "gap_n_points_8", "final_vs_gd_kappa_1000", "final_vs_gd_n_points_8"} <= set(r)
+    runs = [{"generality": {"max_gap_in_range": v, "gap_kappa_1000": None}} for v in (3.0, 1.0, 2.0)]
+    assert summarize(runs) == {"max_gap_in_range": 2.0, "max_gap_in_range_range": "1..3",
+                               "gap_kappa_1000": float("inf"), "gap_kappa_1000_range": "inf..inf"}

@@ -30,6 +30,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from lsq_jax.bench.generality import generality_columns
 from lsq_jax.bench.claims import claim_rows, plot_claims, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row, lm_solve_row
@@ -367,6 +368,9 @@ def main(argv):
         columns += [("iterated forward error", "learned_forward_error", ".2e"),
                     ("contraction", "learned_contraction", ".3f"), ("GD's", "gd_contraction", ".3f")]
         print(_table(r["rows"], columns), flush=True)
+        if generality_columns(r["rows"])[1:]:
+            print("generality (median over seeds; gaps are one-step errors over the in-distribution cell's)")
+            print(_table(r["rows"], generality_columns(r["rows"])), flush=True)
         for name, runs in r["runs"].items():
             print(f"  {name}: " + "; ".join(
                 f"seed {x['seed']}: {x['steps']} steps, final {x['final_test_mse']:.2e}, "

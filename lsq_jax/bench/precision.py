@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from lsq_jax.bench.generality import generality, summarize
 from lsq_jax.bench.lm import LM_VARIANTS, chosen_start, iterated_use
 
 PRECISION_LEVELS = tuple(10.0 ** -k for k in range(1, 15))
@@ -30,7 +31,8 @@ def experiment(config, **overrides):
 def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | None = None,
                       **overrides) -> dict:
     """Train for a wall-clock budget; the test MSE against training seconds, the time and step at which
-    it first falls below 10^-k, and the final model's iterated use (lsq_jax.bench.lm.iterated_use).
+    it first falls below 10^-k, and the final model's iterated use (lsq_jax.bench.lm.iterated_use) and
+    generality grid (lsq_jax.bench.generality.generality).
     Each point of the curve also holds the parameters' 2-norm: a fit that only approaches its target as
     parameters grow without bound shows there.
 
@@ -97,7 +99,8 @@ def time_to_precision(config, budget_s: float, batch_size: int = 0, seed: int | 
     state, _ = drive(steps, state, exp.train.num_steps, after_step)
     return {"config": exp.name, "optimizer": exp.optim.optimizer, "seed": exp.seed, "batch_size": exp.train.batch_size,
             "budget_s": budget_s, "steps": int(state.step), "final_test_mse": curve[-1]["test_mse"],
-            "crossings": crossings, "curve": curve, **restarts, **iterated_use(plan.report, state.params)}
+            "crossings": crossings, "curve": curve, **restarts, **iterated_use(plan.report, state.params),
+            "generality": generality(plan.report, state.params)}
 
 
 def mse_at(curve: list[dict], seconds: float) -> float | None:
@@ -110,8 +113,9 @@ def mse_at(curve: list[dict], seconds: float) -> float | None:
 def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds: list[int],
                        marks: tuple[float, ...] = (60.0, 300.0, 600.0)) -> dict:
     """time_to_precision of each method (config overrides) and seed; per method the median and range over
-    seeds of the test MSE at each mark of training seconds within the budget, and at the budget, and of
-    the final model's iterated forward error and contraction (with GD's)."""
+    seeds of the test MSE at each mark of training seconds within the budget, and at the budget, of the
+    final model's iterated forward error and contraction (with GD's), and of its generality figures
+    (lsq_jax.bench.generality.summarize)."""
     marks = tuple(sorted({m for m in marks if m <= budget_s} | {budget_s}))  # and the budget's end
     runs = {name: [time_to_precision(config, budget_s, seed=seed, **dict(overrides)) for seed in seeds]
             for name, overrides in methods.items()}
@@ -129,6 +133,7 @@ def compare_optimizers(config, budget_s: float, methods: dict[str, dict], seeds:
             values = sorted(r[key] for r in method_runs if r.get(key) is not None)
             if values:
                 row[key], row[f"{key}_range"] = statistics.median(values), f"{values[0]:.2g}..{values[-1]:.2g}"
+        row.update(summarize(method_runs))
         rows.append(row)
     return {"budget_s": budget_s, "marks": list(marks), "rows": rows, "runs": runs,
             "skipped": skipped}

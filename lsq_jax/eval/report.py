@@ -263,14 +263,22 @@ def evaluate_experiment(plan: ReportPlan, params: Any, *, apply_fn: Callable | N
     solvers = [learned, *_exact_weights_solver(exp, task, apply_fn, eta), *constructions(cfg.n_points),
                *_classical_solvers(eta)]
     report["iterated"] = iterated_report(solvers, sample, sizes.n_iters, eta=eta)
+    report["ood"] = learned_ood(plan, lambda n: [learned, *constructions(n)], eta)
+    return report
+
+
+def learned_ood(plan: ReportPlan, solvers_at: Callable, eta: Any = "auto") -> dict[str, Any]:
+    """The generality grid of a trained model (lsq_jax.eval.ood) at the plan's sizes: its trained range,
+    L up to L_max + MORE_ROWS where the model's positions allow, problems from fold_in(plan.key, 2);
+    `solvers_at(n_points)` gives the solvers of a cell (the learned one first)."""
+    exp, task, cfg = plan.exp, plan.task, plan.exp.task
     trained = trained_range(cfg, exp.model.causal)
     max_rows = max(n for n in range(cfg.n_points, cfg.n_points + MORE_ROWS + 1)
                    if task.seq_len(n) <= exp.model.n_positions)
-    draw = functools.partial(draw_cell, jax.random.fold_in(key, 2), n_problems=sizes.n_ood_problems,
+    draw = functools.partial(draw_cell, jax.random.fold_in(plan.key, 2), n_problems=plan.sizes.n_ood_problems,
                              n_dims=cfg.n_dims, normalize_a=cfg.normalize_a, normalize_x=cfg.normalize_x,
                              dtype=task.dtype)
-    report["ood"] = _ood(lambda n: [learned, *constructions(n)], draw, trained, max_rows, sizes, eta)
-    return report
+    return _ood(solvers_at, draw, trained, max_rows, plan.sizes, eta)
 
 
 def _ood(solvers_at: Callable, draw: Callable, trained: TrainedRange, max_rows: int, sizes: ReportSizes,
