@@ -40,9 +40,5 @@ def get_config(arg=None):
         # after 40 iterations goes on to 160 (200 iterations in all), chosen by the precision bench over
         # seeds 0, 1, 2 (docs/performance.md).
         lm=lm,
-        # lm_general: the same trained over L in [4, 12] (444 problems of each), kappa in [1, 100] and target
-        # scale in [0.1, 10], on the relative loss, with the problem's scales built in (model.scale_equivariant);
-        # positions for L = 14, the grid's L_max + 2 (docs/performance.md)
-        lm_general={**lm, "task.n_points": 12, "task.n_points_min": 4, "model.n_positions": 15,
-                    "task.scale_cond_max": 100.0, "task.scale_target": 0.1, "task.scale_target_max": 10.0,
-                    "task.train_loss": "relative", "model.scale_equivariant": True, "train.batch_size": 3996})
+        # lm_general: the same over rows, kappa and target scale (defaults.GENERAL_RANGES)
+        lm_general={**lm, **defaults.GENERAL_RANGES})

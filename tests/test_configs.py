@@ -18,7 +18,7 @@ from steps import initial_state
 
 CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multistep_gd", "smoke"),
          ("multistep_gd", "cpu"), ("linear_attention", "smoke"), ("linear_attention", "softmax,cpu"),
-         ("linear_attention", "lm"),
+         ("linear_attention", "lm"), ("linear_attention", "lm_general"), ("baseconv", "lm_general"),
          ("transformer_lsq", "smoke"), ("transformer_lsq", "kappa5,baseconv,cpu"), ("transformer_icl", "smoke"),
          ("transformer_icl", "cpu")] + [("primitives", f"{p},smoke") for p in
                                         ("read", "linear", "multiply", "square", "identity", "read,attention")]
@@ -92,3 +92,15 @@ def test_the_lm_read_variant_reads_one_position_into_another():
     task = make_task(experiment_from_config(load("primitives").get_config("read,lm")).task)
     i, j = task.pair
     assert i != j and 0 <= i < j < 8
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "baseconv"])
+def test_general_variants_train_over_every_row_count_kappa_and_scale_of_their_range(name):
+    """`:lm_general`: rows D + 1 .. 12 in equal shares, kappa over [1, 100], target scale over [0.1, 10], the
+    scales built into the model, and positions for the grid's L_max + 2 rows."""
+    exp = experiment_from_config(load(name).get_config("lm_general"))
+    task = exp.task
+    assert task.rows() == tuple(range(task.n_dims + 1, 13)) and exp.train.batch_size % len(task.rows()) == 0
+    assert tuple(task.kappa_range()) == (1.0, 100.0) and tuple(task.scale_range()) == (0.1, 10.0)
+    assert exp.model.scale_equivariant and task.train_loss == "relative"
+    assert exp.model.n_positions >= make_task(task).seq_len(12 + 2)

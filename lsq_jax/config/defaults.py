@@ -61,6 +61,14 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str | None, *, cpu: dic
     return c
 
 
+# The `:lm_general` variants' training range, over the `:lm` variant (D = 3): L in [D + 1, 12] (444
+# problems of each in a batch of 3,996), kappa in [1, 100], target scale in [0.1, 10], on the relative loss,
+# with the problem's scales built into the model; positions for L = 14, the generality grid's L_max + 2.
+GENERAL_RANGES = {"task.n_points": 12, "task.n_points_min": 4, "model.n_positions": 15, "task.scale_cond_max": 100.0,
+                  "task.scale_target": 0.1, "task.scale_target_max": 10.0, "task.train_loss": "relative",
+                  "model.scale_equivariant": True, "train.batch_size": 3996}
+
+
 def split_arg(arg: str | None) -> list[str]:
     """'a,b,c' -> ['a', 'b', 'c']; None -> []."""
     return [part for part in (arg or "").split(",") if part]
