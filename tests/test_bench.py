@@ -321,12 +321,12 @@ def test_lm_solve_row_solves_by_the_block_cholesky_and_cuts_cg_short():
 
 
 @pytest.mark.slow
-def test_generality_reads_the_grid_as_the_targets_do():
+def test_generality_reads_the_grid_as_the_targets_do(tmp_path):
     """A scale-equivariant model over rows [5, 6] and kappa [1, 10], as initialised: the in-distribution
     one-step error is the median of ||model - g|| / ||g|| computed in numpy on that cell's problems, the
     largest gap in range is that of the cells inside, target scale 100 has gap 1 (the model is equivariant)
     and the cells outside are named as the targets name them."""
-    from lsq_jax.bench.generality import generality, summarize
+    from lsq_jax.bench.generality import generality, plot_generality, summarize
     from lsq_jax.eval.ood import draw_cell
     from lsq_jax.mesh import make_mesh
     from lsq_jax.plan.run import make_plan
@@ -352,6 +352,8 @@ def test_generality_reads_the_grid_as_the_targets_do():
     assert {c["n_points"] for c in cells if c["in_range"] and c["axis"] == "rows"} == {5}
     np.testing.assert_allclose(r["gap_scale_target_100"], 1.0, rtol=1e-6)
     assert {"gap_kappa_1000", "gap_n_points_8", "final_vs_gd_kappa_1000", "final_vs_gd_n_points_8"} <= set(r)
+    path = plot_generality({"runs": {"lm": [{"config": exp.name, "generality": r}]}}, str(tmp_path / "g.png"))
+    assert path and (tmp_path / "g.png").stat().st_size > 0
     runs = [{"generality": {"max_gap_in_range": v, "gap_kappa_1000": None}} for v in (3.0, 1.0, 2.0)]
     assert summarize(runs) == {"max_gap_in_range": 2.0, "max_gap_in_range_range": "1..3",
                                "gap_kappa_1000": float("inf"), "gap_kappa_1000_range": "inf..inf"}

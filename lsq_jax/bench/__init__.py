@@ -30,7 +30,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.bench.generality import generality_columns
+from lsq_jax.bench.generality import generality_columns, plot_generality
 from lsq_jax.bench.claims import claim_rows, plot_claims, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row, lm_solve_row
@@ -371,6 +371,8 @@ def main(argv):
         if generality_columns(r["rows"])[1:]:
             print("generality (median over seeds; gaps are one-step errors over the in-distribution cell's)")
             print(_table(r["rows"], generality_columns(r["rows"])), flush=True)
+            plot = plot_generality(r, os.path.splitext(_OUT.value)[0] + "_generality.png")
+            print(f"wrote {plot}" if plot else "", flush=True)
         for name, runs in r["runs"].items():
             print(f"  {name}: " + "; ".join(
                 f"seed {x['seed']}: {x['steps']} steps, final {x['final_test_mse']:.2e}, "

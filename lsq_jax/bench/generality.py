@@ -74,3 +74,44 @@ def generality_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     for key in present:
         columns += [(titles.get(key, key), key, ".2e"), ("range", f"{key}_range", "")]
     return columns
+
+
+AXES = (("kappa", "kappa", "kappa", True), ("rows", "n_points", "rows L", False),
+        ("scale", "scale_target", "target scale", True))
+
+
+def plot_generality(result: dict, path: str) -> str | None:
+    """One-step error (median over problems) against kappa, rows L and target scale, one line per method and
+    seed, the in-distribution cell in each panel, cells inside the trained range filled and outside hollow
+    (None without matplotlib or without generality figures)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [(i, name, run) for i, (name, method_runs) in enumerate(result["runs"].items())
+            for run in method_runs if run.get("generality")]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 4), sharey=True)
+    for ax, (axis, field, label, log_x) in zip(axes, AXES):
+        for i, name, run in runs:
+            cells = sorted((c for c in run["generality"]["cells"] if c["axis"] in (axis, "in_distribution")),
+                           key=lambda c: c[field])
+            x, y = [c[field] for c in cells], [c["step_error"] for c in cells]
+            ax.plot(x, y, color=f"C{i}", alpha=0.6, label=name if run is result["runs"][name][0] else None)
+            for c in cells:
+                ax.plot(c[field], c["step_error"], "o", color=f"C{i}", alpha=0.8,
+                        markerfacecolor=f"C{i}" if c["in_range"] else "none")
+        ax.set_xscale("log" if log_x else "linear")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("one-step error ||g_pred - g|| / ||g|| (median)")
+    axes[0].legend()
+    fig.suptitle(f"{runs[0][2]['config']}: filled = inside the trained range; exact GD: ~1e-16 everywhere")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

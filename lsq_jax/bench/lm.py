@@ -25,6 +25,7 @@ LM_VARIANTS = {
     # a start that misses the fast phase shows by then, not at 30); the starts' iterations count as training
     "lm_restarts": {"optim.optimizer": "lm", "optim.lm_restarts": 3, "optim.lm_restart_steps": 40},
     "lm_restarts2": {"optim.optimizer": "lm", "optim.lm_restarts": 2, "optim.lm_restart_steps": 40},
+    "lm_one_start": {"optim.optimizer": "lm", "optim.lm_restarts": 1},  # the config's own LM without restarts
 }
 
 
