@@ -228,6 +228,17 @@ def test_lm_step_exports(name, dtype, solver):
     assert loss.out_avals[0].shape == ()
 
 
+def test_a_scale_equivariant_lm_step_over_ranges_exports():
+    """`:lm_general`'s kind of step: LM over two row counts and a kappa range, on the relative loss, the
+    model normalising each problem; it lowers for both platforms with the same Cholesky as any LM step."""
+    exp = experiment("linear_attention", "float64", **{
+        "optim.optimizer": "lm", "task.n_points": 6, "task.n_points_min": 5, "model.n_positions": 9,
+        "task.scale_cond_max": 10.0, "task.train_loss": "relative", "model.scale_equivariant": True})
+    exported = exported_checked(step_fns(exp, lm_phase=True).train, abstract_state(exp), abstract_metric(exp))
+    check_dtype(exported, "float64")
+    assert "cusolver_potrf_ffi" in custom_calls(exported.mlir_module())
+
+
 @pytest.mark.parametrize("name, dtype", run_cases())
 def test_evaluate_loss_exports(name, dtype):
     """The test metrics at the end of training, jitted as the loop jits them."""
