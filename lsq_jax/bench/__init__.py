@@ -30,9 +30,9 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from lsq_jax.bench.generality import generality_columns, plot_generality
 from lsq_jax.bench.claims import claim_rows, plot_claims, print_claims
 from lsq_jax.bench.curvature import workdir_curvature
+from lsq_jax.bench.generality import generality_columns, plot_generality
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row, lm_solve_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
 

@@ -43,8 +43,8 @@ def generality(plan, params) -> dict:
 
 
 def _largest(values) -> float | None:
-    """The largest of some gaps (None, json_ratio's 'not a number', counts as infinite)."""
-    values = [math.inf if v is None or isinstance(v, str) else float(v) for v in values]
+    """The largest of some figures, None (a ratio that is not finite in JSON) counting as infinite."""
+    values = [math.inf if v is None else float(v) for v in values]
     return max(values) if values else None
 
 
