@@ -104,10 +104,10 @@ def train(training: Training, seed: int, quick: bool) -> Trained:
     state = place_state(init_state(plan), plan.mesh)
     curve = [{"step": 0, "seconds": 0.0, "test_mse": _finite_or_inf(float(evaluate(state.params)))}]
     steps = Steps(plan)
-    if plan.exp.optim.lm_restarts > 1:
-        since = time.perf_counter()
-        state, _ = chosen_start(steps, state)
-        seconds = time.perf_counter() - since
+    started = time.perf_counter()
+    state, choice = chosen_start(steps, state)
+    if choice:  # the config has restarts: they are trained, and their seconds count
+        seconds = time.perf_counter() - started
         curve.append({"step": int(state.step), "seconds": seconds,
                       "test_mse": _finite_or_inf(float(evaluate(state.params)))})
         since = time.perf_counter()
