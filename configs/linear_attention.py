@@ -40,5 +40,6 @@ def get_config(arg=None):
         # after 40 iterations goes on to 160 (200 iterations in all), chosen by the precision bench over
         # seeds 0, 1, 2 (docs/performance.md).
         lm=lm,
-        # lm_general: the same over rows, kappa and target scale (defaults.GENERAL_RANGES)
-        lm_general={**lm, **defaults.GENERAL_RANGES})
+        # lm_general: the same over rows, kappa and target scale (defaults.GENERAL_RANGES), the rows
+        # interchangeable (one positional vector for x0's token, one shared by every row)
+        lm_general={**lm, **defaults.GENERAL_RANGES, "model.positions": "first_and_rest"})

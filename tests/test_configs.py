@@ -97,10 +97,12 @@ def test_the_lm_read_variant_reads_one_position_into_another():
 @pytest.mark.parametrize("name", ["linear_attention", "baseconv"])
 def test_general_variants_train_over_every_row_count_kappa_and_scale_of_their_range(name):
     """`:lm_general`: rows D + 1 .. 12 in equal shares, kappa over [1, 100], target scale over [0.1, 10], the
-    scales built into the model, and positions for the grid's L_max + 2 rows."""
+    scales built into the model, and positions for the grid's L_max + 2 rows; linear attention's rows
+    interchangeable."""
     exp = experiment_from_config(load(name).get_config("lm_general"))
     task = exp.task
     assert task.rows() == tuple(range(task.n_dims + 1, 13)) and exp.train.batch_size % len(task.rows()) == 0
     assert tuple(task.kappa_range()) == (1.0, 100.0) and tuple(task.scale_range()) == (0.1, 10.0)
     assert exp.model.scale_equivariant and task.train_loss == "relative"
     assert exp.model.n_positions >= make_task(task).seq_len(12 + 2)
+    assert exp.model.positions == ("first_and_rest" if name == "linear_attention" else "table")

@@ -230,10 +230,12 @@ def test_lm_step_exports(name, dtype, solver):
 
 def test_a_scale_equivariant_lm_step_over_ranges_exports():
     """`:lm_general`'s kind of step: LM over two row counts and a kappa range, on the relative loss, the
-    model normalising each problem; it lowers for both platforms with the same Cholesky as any LM step."""
+    model normalising each problem, its rows sharing one positional vector; it lowers for both platforms
+    with the same Cholesky as any LM step."""
     exp = experiment("linear_attention", "float64", **{
         "optim.optimizer": "lm", "task.n_points": 6, "task.n_points_min": 5, "model.n_positions": 9,
-        "task.scale_cond_max": 10.0, "task.train_loss": "relative", "model.scale_equivariant": True})
+        "task.scale_cond_max": 10.0, "task.train_loss": "relative", "model.scale_equivariant": True,
+        "model.positions": "first_and_rest"})
     exported = exported_checked(step_fns(exp, lm_phase=True).train, abstract_state(exp), abstract_metric(exp))
     check_dtype(exported, "float64")
     assert "cusolver_potrf_ffi" in custom_calls(exported.mlir_module())

@@ -267,9 +267,27 @@ def test_frozen_projections_and_positions_hold_no_parameters():
     np.testing.assert_array_equal(SequenceModel(cfg).apply({"params": zero}, x), x[..., :2])
 
 
+@pytest.mark.parametrize("softmax", [False, True])
+def test_first_and_rest_positions_make_the_later_tokens_interchangeable(softmax):
+    """With positions='first_and_rest' a non-causal attention model is permutation-equivariant in tokens
+    1..T-1: permuting them permutes their outputs and leaves token 0's unchanged (a closed-form property of
+    attention without positional information); with the positional table it is not."""
+    kw = dict(in_dims=3, out_dims=2, n_positions=8, n_embd=8, n_layer=2, n_head=2, causal=False,
+              mixer="attention" if softmax else "linear_attention", use_mlps=True, use_seqop_ln=True)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 3))
+    order = np.array([0, 4, 1, 6, 2, 5, 3])
+    for positions, equivariant in [("first_and_rest", True), ("table", False)]:
+        cfg = ModelConfig(positions=positions, **kw)
+        params = init_params(cfg, jax.random.key(0))
+        assert params["wpe"].shape == ((2, 8) if equivariant else (8, 8))
+        apply = jax.jit(lambda p, x: SequenceModel(cfg).apply({"params": p}, x))
+        out, permuted = np.asarray(apply(params, x)), np.asarray(apply(params, x[:, order]))
+        assert np.allclose(permuted, out[:, order], rtol=1e-12, atol=1e-14) == equivariant
+
+
 @pytest.mark.parametrize("field,value", [
     ("n_embd", 0), ("n_layer", -1), ("mixer", "mamba"), ("conv_type", "medium"), ("mlp_activ", "swish"),
-    ("dtype", "float16"), ("causal", "yes")])
+    ("dtype", "float16"), ("causal", "yes"), ("positions", "rotary")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(in_dims=3, out_dims=2, n_positions=5, **{field: value})

@@ -34,20 +34,36 @@ def _gradient(a, b, x):
 
 
 def test_the_normalised_problem_times_its_factor_has_the_original_gradient():
-    """A at unit rms, [x0, b/alpha] at unit rms, and alpha^2 beta times the normalised problem's gradient
-    (numpy) equal to the original gradient (numpy) to round-off."""
+    """A at Frobenius norm sqrt(D) (its rows divided by s sqrt(L), s = rms(A)), beta^2 the mean of x0's and
+    b / s's mean squares, and s^2 beta times the normalised problem's A^T (A x0 - b), a sum with no 1/L (numpy), equal to the
+    original gradient (numpy) to round-off."""
     a, b, x0 = _problems()
+    n_rows, n_dims = a.shape[1:]
     tokens, factor = explicit_gradient_normalization(explicit_gradient_inputs(*map(jnp.asarray, (a, b, x0))))
     tokens, factor = np.asarray(tokens), np.asarray(factor)
     a_hat, b_hat, x_hat = tokens[:, 1:, :-1], tokens[:, 1:, -1], tokens[:, 0, :-1]
     np.testing.assert_array_equal(tokens[:, 0, -1], 0)
-    np.testing.assert_allclose(np.sqrt(np.mean(a_hat ** 2, axis=(1, 2))), 1, rtol=1e-14)
-    alpha = np.sqrt(np.mean(a ** 2, axis=(1, 2)))
-    beta = np.sqrt(np.mean(np.concatenate([x0, b / alpha[:, None]], axis=1) ** 2, axis=1))
-    np.testing.assert_allclose(factor[:, 0, 0], alpha ** 2 * beta, rtol=1e-14)
-    np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate([x_hat, b_hat], axis=1) ** 2, axis=1)), 1, rtol=1e-14)
+    np.testing.assert_allclose(np.sum(a_hat ** 2, axis=(1, 2)), n_dims, rtol=1e-14)
+    s = np.sqrt(np.mean(a ** 2, axis=(1, 2)))
+    beta = np.sqrt((np.mean(x0 ** 2, axis=1) + np.mean((b / s[:, None]) ** 2, axis=1)) / 2)
+    np.testing.assert_allclose(factor[:, 0, 0], s ** 2 * beta, rtol=1e-14)
+    mean_squares = np.mean(x_hat ** 2, axis=1) + n_rows * np.mean(b_hat ** 2, axis=1)
+    np.testing.assert_allclose(mean_squares, 2, rtol=1e-14)
     g = _gradient(a, b, x0)
-    np.testing.assert_allclose(factor[:, 0] * _gradient(a_hat, b_hat, x_hat), g, rtol=1e-13)
+    np.testing.assert_allclose(factor[:, 0] * n_rows * _gradient(a_hat, b_hat, x_hat), g, rtol=1e-13)
+
+
+def test_the_normalised_rows_do_not_depend_on_their_number():
+    """The same rows repeated k times (L -> kL, the same gradient): the normalised rows are the originals
+    over sqrt(k), so the per-row terms of the normalised sum shrink as 1/k and their sum is unchanged."""
+    a, b, x0 = _problems(n=3)
+    once = np.asarray(explicit_gradient_normalization(explicit_gradient_inputs(*map(jnp.asarray, (a, b, x0))))[0])
+    k = 3
+    tiled = explicit_gradient_inputs(*map(jnp.asarray, (np.tile(a, (1, k, 1)), np.tile(b, (1, k)), x0)))
+    normalised, _ = explicit_gradient_normalization(tiled)
+    normalised = np.asarray(normalised)
+    np.testing.assert_allclose(normalised[:, 0], once[:, 0], rtol=1e-14)
+    np.testing.assert_allclose(normalised[:, 1:a.shape[1] + 1], once[:, 1:] / np.sqrt(k), rtol=1e-14)
 
 
 def test_a_zero_problem_keeps_unit_scales():

@@ -11,6 +11,7 @@ MIXERS = ("baseconv", "attention", "linear_attention")
 CONV_TYPES = ("short", "long", "implicit")
 ACTIVATIONS = ("relu", "gelu", "glu")
 DTYPES = ("float64", "float32")
+POSITIONS = ("table", "first_and_rest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ModelConfig:
       use_bias: biases in attention and MLP Dense layers and in LayerNorms (BaseConv always has biases).
       train_proj: False freezes read-in and read-out to rectangular identities (they hold no parameters).
       train_pos: False makes the positional table zero (it holds no parameters).
+      positions: the positional table: 'table' (a learned vector per position, n_positions of them) or
+        'first_and_rest' (one vector for token 0 and one shared by every later token: the later tokens are
+        interchangeable, and a sequence longer than any trained is read as the trained ones are).
       dtype: 'float64' or 'float32', for parameters and activations alike.
       scale_equivariant: the model sees each problem at unit scale and scales its output back by the
         target's own homogeneity (the task's `normalize`; explicit_gradient 'last' only), so that a problem
@@ -65,6 +69,7 @@ class ModelConfig:
     use_bias: bool = True
     train_proj: bool = True
     train_pos: bool = True
+    positions: str = "table"
     dtype: str = "float64"
     scale_equivariant: bool = False
 
@@ -78,6 +83,7 @@ class ModelConfig:
         check_choice("conv_type", self.conv_type, CONV_TYPES)
         check_choice("mlp_activ", self.mlp_activ, ACTIVATIONS)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("positions", self.positions, POSITIONS)
         if self.mixer != "baseconv":
             require("n_head", self.n_head, self.n_embd % self.n_head == 0, f"divisors of n_embd={self.n_embd}")
 

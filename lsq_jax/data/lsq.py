@@ -66,29 +66,38 @@ def explicit_gradient_inputs(a: jax.Array, b: jax.Array, x: jax.Array) -> jax.Ar
 def explicit_gradient_normalization(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """explicit_gradient's tokens with the problem at unit scale, and the factor that scales the gradient back.
 
-    The gradient is homogeneous in the problem's two scales: with A -> alpha A and x -> beta x (x0 and x*,
-    so b -> alpha beta b), g -> alpha^2 beta g. Dividing A by alpha = rms(A), x0 by beta and b by
-    alpha beta, where beta = rms([x0, b / alpha]) (both in units of x; > 0 unless x0 = b = 0), gives a
-    problem whose gradient times alpha^2 beta is the original one, exactly: a model fed the normalised tokens
-    and scaled back by that factor is equivariant under both scalings. A zero scale is taken as 1.
+    The gradient g = A^T (A x0 - b) / L is homogeneous in the problem's two scales: with A -> s A and
+    x -> t x (x0 and x*, so b -> s t b), g -> s^2 t g. Take s = rms(A) and t = beta, where beta^2 is the mean
+    of x0's and (b / s)'s mean squares (both in units of x; > 0 unless x0 = b = 0). Dividing the rows by
+    alpha = s sqrt(L), x0 by beta and b by alpha beta gives a problem whose A^T (A x0 - b), a plain sum over
+    rows with no 1/L, times s^2 beta is g, exactly. A model fed the normalised tokens and scaled back by that
+    factor is equivariant under both scalings, and what it must compute does not depend on the number of
+    rows: a sum of one function of each row (the same rows repeated k times give the same sum of k times as
+    many terms, each 1/k as large). A zero scale is taken as 1.
 
     Args:
         tokens: (..., L + 1, D + 1), token 0 = [x0, 0], tokens 1..L = [a_i, b_i].
 
     Returns:
-        (the normalised tokens, of the same shape; alpha^2 beta, of shape (..., 1, 1)).
+        (the normalised tokens, of the same shape; s^2 beta, of shape (..., 1, 1)).
     """
     a, b, x0 = tokens[..., 1:, :-1], tokens[..., 1:, -1], tokens[..., 0, :-1]
-    alpha = _rms(a.reshape(*a.shape[:-2], -1))
-    beta = _rms(jnp.concatenate([x0, b / alpha[..., None]], axis=-1))
+    s = _rms(a.reshape(*a.shape[:-2], -1))
+    beta = _root_mean(jnp.stack([jnp.mean(x0 ** 2, axis=-1), jnp.mean((b / s[..., None]) ** 2, axis=-1)], axis=-1))
+    alpha = s * jnp.sqrt(jnp.asarray(a.shape[-2], a.dtype))
     first = tokens[..., :1, :] / beta[..., None, None]
     rows = jnp.concatenate([a / alpha[..., None, None], (b / (alpha * beta)[..., None])[..., None]], axis=-1)
-    return jnp.concatenate([first, rows], axis=-2), (alpha ** 2 * beta)[..., None, None]
+    return jnp.concatenate([first, rows], axis=-2), (s ** 2 * beta)[..., None, None]
 
 
 def _rms(v: jax.Array) -> jax.Array:
     """The root mean square over the last axis, 1 where it is 0."""
-    scale = jnp.sqrt(jnp.mean(v ** 2, axis=-1))
+    return _root_mean(v ** 2)
+
+
+def _root_mean(squares: jax.Array) -> jax.Array:
+    """The root of the mean over the last axis, 1 where it is 0."""
+    scale = jnp.sqrt(jnp.mean(squares, axis=-1))
     return jnp.where(scale > 0, scale, 1)
 
 

@@ -51,7 +51,7 @@ def _check(cfg: ModelConfig, n_dims: int, n_points: int) -> None:
     check_positive_int("n_points", n_points, _WHAT)
     check_fields(cfg, dict(mixer="baseconv", conv_type="short", causal=True, use_resid=True,
                             use_mlps=False, use_seqop_ln=False, use_final_ln=False, train_proj=True,
-                            train_pos=True), _WHAT)
+                            train_pos=True, positions="table"), _WHAT)
     if cfg.n_layer < N_ACTIVE_LAYERS:
         raise not_allowed("n_layer", cfg.n_layer, f">= {N_ACTIVE_LAYERS}", _WHAT)
     if cfg.in_dims != n_dims + 1:
