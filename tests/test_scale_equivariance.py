@@ -35,8 +35,8 @@ def _gradient(a, b, x):
 
 def test_the_normalised_problem_times_its_factor_has_the_original_gradient():
     """A at Frobenius norm sqrt(D) (its rows divided by s sqrt(L), s = rms(A)), beta^2 the mean of x0's and
-    b / s's mean squares, and s^2 beta times the normalised problem's A^T (A x0 - b), a sum with no 1/L (numpy), equal to the
-    original gradient (numpy) to round-off."""
+    b / s's mean squares, and s^2 beta times the normalised problem's A^T (A x0 - b), a sum with no 1/L
+    (numpy), equal to the original gradient (numpy) to round-off."""
     a, b, x0 = _problems()
     n_rows, n_dims = a.shape[1:]
     tokens, factor = explicit_gradient_normalization(explicit_gradient_inputs(*map(jnp.asarray, (a, b, x0))))
@@ -54,16 +54,18 @@ def test_the_normalised_problem_times_its_factor_has_the_original_gradient():
 
 
 def test_the_normalised_rows_do_not_depend_on_their_number():
-    """The same rows repeated k times (L -> kL, the same gradient): the normalised rows are the originals
-    over sqrt(k), so the per-row terms of the normalised sum shrink as 1/k and their sum is unchanged."""
+    """The same rows repeated k times (L -> kL, the same gradient): x0's token and the factor are unchanged and
+    every normalised row is the original's over sqrt(k), so the per-row terms of the normalised sum shrink as
+    1/k and their sum is unchanged."""
     a, b, x0 = _problems(n=3)
-    once = np.asarray(explicit_gradient_normalization(explicit_gradient_inputs(*map(jnp.asarray, (a, b, x0))))[0])
     k = 3
-    tiled = explicit_gradient_inputs(*map(jnp.asarray, (np.tile(a, (1, k, 1)), np.tile(b, (1, k)), x0)))
-    normalised, _ = explicit_gradient_normalization(tiled)
-    normalised = np.asarray(normalised)
-    np.testing.assert_allclose(normalised[:, 0], once[:, 0], rtol=1e-14)
-    np.testing.assert_allclose(normalised[:, 1:a.shape[1] + 1], once[:, 1:] / np.sqrt(k), rtol=1e-14)
+    once, factor = map(np.asarray, explicit_gradient_normalization(
+        explicit_gradient_inputs(*map(jnp.asarray, (a, b, x0)))))
+    tiled, tiled_factor = map(np.asarray, explicit_gradient_normalization(
+        explicit_gradient_inputs(*map(jnp.asarray, (np.tile(a, (1, k, 1)), np.tile(b, (1, k)), x0)))))
+    np.testing.assert_allclose(tiled_factor, factor, rtol=1e-14)
+    np.testing.assert_allclose(tiled[:, 0], once[:, 0], rtol=1e-14)
+    np.testing.assert_allclose(tiled[:, 1:], np.tile(once[:, 1:], (1, k, 1)) / np.sqrt(k), rtol=1e-14)
 
 
 def test_a_zero_problem_keeps_unit_scales():
