@@ -110,10 +110,9 @@ class SequenceModel(nn.Module):
         else:
             x = rectangular_identity(x, cfg.n_embd)
         if cfg.train_pos:
-            if cfg.positions == "table":
-                x = x + self.param("wpe", initializers.normal(), (cfg.n_positions, cfg.n_embd), dt)[:n]
-            else:
-                x = x + self.param("wpe", initializers.normal(), (2, cfg.n_embd), dt)[jnp.minimum(jnp.arange(n), 1)]
+            table = cfg.positions == "table"
+            wpe = self.param("wpe", initializers.normal(), (cfg.n_positions if table else 2, cfg.n_embd), dt)
+            x = x + (wpe[:n] if table else wpe[jnp.minimum(jnp.arange(n), 1)])
         self.sow("intermediates", "hidden", x)
         for i in range(cfg.n_layer):
             x = Block(cfg, name=f"h_{i}")(x, last_only and i == cfg.n_layer - 1)
