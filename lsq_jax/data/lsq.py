@@ -82,17 +82,12 @@ def explicit_gradient_normalization(tokens: jax.Array) -> tuple[jax.Array, jax.A
         (the normalised tokens, of the same shape; s^2 beta, of shape (..., 1, 1)).
     """
     a, b, x0 = tokens[..., 1:, :-1], tokens[..., 1:, -1], tokens[..., 0, :-1]
-    s = _rms(a.reshape(*a.shape[:-2], -1))
+    s = _root_mean(a.reshape(*a.shape[:-2], -1) ** 2)
     beta = _root_mean(jnp.stack([jnp.mean(x0 ** 2, axis=-1), jnp.mean((b / s[..., None]) ** 2, axis=-1)], axis=-1))
     alpha = s * jnp.sqrt(jnp.asarray(a.shape[-2], a.dtype))
     first = tokens[..., :1, :] / beta[..., None, None]
     rows = jnp.concatenate([a / alpha[..., None, None], (b / (alpha * beta)[..., None])[..., None]], axis=-1)
     return jnp.concatenate([first, rows], axis=-2), (s ** 2 * beta)[..., None, None]
-
-
-def _rms(v: jax.Array) -> jax.Array:
-    """The root mean square over the last axis, 1 where it is 0."""
-    return _root_mean(v ** 2)
 
 
 def _root_mean(squares: jax.Array) -> jax.Array:
