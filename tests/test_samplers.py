@@ -1,4 +1,6 @@
 """Samplers: shapes, dtypes, option order, kappa rescaling, per-example keys."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +264,28 @@ def test_other_rejections():
     with pytest.raises(ValueError, match="min"):
         scale_singular_values(jnp.ones((3, 1)), 2.0)
     assert samplers.__all__  # the module's public names are declared
+
+
+@pytest.mark.parametrize("spectrum,kappa", [((3.0, 3.0, 1.0), 10.0), ((2.0, 0.5, 0.5), 4.0),
+                                            ((50.0, 1.0, 0.02), 100.0), ((4.0, 2.0, 1.0, 0.25), 1e4)])
+def test_scale_singular_values_of_a_known_spectrum(spectrum, kappa):
+    """A = U diag(s) V^T built from orthogonal factors: the rescaled matrix is U diag(s') V^T in closed
+    form, repeated singular values included (no SVD on the test's side). A's own rounding moves its
+    singular vectors by about eps kappa(A), hence the tolerance."""
+    rng = np.random.default_rng(3)
+    s = np.asarray(spectrum)
+    u = np.linalg.qr(rng.normal(size=(7, s.size)))[0]
+    v = np.linalg.qr(rng.normal(size=(s.size, s.size)))[0]
+    s_new = 1 + (s - s.min()) * (kappa - 1) / (s.max() - s.min())
+    for a, want in [(u * s @ v.T, u * s_new @ v.T), (v * s @ u.T, v * s_new @ u.T)]:  # tall and wide
+        got = np.asarray(scale_singular_values(jnp.asarray(a), kappa))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14 * kappa * s.max() / s.min())
+
+
+def test_rescaled_draws_call_no_lapack():
+    """The sampler's program holds no LAPACK call: a batched one runs on the thread pool it is called
+    from, and two at once in one training step have waited on each other for good on 2 cores."""
+    draw = jax.jit(lambda keys: least_squares(keys, 12, 3, scale_cond=1.0, scale_cond_max=100.0))
+    targets = lambda hlo: re.findall(r'custom_call_target="([^"]+)"', hlo)
+    assert targets(draw.lower(_keys(8)).compile().as_text()) == []
+    assert targets(jax.jit(jnp.linalg.svd).lower(jnp.ones((2, 3, 3))).compile().as_text()) == ["lapack_dgesdd_ffi"]
