@@ -265,6 +265,7 @@ def scale_singular_values(a: jax.Array, kappa: float) -> jax.Array:
 
 @jax.jit
 def _rescale_each(a: jax.Array, kappa: jax.Array) -> jax.Array:
+    """_rescale_singular_values of one (L, D) matrix or of each of a (B, L, D) batch."""
     if a.ndim == 2:
         return _rescale_singular_values(a, kappa)
     return jax.vmap(_rescale_singular_values, in_axes=(0, None))(a, kappa)
@@ -278,14 +279,17 @@ def _jacobi_svd(a: jax.Array, max_sweeps: int = 30) -> tuple[jax.Array, jax.Arra
     that makes them orthogonal; a pair already orthogonal to within N eps (|w_p . w_q| <= N eps
     ||w_p|| ||w_q||) is left exactly as it is. The sweeps stop after the first that changes nothing,
     so each matrix's result does not depend on the batch it is vmapped in. Gaussian matrices take at
-    most 4 sweeps at 12 x 3, 6 at 20 x 5 and 8 at 40 x 20 (the last one unchanged included). Plain jnp, no LAPACK: XLA's CPU LAPACK kernels run a batch on the
-    thread pool they are called from, and two of them at once can wait on each other for good.
+    most 4 sweeps at 12 x 3, 6 at 20 x 5 and 8 at 40 x 20 (the last, unchanged one included).
+
+    Plain jnp, no LAPACK: XLA's CPU LAPACK kernels run a batch on the thread pool they are called from,
+    and two of them at once can wait on each other for good.
     """
     n = a.shape[-1]
     tol = n * jnp.finfo(a.dtype).eps
-    first, second = (jnp.asarray(i, jnp.int32) for i in zip(*[(p, q) for p in range(n) for q in range(p + 1, n)]))
+    pairs = [(p, q) for p in range(n) for q in range(p + 1, n)]
+    first, second = (jnp.asarray(index, jnp.int32) for index in zip(*pairs))
 
-    def pair(i, state):  # w, v: (N, M) and (N, N), one column per row
+    def pair(i, state):  # w (N, M), v (N, N): row k holds column k of W, V
         w, v, changed = state
         p, q = first[i], second[i]
         alpha, beta, gamma = _ordered_dot(w[p], w[p]), _ordered_dot(w[q], w[q]), _ordered_dot(w[p], w[q])
