@@ -284,35 +284,35 @@ def _jacobi_svd(a: jax.Array, max_sweeps: int = 30) -> tuple[jax.Array, jax.Arra
     Plain jnp, no LAPACK: XLA's CPU LAPACK kernels run a batch on the thread pool they are called from,
     and two of them at once can wait on each other for good.
     """
-    n = a.shape[-1]
+    m, n = a.shape
     tol = n * jnp.finfo(a.dtype).eps
     pairs = [(p, q) for p in range(n) for q in range(p + 1, n)]
     first, second = (jnp.asarray(index, jnp.int32) for index in zip(*pairs))
 
-    def pair(i, state):  # w (N, M), v (N, N): row k holds column k of W, V
-        w, v, changed = state
+    def pair(i, state):  # wv (N, M + N): row k holds column k of W, then column k of V
+        wv, changed = state
         p, q = first[i], second[i]
-        alpha, beta, gamma = _ordered_dot(w[p], w[p]), _ordered_dot(w[q], w[q]), _ordered_dot(w[p], w[q])
+        w_p, w_q = wv[p, :m], wv[q, :m]
+        alpha, beta, gamma = _ordered_dot(w_p, w_p), _ordered_dot(w_q, w_q), _ordered_dot(w_p, w_q)
         turn = jnp.abs(gamma) > tol * jnp.sqrt(alpha * beta)
         zeta = (beta - alpha) / (2 * jnp.where(turn, gamma, 1))
         t = jnp.where(zeta >= 0, 1, -1) / (jnp.abs(zeta) + jnp.sqrt(1 + zeta * zeta))
         c = jnp.where(turn, 1 / jnp.sqrt(1 + t * t), 1)
         s = jnp.where(turn, c * t, 0)
-        w = w.at[p].set(c * w[p] - s * w[q]).at[q].set(s * w[p] + c * w[q])
-        v = v.at[p].set(c * v[p] - s * v[q]).at[q].set(s * v[p] + c * v[q])
-        return w, v, changed | turn
+        wv = wv.at[p].set(c * wv[p] - s * wv[q]).at[q].set(s * wv[p] + c * wv[q])
+        return wv, changed | turn
 
     def sweep(state):
-        w, v, count, _ = state
-        w, v, changed = jax.lax.fori_loop(0, first.size, pair, (w, v, jnp.zeros((), bool)))
-        return w, v, count + 1, changed
+        wv, count, _ = state
+        wv, changed = jax.lax.fori_loop(0, first.size, pair, (wv, jnp.zeros((), bool)))
+        return wv, count + 1, changed
 
     def again(state):
-        return state[3] & (state[2] < max_sweeps)
+        return state[2] & (state[1] < max_sweeps)
 
-    start = (a.T, jnp.eye(n, dtype=a.dtype), 0, jnp.ones((), bool))
-    w, v, _, _ = jax.lax.while_loop(again, sweep, start)
-    return w.T, v.T
+    start = (jnp.concatenate([a.T, jnp.eye(n, dtype=a.dtype)], axis=1), 0, jnp.ones((), bool))
+    wv, _, _ = jax.lax.while_loop(again, sweep, start)
+    return wv[:, :m].T, wv[:, m:].T
 
 
 def _rescale_singular_values(a: jax.Array, kappa: Any) -> jax.Array:
