@@ -99,6 +99,14 @@ class RunPlan:
         return self.report.n_params
 
     @property
+    def waits_each_step(self) -> bool:
+        """Whether the training loop waits for each step to finish before dispatching the next: on CPU
+        with several devices in one process. Their collectives meet in XLA's in-process rendezvous, which
+        deadlocks once the executions of many steps are queued behind it (every run of 500 steps
+        dispatched without waiting hung, on 2 and on 4 emulated devices; see docs/performance.md)."""
+        return self.backend == "cpu" and len(self.mesh.local_devices) > 1
+
+    @property
     def n_devices(self) -> int:
         return self.mesh.devices.size
 

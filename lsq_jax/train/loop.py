@@ -115,9 +115,12 @@ def drive(steps: Steps, state: TrainState, stop: int,
           after_step: Callable[[int, TrainState, dict], bool]) -> tuple[TrainState, bool]:
     """The training iterations from state.step to `stop`, each in the jitted functions of its phase
     (`steps`); `after_step(step, new state, metrics)` runs after each and returns True to stop there.
-    Returns (the last state, whether `after_step` stopped the run)."""
+    Steps are dispatched without waiting for the previous one, except where the plan says it must wait
+    (RunPlan.waits_each_step). Returns (the last state, whether `after_step` stopped the run)."""
     for step in range(int(state.step), stop):
         state, metrics = advance(steps.at(step, state), state, step)
+        if steps.plan.waits_each_step:
+            state = jax.block_until_ready(state)
         if after_step(step, state, metrics):
             return state, True
     return state, False
