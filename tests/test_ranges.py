@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.flatten_util
 import numpy as np
 import pytest
 
@@ -126,6 +127,27 @@ def test_lm_fits_the_residuals_of_every_row_count():
     got, (_, _, loss) = jax.jit(lambda p: (fn(p, keys), lm.normal_equations(fn, p, keys, plan.lm_chunks)))(params)
     np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-14)
     np.testing.assert_allclose(float(loss), np.mean([np.mean(np.square(w)) for w in want]), rtol=1e-13)
+
+
+def test_lm_jacobian_over_row_counts_is_forward_modes():
+    """LM's Jacobian with rows in [4, 6], built one row count at a time (the other counts left out), against
+    forward mode through the stacked residuals of the whole batch: the same matrix in the same order, and
+    the normal equations J^T J / M, J^T r / M from it."""
+    exp = _experiment("lm", **{"task.n_points_min": 4, "optim.lm_chunk": 2})
+    plan = make_plan(exp, make_mesh())
+    theta, unravel = jax.flatten_util.ravel_pytree(initial_state(exp).params)
+    keys = lm_keys(plan, 0)
+    fn = lm_residual_fn(plan, plan.full_size(lm=True))
+    f = lambda t, b: fn(unravel(t), b).reshape(-1)
+    (r, Jt), J, (JtJ, Jtr, _) = jax.jit(lambda t: (
+        lm.chunk_jacobian(f, t, keys, True), jax.jacfwd(lambda u: f(u, keys))(t),
+        lm.normal_equations(fn, unravel(t), keys, plan.lm_chunks)))(theta)
+    J, m = np.asarray(J), r.size
+    assert Jt.shape == J.T.shape == (theta.size, 3 * 4 * 3)
+    np.testing.assert_allclose(r, f(theta, keys), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(Jt, J.T, rtol=1e-12, atol=1e-14 * np.abs(J).max())
+    np.testing.assert_allclose(JtJ, J.T @ J / m, rtol=1e-12, atol=1e-14 * np.abs(J.T @ J / m).max())
+    np.testing.assert_allclose(Jtr, J.T @ np.asarray(r) / m, rtol=1e-12, atol=1e-14 * np.abs(J.T @ r / m).max())
 
 
 @pytest.mark.parametrize("field, value, allowed", [

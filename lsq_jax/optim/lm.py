@@ -50,6 +50,21 @@ from lsq_jax.optim.lm_damping import update_damping, update_scaling
 
 ResidualFn = Callable[[Any, Any], jax.Array]  # (params, batch_chunk) -> residuals (n, K)
 
+@jax.tree_util.register_pytree_node_class
+class Groups(tuple):
+    """A batch in groups of problems that share no computation (one per row count:
+    lsq_jax.train.step.lm_residual_fn), one pytree per group, all with the same leading axis. The residuals
+    of a Groups batch are the groups' concatenated in order, and a group given as None adds none: the
+    Jacobian is then built one group at a time (:func:`chunk_jacobian`)."""
+
+    def tree_flatten(self):
+        return tuple(self), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(children)
+
+
 # J^T J's lower block triangle is split in halves down to blocks of at most this many rows: each split
 # computes its off-diagonal block as one product and recurses on the two diagonal ones (P = 3,337: blocks
 # of 417 rows, 1.9 s instead of 3.2 s for the full product on 2 cores; docs/performance.md).
@@ -158,18 +173,32 @@ def chunk_jacobian(f, theta, chunk, per_problem):
     Reverse mode because P (up to ~50k) >> a chunk's residual count: a row of J costs one VJP whatever P,
     while forward mode needs P JVPs. With ``per_problem`` the residuals of problem i depend on problem i
     only, so its K x P block takes K VJPs through ONE problem instead of n K VJPs through the whole chunk.
-    J is built as (P, m) because XLA's CPU matmul runs Jt @ Jt.T (both operands contracted along their
-    minor axis) about twice as fast as J.T @ J.
+    A chunk of :class:`Groups` has each group's problems differentiated one at a time with the other groups
+    None, not one problem of every group at once (whose K VJPs per group would each run back through every
+    group). J is built as (P, m) because XLA's
+    CPU matmul runs Jt @ Jt.T (both operands contracted along their minor axis) about twice as fast as
+    J.T @ J.
     """
 
-    def jac(b):
-        r, vjp = jax.vjp(lambda t: f(t, b), theta)
+    def jac(g, b):
+        r, vjp = jax.vjp(lambda t: g(t, b), theta)
         return r, jax.vmap(vjp, out_axes=1)(jnp.eye(r.size, dtype=r.dtype))[0]
 
+    def one_at_a_time(g, batch):
+        r, Jt = jax.vmap(lambda b: jac(g, jax.tree.map(lambda x: x[None], b)), out_axes=(0, 1))(batch)
+        return r.reshape(-1), Jt.reshape(Jt.shape[0], -1)
+
     if not per_problem:
-        return jac(chunk)
-    r, Jt = jax.vmap(lambda b: jac(jax.tree.map(lambda x: x[None], b)), out_axes=(0, 1))(chunk)
-    return r.reshape(-1), Jt.reshape(Jt.shape[0], -1)
+        return jac(f, chunk)
+    if not isinstance(chunk, Groups):
+        return one_at_a_time(f, chunk)
+
+    def alone(j):
+        group_alone = lambda t, b: f(t, Groups(b if k == j else None for k in range(len(chunk))))
+        return one_at_a_time(group_alone, chunk[j])
+
+    parts = [alone(j) for j in range(len(chunk))]
+    return jnp.concatenate([r for r, _ in parts]), jnp.concatenate([Jt for _, Jt in parts], axis=1)
 
 
 def _loss(f, theta, batch, n_chunks, m, axis_name=None):

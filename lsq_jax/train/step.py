@@ -129,25 +129,26 @@ def lm_residuals(params, keys, *, model: SequenceModel, task: Task, n_points: in
 
 def lm_residual_fn(plan: RunPlan, phase: Phase):
     """(params, keys) -> the (problems, K) residuals LM fits, at the phase's curriculum size. With a range
-    of rows the keys are a tuple, one array per row count (lm_keys), and the residuals of every row count
-    are stacked: each chunk of LM's Jacobian then holds problems of every size, each size compiled once."""
+    of rows the keys are lsq_jax.optim.lm.Groups, one array per row count (lm_keys), and the residuals of
+    every row count are stacked (a row count whose keys are None adds none): each chunk of LM's Jacobian
+    then holds problems of every size, each size compiled once and differentiated on its own."""
     groups = plan.row_groups(phase.n_points)
     by_rows = [functools.partial(lm_residuals, model=plan.model, task=plan.task, n_points=n_points,
                                  n_dims=phase.n_dims) for n_points, _, _ in groups]
     if len(groups) == 1:
         return by_rows[0]
-    return lambda params, keys: jnp.concatenate([fn(params, k) for fn, k in zip(by_rows, keys)])
+    return lambda params, keys: jnp.concatenate([fn(params, k) for fn, k in zip(by_rows, keys) if k is not None])
 
 
 def lm_keys(plan: RunPlan, step):
     """The per-problem keys of the batch LM fits at iteration `step` (a new batch every lm_refresh_every):
-    one array, or with a range of rows a tuple of one array per row count."""
+    one array, or with a range of rows lsq_jax.optim.lm.Groups of one array per row count."""
     o = plan.exp.optim
     index = (step - o.lm_after) // o.lm_refresh_every if o.lm_refresh_every else 0
     groups = plan.row_groups(plan.exp.task.n_points)
     keys = tuple(_placed(example_keys(plan.keys["lm"], index, start, count), plan.sharding)
                  for _, start, count in groups)
-    return keys[0] if len(keys) == 1 else keys
+    return keys[0] if len(keys) == 1 else lm.Groups(keys)
 
 
 def per_device(fn, plan: RunPlan):
