@@ -50,6 +50,7 @@ from lsq_jax.optim.lm_damping import update_damping, update_scaling
 
 ResidualFn = Callable[[Any, Any], jax.Array]  # (params, batch_chunk) -> residuals (n, K)
 
+
 @jax.tree_util.register_pytree_node_class
 class Groups(tuple):
     """A batch in groups of problems that share no computation (one per row count:
@@ -175,9 +176,8 @@ def chunk_jacobian(f, theta, chunk, per_problem):
     only, so its K x P block takes K VJPs through ONE problem instead of n K VJPs through the whole chunk.
     A chunk of :class:`Groups` has each group's problems differentiated one at a time with the other groups
     None, not one problem of every group at once (whose K VJPs per group would each run back through every
-    group). J is built as (P, m) because XLA's
-    CPU matmul runs Jt @ Jt.T (both operands contracted along their minor axis) about twice as fast as
-    J.T @ J.
+    group). J is built as (P, m) because XLA's CPU matmul runs Jt @ Jt.T (both operands contracted along
+    their minor axis) about twice as fast as J.T @ J.
     """
 
     def jac(g, b):
