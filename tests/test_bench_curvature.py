@@ -125,6 +125,30 @@ def test_loss_along_the_most_negative_direction_is_the_residuals_own(figures, pr
         np.testing.assert_allclose(sorted([a["loss_ratio_plus"], a["loss_ratio_minus"]]), expected, rtol=1e-10)
 
 
+def test_damped_steps_are_the_augmented_least_squares_steps(figures, problem):
+    # at theta = 0: J = A, r = -b; LM's step at relative damping lam with D = mean diag(A^T A / M) solves
+    # min ||r + A delta||^2 + mu ||delta||^2, mu = lam M D: here by QR (numpy's lstsq) of [A; sqrt(mu) I]
+    A, r = problem["A"].reshape(N * K, P), -problem["b"].reshape(-1)
+    mu_per_lam = np.mean(np.diag(A.T @ A))
+
+    def loss(t):
+        return np.mean(numpy_residual(problem, t) ** 2)
+
+    steps = figures["damped_steps"]
+    assert [s["damping"] for s in steps] == list(curvature.DAMPINGS)
+    for s in steps:
+        mu = s["damping"] * mu_per_lam
+        delta = np.linalg.lstsq(np.vstack([A, np.sqrt(mu) * np.eye(P)]), np.concatenate([-r, np.zeros(P)]),
+                                rcond=None)[0]
+        np.testing.assert_allclose(s["step_norm"], np.linalg.norm(delta), rtol=1e-8)
+        np.testing.assert_allclose(s["predicted_loss_ratio"], np.sum((r + A @ delta) ** 2) / (r @ r), rtol=1e-8)
+        np.testing.assert_allclose(s["loss_ratio"], loss(delta) / loss(np.zeros(P)), rtol=1e-7)
+    # the smallest damping resolves u_3 (squared singular value 1e-12), so only w is left to the linear model,
+    # while the quadratic term over so long a step raises the actual loss
+    assert abs(steps[-1]["predicted_loss_ratio"] - 16 / 29) < 1e-3
+    assert steps[-1]["loss_ratio"] > 1
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"task.n_dims": 2, "model.n_embd": 5, "model.n_layer": 1, "train.batch_size": 200, "train.num_steps": 2,
         "train.eval_batch_size": 64}

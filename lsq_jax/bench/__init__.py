@@ -314,7 +314,10 @@ def print_curvature(c: dict) -> None:
           + ", ".join(f"{v:.4g} (residual {e:.1e})" for v, e in zip(lz["most_negative"], lz["residual_norms"]))
           + "\n  loss(theta +- a y) / loss(theta) along the most negative direction y: "
           + "; ".join(f"a={p['step']:.0e}: {p['loss_ratio_plus']:.6g}, {p['loss_ratio_minus']:.6g}"
-                      for p in c["along_most_negative"]) + "\n", flush=True)
+                      for p in c["along_most_negative"])
+          + "\n  the exact LM step at damping lam (|step|, loss ratio predicted by the linear model -> actual): "
+          + "; ".join(f"lam={p['damping']:.0e}: {p['step_norm']:.2e}, {p['predicted_loss_ratio']:.4g} -> "
+                      f"{p['loss_ratio']:.4g}" for p in c["damped_steps"]) + "\n", flush=True)
 
 
 def main(argv):

@@ -18,7 +18,12 @@ them, of the saved config's task; theta the P flattened parameters; J = dr/dthet
   formed), each with its residual ||H y - lambda y|| (a bound on its error: an eigenvalue of H lies
   within it). Along a spectrum as wide as J^T J's, Lanczos resolves the negative end only when its steps
   approach P (the default runs min(P, --lanczos_steps) steps; P steps span the whole space);
-- the loss along the most negative direction y (unit norm): loss(theta +- a y) / loss(theta) for a few a.
+- the loss along the most negative direction y (unit norm): loss(theta +- a y) / loss(theta) for a few a;
+- the exact LM step at a few dampings lam (D isotropic, the mean of diag(J^T J) / M, as LM's default
+  scaling): delta = -(J^T J + lam M D)^-1 J^T r from J's SVD, so every direction J resolves is solved
+  for, not only those the formed J^T J resolves; its norm, the relative loss the linear model predicts,
+  ||r + J delta||^2 / ||r||^2, and the batch loss it gives, loss(theta + delta) / loss(theta). Where the
+  two ratios part, the residual is not linear over the step.
 
 J is held whole (M x P doubles), built problem by problem in the LM chunks of the run.
 """
@@ -28,6 +33,7 @@ import numpy as np
 
 BANDS = (1e-6, 1e-10, 1e-14)
 STEP_SIZES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+DAMPINGS = (1e-6, 1e-8, 1e-10, 1e-12, 1e-14)
 
 
 def flat_residuals(residual_fn, params):
@@ -69,14 +75,27 @@ def share_outside(r: np.ndarray, U: np.ndarray, keep: int) -> float:
     return float(outside @ outside / (r @ r))
 
 
-def range_shares(J: np.ndarray, r: np.ndarray, bands=BANDS) -> dict:
+def range_shares(J: np.ndarray, r: np.ndarray, bands=BANDS, svd=None) -> dict:
     """The spectrum's bands, the numerical rank and the share of r outside range(J) at that rank and at
-    each band (the directions whose squared singular value is above band times the largest)."""
-    U, s, _ = np.linalg.svd(J, full_matrices=False)
+    each band (the directions whose squared singular value is above band times the largest). `svd`: J's
+    thin SVD (U, s, Vt), if already computed."""
+    U, s, _ = np.linalg.svd(J, full_matrices=False) if svd is None else svd
     rank = int(np.sum(s > s[0] * max(J.shape) * np.finfo(J.dtype).eps))
     kept = {f"{b:.0e}": int(np.sum(s ** 2 > b * s[0] ** 2)) for b in bands}
     return {"jtj": spectrum_bands(s, bands), "rank": rank, "residual_outside_range": share_outside(r, U, rank),
             "residual_outside_band": {name: share_outside(r, U, k) for name, k in kept.items()}}
+
+
+def damped_step(svd, r: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """The exact LM step of J = U diag(s) Vt (`svd`, thin) at relative damping lam with isotropic D = mean
+    diag(J^T J) / M: (J^T J + mu I) delta = -J^T r, mu = lam sum(s^2) / P; and the linear model's relative
+    loss ||r + J delta||^2 / ||r||^2."""
+    U, s, Vt = svd
+    mu = damping * np.sum(s ** 2) / Vt.shape[1]
+    inside = U.T @ r
+    outside = r - U @ inside
+    left = mu / (s ** 2 + mu) * inside  # U^T (r + J delta)
+    return -Vt.T @ (s / (s ** 2 + mu) * inside), float((outside @ outside + left @ left) / (r @ r))
 
 
 def lanczos(matvec, n: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -113,15 +132,16 @@ def hessian_vector_product(f, theta, batch):
 
 
 def curvature(residual_fn, params, batch, n_chunks: int = 1, *, lanczos_steps: int = 4000, n_negative: int = 3,
-              step_sizes=STEP_SIZES, bands=BANDS, seed: int = 0) -> dict:
+              step_sizes=STEP_SIZES, bands=BANDS, dampings=DAMPINGS, seed: int = 0) -> dict:
     """The figures of the module docstring for `residual_fn(params, batch) -> (n, K)` residuals."""
     import jax
     import jax.numpy as jnp
 
     theta, f = flat_residuals(residual_fn, params)
     r, J = jacobian(f, theta, batch, n_chunks)
+    svd = np.linalg.svd(J, full_matrices=False)
     out = {"params": int(theta.size), "residuals": int(r.size), "loss": float(r @ r / r.size),
-           **range_shares(J, r, bands)}
+           **range_shares(J, r, bands, svd)}
     del J
     hvp = hessian_vector_product(f, theta, batch)
 
@@ -140,6 +160,12 @@ def curvature(residual_fn, params, batch, n_chunks: int = 1, *, lanczos_steps: i
     base = float(loss(theta))
     out["along_most_negative"] = [{"step": a, "loss_ratio_plus": float(loss(theta + a * y)) / base,
                                    "loss_ratio_minus": float(loss(theta - a * y)) / base} for a in step_sizes]
+    out["damped_steps"] = []
+    for lam in dampings:
+        delta, predicted = damped_step(svd, r, lam)
+        out["damped_steps"].append({"damping": lam, "step_norm": float(np.linalg.norm(delta)),
+                                    "predicted_loss_ratio": predicted,
+                                    "loss_ratio": float(loss(theta + jnp.asarray(delta, theta.dtype))) / base})
     return out
 
 
