@@ -93,9 +93,8 @@ def damped_step(svd, r: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     U, s, Vt = svd
     mu = damping * np.sum(s ** 2) / Vt.shape[1]
     inside = U.T @ r
-    outside = r - U @ inside
-    left = mu / (s ** 2 + mu) * inside  # U^T (r + J delta)
-    return -Vt.T @ (s / (s ** 2 + mu) * inside), float((outside @ outside + left @ left) / (r @ r))
+    left = mu / (s ** 2 + mu) * inside  # U^T (r + J delta); the part outside range(U) is r's own
+    return -Vt.T @ (s / (s ** 2 + mu) * inside), share_outside(r, U, s.size) + float(left @ left / (r @ r))
 
 
 def lanczos(matvec, n: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
