@@ -26,6 +26,7 @@ LM_VARIANTS = {
     "lm_restarts": {"optim.optimizer": "lm", "optim.lm_restarts": 3, "optim.lm_restart_steps": 40},
     "lm_restarts2": {"optim.optimizer": "lm", "optim.lm_restarts": 2, "optim.lm_restart_steps": 40},
     "lm_one_start": {"optim.optimizer": "lm", "optim.lm_restarts": 1},  # the config's own LM without restarts
+    "lm_valley": {"optim.optimizer": "lm", "optim.lm_valley": True},  # the config's own LM with the valley step
 }
 
 

@@ -13,7 +13,7 @@ from lsq_jax.config.train import TrainConfig
 from lsq_jax.config.optim import OptimConfig
 from lsq_jax.config.task import CurriculumConfig, TaskConfig
 
-_PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str}
+_PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _section(cls, skip: tuple[str, ...] = ()) -> ml_collections.ConfigDict:

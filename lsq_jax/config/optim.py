@@ -14,7 +14,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
 # The settings each LM solver reads, each with the value it takes under that solver when left None; a
 # setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
-SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10}, "sharded": {"lm_tries": 10},
+SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10, "lm_valley": False}, "sharded": {"lm_tries": 10},
                    "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
@@ -63,6 +63,10 @@ class OptimConfig:
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).
+        lm_valley: after an accepted LM step that lowered the loss by less than 10%, also try the valley
+            step (lsq_jax.optim.lm.valley_step: a predictor from QR of J at a small damping, then chord
+            corrections) and keep it where it ends lower; for LM's slow phase. Read by ``"cholesky"`` only
+            (unset: False).
         lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
@@ -106,6 +110,7 @@ class OptimConfig:
     lm_cg_iters: int | None = None
     lm_geodesic: bool = False
     lm_tries: int | None = None
+    lm_valley: bool | None = None
     lm_chunk: int | None = None
     lm_restarts: int = 1
     lm_restart_steps: int | None = None
@@ -145,6 +150,8 @@ class OptimConfig:
             require(field, value, value is None or (is_int(value) and 1 <= value < INT_LIMIT),
                     "None (unset) or integers >= 1 and < 2^63")
         check_flag("lm_geodesic", self.lm_geodesic)
+        require("lm_valley", self.lm_valley, self.lm_valley is None or isinstance(self.lm_valley, bool),
+                "None (unset), True or False")
         check_int("lm_restarts", self.lm_restarts, 1)
         if self.optimizer != "lm":
             _check_lm_unset(self)

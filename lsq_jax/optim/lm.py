@@ -279,7 +279,8 @@ def _finish(state, step, loss, trial, pred, ok, scaling, rule, damping_min, damp
 def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                  scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
                  per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15,
-                 damping_max: float = 1e15, rel_floor: float = 1e-10, axis_name: str | None = None):
+                 damping_max: float = 1e15, rel_floor: float = 1e-10, valley: bool = False,
+                 axis_name: str | None = None):
     """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
 
     D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
@@ -305,6 +306,8 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         max_tries: damped solves per iteration (each rejection raises lam and solves again).
         damping_min, damping_max: clamp of lam after the update.
         rel_floor: floor of D relative to its mean (lsq_jax.optim.lm_damping.update_scaling).
+        valley: after an accepted step that left more than VALLEY_WHEN of the loss, also try the valley
+            step (:func:`valley_step`) and take it where its loss is lower than the LM step's.
 
     Returns:
         (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
@@ -326,8 +329,96 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
             step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 
-    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
-                  damping_min=damping_min, damping_max=damping_max)
+    step, new_state, metrics = _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries,
+                                      geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
+    if valley:
+        step, metrics = _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, D, per_problem,
+                                     axis_name)
+    return step, new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# The valley step: for LM's slow phase, where the residual lies in directions J resolves only weakly.
+
+# Where LM slows to a few percent per iteration, the residual lies in range(J) along directions whose
+# squared singular values are 1e-14 of the largest and below: the formed J^T J holds them under its
+# round-off (eps of the largest eigenvalue), and the residual is linear along them only over steps far
+# shorter than the ones that remove it (a curved valley). The valley step moves along them anyway and
+# follows the valley back: a predictor from QR of J itself at a damping that resolves them, scaled, then
+# Gauss-Newton correctors at LM's own damping with J held fixed (chord steps). docs/performance.md has the
+# measurements these constants come from.
+VALLEY_DAMPING = 1e-14  # the predictor's damping, relative to D (the LM step's is lam)
+VALLEY_SCALES = (2.0, 1.0, 0.7, 0.5, 0.3)  # multiples of the predictor tried; the lowest loss is kept
+VALLEY_CORRECTIONS = 2  # chord steps after each scaled predictor
+VALLEY_WHEN = 0.9  # tried in an iteration whose accepted LM step left more than this share of the loss
+
+
+def jacobian_qr(f, theta, batch, n_chunks: int = 1, per_problem: bool = True, axis_name: str | None = None):
+    """(R, Jt): R, the (P + 1) x (P + 1) upper triangle of a QR of [J r] over every device's problems, and
+    this device's transposed Jacobian Jt (C, P, m) in its C chunks of m residuals.
+
+    R^T R = [J r]^T [J r] without forming J^T J: R's first P columns are J's triangular factor and its
+    last column holds Q^T r, so least-squares solves with R are as accurate as QR of J. Each device factors
+    its own rows (padded with zero rows to at least P + 1), and the devices' R are stacked and factored
+    once more (a tall-skinny QR)."""
+    p = theta.size
+    r, Jt = jax.lax.map(lambda c: chunk_jacobian(f, theta, c, per_problem), _chunks(batch, n_chunks))
+    rows = jnp.concatenate([jnp.swapaxes(Jt, 1, 2).reshape(-1, p), r.reshape(-1, 1)], axis=1)
+    rows = jnp.pad(rows, ((0, max(0, p + 1 - rows.shape[0])), (0, 0)))
+    R = jnp.linalg.qr(rows, mode="r")
+    if axis_name is not None:
+        R = jnp.linalg.qr(jax.lax.all_gather(R, axis_name, tiled=True), mode="r")
+    return R, Jt
+
+
+def valley_predictor(R: jax.Array, damping, scaling: jax.Array, m: int) -> jax.Array:
+    """-(J^T J / m + lam D)^-1 J^T r / m from :func:`jacobian_qr`'s R, by QR of [R; sqrt(m lam D)]: the
+    damped step solved as a least-squares problem, accurate where the formed J^T J is not."""
+    p = R.shape[1] - 1
+    lower = jnp.concatenate([jnp.diag(jnp.sqrt(m * damping * scaling)), jnp.zeros((p, 1), R.dtype)], axis=1)
+    R2 = jnp.linalg.qr(jnp.concatenate([R[:p], lower]), mode="r")
+    return -solve_triangular(R2[:p, :p], R2[:p, p], lower=False)
+
+
+def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=None):
+    """The best of the scaled predictors a v (VALLEY_SCALES), each followed by VALLEY_CORRECTIONS chord
+    steps x <- x - (JtJ + lam D)^-1 J^T r(x) / m (J at theta, `factor` the LM solve's ``cho_factor``):
+    (step, its batch loss, its scale a); a non-finite loss counts as +inf."""
+    chunks = _chunks(batch, n_chunks)
+
+    def candidate(a):
+        x = theta + a * predictor
+        for _ in range(VALLEY_CORRECTIONS):
+            r = jax.lax.map(lambda c: f(x, c), chunks)
+            x = x - cho_solve(factor, _total(jnp.einsum("cpm,cm->p", Jt, r), axis_name) / m)
+        loss = _loss(f, x, batch, n_chunks, m, axis_name)
+        return x, jnp.where(jnp.isfinite(loss), loss, jnp.inf)
+
+    scales = jnp.asarray(VALLEY_SCALES, theta.dtype)
+    xs, losses = jax.lax.map(candidate, scales)
+    best = jnp.argmin(losses)
+    return xs[best] - theta, losses[best], scales[best]
+
+
+def _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, D, per_problem, axis_name):
+    """The iteration's outcome with the valley step tried where the accepted LM step left more than
+    VALLEY_WHEN of the loss, and taken where it ends lower; metrics gain valley_loss (NaN where not tried)
+    and valley_scale (0 where not taken)."""
+    def tried(_):
+        R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
+        predictor = valley_predictor(R, VALLEY_DAMPING, D, m)
+        factor = damped_solve(JtJ, Jtr, metrics["damping"], D)[3]
+        valley, loss, scale = valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name)
+        better = loss < metrics["trial_loss"]
+        return jnp.where(better, valley, step), loss, jnp.where(better, scale, 0.0), better
+
+    def skipped(_):
+        return step, jnp.full([], jnp.nan, theta.dtype), jnp.zeros([], theta.dtype), jnp.zeros([], bool)
+
+    slow = metrics["accepted"] & (metrics["trial_loss"] > VALLEY_WHEN * metrics["loss"])
+    step, loss, scale, taken = jax.lax.cond(slow, tried, skipped, None)
+    return step, {**metrics, "valley_loss": loss, "valley_scale": scale,
+                  "step_norm": jnp.where(taken, jnp.linalg.norm(step), metrics["step_norm"])}
 
 
 def _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name):

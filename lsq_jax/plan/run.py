@@ -290,11 +290,13 @@ def pick_lm_solver(exp: Experiment, size, limit: int | None, n_devices: int) -> 
 
     'auto' picks the first of LM_AUTO_ORDER whose training estimate (``size(exp)[1]``, lm_sizes) fits
     `limit` bytes per device (None: unknown, so the first): Cholesky while one device holds its solve,
-    then J^T J split by rows when there are devices to split it over, then matrix-free CG.
+    then J^T J split by rows when there are devices to split it over, then matrix-free CG. With
+    lm_valley, which only Cholesky reads, Cholesky alone.
     """
     if not uses_lm(exp) or exp.optim.lm_solver != "auto":
         return exp, ""
-    candidates = [s for s in LM_AUTO_ORDER if s != "sharded" or n_devices > 1]
+    candidates = [s for s in LM_AUTO_ORDER
+                  if (s != "sharded" or n_devices > 1) and (s == "cholesky" or not exp.optim.lm_valley)]
     tried = []
     for solver in candidates:
         tried.append(solver)
