@@ -52,8 +52,9 @@ def numpy_residual(theta, A, B, b):
 
 
 def numpy_valley(theta, A, B, b, damping):
-    """The valley step by numpy: the predictor by least squares on [J; sqrt(M lam_v D)], then for each scale
-    the chord corrections at `damping` with J fixed; (step, loss, scale) of the lowest loss."""
+    """The valley step by numpy, D the mean of diag(J^T J) / M: the predictor by least squares on [J; sqrt(M
+    lam_v D)], then for each scale the chord corrections at `damping` D with J fixed; (step, loss, scale) of
+    the lowest loss, the predictor and D."""
     r, J = numpy_residual(theta, A, B, b)
     m = r.size
     D = np.full(P, np.trace(J.T @ J) / P / m)
@@ -132,7 +133,7 @@ def test_lm_iteration_takes_the_valley_step_where_it_ends_lower():
     plain_step, plain = iterate(False)
     step, metrics = iterate(True)
     assert plain["accepted"] and plain["trial_loss"] > lm.VALLEY_WHEN * plain["loss"]
-    (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, float(plain["damping"]))
+    (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, lm.VALLEY_CORRECTION_DAMPING)
     assert metrics["accepted"] and float(metrics["valley_scale"]) == scale
     assert abs(float(metrics["valley_loss"]) - loss) < 1e-12 * plain["loss"] and loss < plain["trial_loss"]
     assert np.linalg.norm(step - expected) < 1e-8 * np.linalg.norm(expected)

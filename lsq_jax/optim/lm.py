@@ -332,8 +332,7 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     step, new_state, metrics = _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries,
                                       geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
     if valley:
-        step, metrics = _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, D, per_problem,
-                                     axis_name)
+        step, metrics = _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name)
     return step, new_state, metrics
 
 
@@ -345,9 +344,11 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 # round-off (eps of the largest eigenvalue), and the residual is linear along them only over steps far
 # shorter than the ones that remove it (a curved valley). The valley step moves along them anyway and
 # follows the valley back: a predictor from QR of J itself at a damping that resolves them, scaled, then
-# Gauss-Newton correctors at LM's own damping with J held fixed (chord steps). docs/performance.md has the
-# measurements these constants come from.
-VALLEY_DAMPING = 1e-14  # the predictor's damping, relative to D (the LM step's is lam)
+# Gauss-Newton correctors at a damping that resolves only the well-determined directions, with J held fixed
+# (chord steps). Both dampings are isotropic and relative to J^T J's current mean diagonal (LM's own D is
+# held from the first iteration). docs/performance.md has the measurements these constants come from.
+VALLEY_DAMPING = 1e-14  # the predictor's damping, relative to the mean of diag(J^T J) now
+VALLEY_CORRECTION_DAMPING = 1e-8  # the corrections' damping, relative to the same
 VALLEY_SCALES = (2.0, 1.0, 0.7, 0.5, 0.3)  # multiples of the predictor tried; the lowest loss is kept
 VALLEY_CORRECTIONS = 2  # chord steps after each scaled predictor
 VALLEY_WHEN = 0.9  # tried in an iteration whose accepted LM step left more than this share of the loss
@@ -382,7 +383,7 @@ def valley_predictor(R: jax.Array, damping, scaling: jax.Array, m: int) -> jax.A
 
 def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=None):
     """The best of the scaled predictors a v (VALLEY_SCALES), each followed by VALLEY_CORRECTIONS chord
-    steps x <- x - (JtJ + lam D)^-1 J^T r(x) / m (J at theta, `factor` the LM solve's ``cho_factor``):
+    steps x <- x - (JtJ + mu)^-1 J^T r(x) / m (J at theta, `factor` the ``cho_factor`` of JtJ + mu):
     (step, its batch loss, its scale a); a non-finite loss counts as +inf."""
     chunks = _chunks(batch, n_chunks)
 
@@ -400,14 +401,15 @@ def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=N
     return xs[best] - theta, losses[best], scales[best]
 
 
-def _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, D, per_problem, axis_name):
+def _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name):
     """The iteration's outcome with the valley step tried where the accepted LM step left more than
     VALLEY_WHEN of the loss, and taken where it ends lower; metrics gain valley_loss (NaN where not tried)
     and valley_scale (0 where not taken)."""
     def tried(_):
         R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
-        predictor = valley_predictor(R, VALLEY_DAMPING, D, m)
-        factor = damped_solve(JtJ, Jtr, metrics["damping"], D)[3]
+        mean = jnp.full_like(Jtr, jnp.mean(jnp.diagonal(JtJ)))
+        predictor = valley_predictor(R, VALLEY_DAMPING, mean, m)
+        factor = damped_solve(JtJ, Jtr, VALLEY_CORRECTION_DAMPING, mean)[3]
         valley, loss, scale = valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name)
         better = loss < metrics["trial_loss"]
         return jnp.where(better, valley, step), loss, jnp.where(better, scale, 0.0), better
