@@ -6,6 +6,7 @@ Recipe: Adam lr 5e-4, STEP-THRESHOLD LR step_rate 12500 gamma 0.9, EMA 0.98 / 2.
     python -m lsq_jax.main --config=configs/linear_attention.py[:softmax][,cpu|,smoke]
     python -m lsq_jax.main --config=configs/linear_attention.py[:softmax,]lm  # Levenberg-Marquardt, D = 3, width 16
     python -m lsq_jax.main --config=configs/linear_attention.py:lm_general    # the same over rows, kappa and scale
+    python -m lsq_jax.main --config=configs/linear_attention.py:precise       # :lm with the valley step
 """
 from lsq_jax.config import defaults
 
@@ -40,6 +41,9 @@ def get_config(arg=None):
         # after 40 iterations goes on to 160 (200 iterations in all), chosen by the precision bench over
         # seeds 0, 1, 2 (docs/performance.md).
         lm=lm,
+        # precise: lm with the valley step in its slow phase (optim.lm_valley; docs/performance.md), the
+        # project's most precise recipe from random initialisation
+        precise={**lm, "optim.lm_valley": True},
         # lm_general: the same over rows, kappa and target scale (defaults.GENERAL_RANGES), the rows
         # interchangeable (one positional vector for x0's token, one shared by every row)
         lm_general={**lm, **defaults.GENERAL_RANGES, "model.positions": "first_and_rest"})

@@ -23,8 +23,8 @@ CASES = [("baseconv", None), ("baseconv", "cpu"), ("baseconv", "smoke"), ("multi
          ("transformer_icl", "cpu")] + [("primitives", f"{p},smoke") for p in
                                         ("read", "linear", "multiply", "square", "identity", "read,attention")]
 PRIMITIVES = ("read", "linear", "multiply", "square", "identity")
-LM_CASES = ([("linear_attention", "softmax,lm"), ("multistep_gd", "lm"), ("transformer_lsq", "lm"),
-             ("transformer_lsq", "kappa5,baseconv,lm"), ("transformer_icl", "lm")]
+LM_CASES = ([("linear_attention", "softmax,lm"), ("linear_attention", "precise"), ("multistep_gd", "lm"),
+             ("transformer_lsq", "lm"), ("transformer_lsq", "kappa5,baseconv,lm"), ("transformer_icl", "lm")]
             + [("primitives", f"{p},{mixer}lm") for p in PRIMITIVES for mixer in ("", "attention,", "linear_attention,")])
 
 
