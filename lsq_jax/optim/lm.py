@@ -20,8 +20,10 @@ loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entri
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
 With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
 row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
-gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Without
-``axis_name`` the functions are ordinary jittable code on the whole batch.
+gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Where the valley
+step is tried (:func:`valley_step`), the devices' (P + 1) x (P + 1) QR triangles are gathered once and each
+of its corrections sums a J^T r (P entries). Without ``axis_name`` the functions are ordinary jittable code
+on the whole batch.
 
 One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
 returns its step, the new state and its metrics; lsq_jax.optim.lm_transform makes it an Optax-style
@@ -313,8 +315,10 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
         metrics["accepted"]; metrics loss, trial_loss, gain_ratio, predicted_reduction, damping (the lam
         of the last solve), accepted, step_norm (Euclidean, of the last proposed step), tries and, with
-        geodesic, accel_ratio. The state counts every solve: iteration += tries, rejected += the rejected
-        solves.
+        geodesic, accel_ratio; with valley, valley_loss (NaN where not tried) and valley_scale (0 where not
+        taken; where taken, metrics["accepted"] is True, step_norm is the valley step's and the other
+        figures stay the LM step's). The state counts every solve: iteration += tries, rejected += the
+        rejected solves.
     """
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
     JtJ, Jtr, loss = normal_equations(residual_fn, params, batch, n_chunks, per_problem=per_problem,

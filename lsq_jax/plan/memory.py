@@ -19,6 +19,14 @@ from lsq_jax.optim.lm import gram_depth, padded_size
 # 4.7 for P = 469 to 4,020; docs/performance.md).
 SOLVE_MATRICES = 4.3
 
+# The valley step's peak (lsq_jax.optim.lm, optim.lm_valley): the device's whole Jacobian with its residuals,
+# VALLEY_J_COPIES times (the chunks' transposed Jacobians and the rows QR factors in place), next to
+# VALLEY_MATRICES P x P matrices (J^T J, the corrections' damped copy and factor, the predictor's stacked
+# [R; D]). XLA's memory_analysis on CPU at configs/linear_attention.py:precise (P = 3,571, 12,000 residuals):
+# 1.196e9 temp bytes, these constants' figure to 0.1% (one size; docs/performance.md).
+VALLEY_J_COPIES = 2
+VALLEY_MATRICES = 5
+
 # The row-sharded path's peak, in P'/n x P' row blocks per device: while J^T J is built, the accumulated
 # block and the chunk's product, less what XLA reuses; while a damped system is factorised, the rows, their
 # damped copy, the factor and the block column's update (XLA's memory_analysis on CPU, 2 and 4 devices,
@@ -45,6 +53,12 @@ def lm_cholesky_bytes(n_params: int, rows: int, itemsize: int) -> int:
     """
     build = ((2 + gram_depth(n_params)) * n_params * rows + n_params**2) * itemsize
     return int(max(build, SOLVE_MATRICES * n_params**2 * itemsize))
+
+
+def lm_valley_bytes(n_params: int, device_rows: int, itemsize: int) -> int:
+    """The bytes the valley step holds at its peak, per device, with `device_rows` residuals on the device:
+    VALLEY_J_COPIES copies of its [J r] and VALLEY_MATRICES P x P matrices."""
+    return int((VALLEY_J_COPIES * device_rows * (n_params + 1) + VALLEY_MATRICES * n_params**2) * itemsize)
 
 
 def lm_sharded_bytes(n_params: int, rows: int, itemsize: int, n_devices: int) -> int:
@@ -79,7 +93,8 @@ def lm_bytes(exp: Experiment, task: Task, n_params: int, rows: int, problems: in
     lm_cholesky_bytes, lm_sharded_bytes or lm_cg_bytes."""
     solver = exp.optim.lm_solver
     if solver == "cholesky":
-        return lm_cholesky_bytes(n_params, rows, itemsize)
+        valley = lm_valley_bytes(n_params, rows * (problems // chunk_problems), itemsize) if exp.optim.lm_valley else 0
+        return max(lm_cholesky_bytes(n_params, rows, itemsize), valley)
     if solver == "sharded":
         return lm_sharded_bytes(n_params, rows, itemsize, n_devices)
     return lm_cg_bytes(exp.model, task.seq_len(), problems, chunk_problems, itemsize)
