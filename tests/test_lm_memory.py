@@ -1,10 +1,6 @@
 """The memory check's figures for LM iterations (Cholesky, row-sharded, matrix-free CG) against what XLA's
 compiler allocates."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -21,9 +17,7 @@ from lsq_jax.train.state import init_state
 from lsq_jax.train.step import make_step_fns
 
 from config_files import get_config
-from xla_env import xla_flags
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from xla_env import run_on_devices
 
 
 def mlp_problem(width: int, n: int, d: int = 4, k: int = 3):
@@ -83,13 +77,8 @@ SHARDED_SIZES = [(20, 400, 4), (60, 400, 4), (40, 1200, 1)]  # P = 540, 4,020 (r
 @pytest.mark.slow
 def test_sharded_estimate_is_within_10_percent_of_the_compiler_per_device():
     """On 2 devices, per device."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
-                                                                     os.environ.get("PYTHONPATH")])),
-           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
-    proc = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(SHARDED_SIZES)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for (width, n, n_chunks), compiled in zip(SHARDED_SIZES, json.loads(proc.stdout.splitlines()[-1]), strict=True):
+    stdout = run_on_devices(SHARDED, json.dumps(SHARDED_SIZES), 2)
+    for (width, n, n_chunks), compiled in zip(SHARDED_SIZES, json.loads(stdout.splitlines()[-1]), strict=True):
         estimate = lm_sharded_bytes(4 * width + width**2 + 3 * width, n // 2 // n_chunks * 3, 8, 2)
         assert abs(estimate / compiled - 1) < 0.1, (width, n, n_chunks, estimate, compiled)
 

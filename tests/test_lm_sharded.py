@@ -2,10 +2,6 @@
 Cholesky), and the matrix-free CG path across devices: against numpy's solve of the damped normal equations
 and against the Cholesky path, on one device and on 2 and 4 emulated devices (one subprocess)."""
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,9 +12,8 @@ from jax.flatten_util import ravel_pytree
 
 from lsq_jax.optim import lm
 
-from xla_env import xla_flags
+from xla_env import run_on_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 D_IN, HIDDEN, K_OUT, N = 3, 6, 3, 48  # P = 3 * 6 + 6 + 6 * 3 + 3 = 45: padded to 46 on 2 devices, 48 on 4
 DAMPING = 0.3  # lam: with the isotropic scaling, cond(JtJ + lam D) stays below ~200
 
@@ -170,13 +165,8 @@ def test_sharded_and_cg_steps_on_2_and_4_devices_equal_one_device(tmp_path):
     """The row-sharded step (P = 45, padded to 46 and 48; on 2 and 4 devices) equals the Cholesky step on one
     device, and CG's step on 2 devices its step on one, to round-off, with the geodesic acceleration; the
     devices' rows of J^T J, stacked, are numpy's J^T J; the block Cholesky over them is numpy's."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
-                                                                     os.environ.get("PYTHONPATH")])),
-           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
     out = tmp_path / "steps.npz"
-    proc = subprocess.run([sys.executable, "-c", ON_DEVICES, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_devices(ON_DEVICES, out, 4)
     z = np.load(out)
     cholesky = step_on("cholesky", 0, geodesic=True)
     assert rel_err(z["sharded_2_3"], cholesky) < 1e-11 and rel_err(z["sharded_4_2"], cholesky) < 1e-11

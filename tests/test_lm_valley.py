@@ -2,10 +2,6 @@
 lm_iteration(valley=True)) against numpy, on a residual with a curved valley: r = A theta + 0.5 [theta^T
 B_i theta]_i - b, whose Jacobian A + [theta^T B_i]_i is explicit; on one device and on 2 emulated devices."""
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,9 +11,8 @@ import pytest
 
 from lsq_jax.optim import lm
 
-from xla_env import xla_flags
+from xla_env import run_on_devices
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 N, K, P, CHUNKS = 24, 3, 8, 4
 
 
@@ -164,13 +159,8 @@ ON_DEVICES = textwrap.dedent("""
 def test_valley_step_on_2_devices_equals_one_device(tmp_path):
     """Each device factors its own rows and the devices' R are factored again; the chord corrections sum
     J^T r over the devices: the step on 2 emulated devices is the one-device step to round-off."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"),
-                                                                     os.environ.get("PYTHONPATH")])),
-           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
     out = tmp_path / "valley.npz"
-    proc = subprocess.run([sys.executable, "-c", ON_DEVICES, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_on_devices(ON_DEVICES, out, 2)
     z = np.load(out)
     step, metrics = iterate(True)
     assert float(z["valley_scale"]) == float(metrics["valley_scale"]) > 0
