@@ -25,7 +25,7 @@ from lsq_jax.eval import report as eval_report
 from lsq_jax.mesh import make_mesh, replicated
 from lsq_jax.models.backbone import SequenceModel
 from lsq_jax.models.exact_weights import explicit_gradient_params
-from lsq_jax.optim import lr_controller
+from lsq_jax.optim import lm, lr_controller
 from lsq_jax.plan.run import make_plan
 from lsq_jax.train.state import init_state, place_state
 from lsq_jax.train.step import Steps, advance, example_loss, lm_residuals
@@ -186,14 +186,17 @@ def _run(argv):
 
 
 @pytest.mark.slow
-def test_the_hybrid_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("valley", [False, True])
+def test_the_hybrid_resumes_bit_identically(tmp_path, monkeypatch, valley):
     """3 Adam steps, then LM: a run stopped at step 4 and resumed (inside the LM phase, so both optimizers'
-    states come back from the checkpoint) ends bit for bit as a run that never stopped."""
+    states come back from the checkpoint) ends bit for bit as a run that never stopped; with the valley
+    step, its wait comes back too."""
     lm_after = 3
     monkeypatch.setattr(eval_report, "write_evaluation", lambda *a, **k: {})
     args = [f"--config={REPO / 'configs' / 'baseconv.py'}:lm", *(f"--config.{k}={v}" for k, v in TINY.items()),
             f"--config.optim.lm_after={lm_after}", "--config.train.checkpoint_every=4",
-            "--config.train.log_every=2", "--config.optim.lm_refresh_every=3"]
+            "--config.train.log_every=2", "--config.optim.lm_refresh_every=3",
+            *(["--config.optim.lm_valley=True"] if valley else [])]
     assert _run([*args, "--config.train.num_steps=8", f"--workdir={tmp_path / 'full'}"])[0] == 0
     assert _run([*args, "--config.train.num_steps=4", f"--workdir={tmp_path / 'part'}"])[0] == 0
     status, err = _run([*args, "--config.train.num_steps=8", f"--workdir={tmp_path / 'part'}"])
@@ -203,6 +206,7 @@ def test_the_hybrid_resumes_bit_identically(tmp_path, monkeypatch):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     lm_state = a.opt_state["lm"]
+    assert type(lm_state) is (lm.ValleyLMState if valley else lm.LMState)
     assert int(lm_state.accepted) >= 1 and int(lm_state.iteration) >= 8 - lm_after
     adam_applied = int(lr_controller.applied_steps(a.opt_state["adam"]))
     assert adam_applied == lm_after  # the recipe ran exactly the hybrid's first steps

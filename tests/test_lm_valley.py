@@ -105,15 +105,18 @@ def test_valley_step_is_the_best_corrected_predictor():
     assert np.linalg.norm(np.asarray(got_step) - step) < 1e-8 * np.linalg.norm(step)
 
 
-def iterate(valley, n_devices=0):
+def iterate(valley, n_devices=0, wait=0):
     """One lm_iteration at a damping so large that the LM step gains almost nothing (so the valley step is
-    tried): (step, metrics) on `n_devices` emulated devices (0: no shard_map)."""
+    due where `wait` is 0): (step, metrics) on `n_devices` emulated devices (0: no shard_map, and the new
+    state too)."""
     params, batch, *_ = problem()
-    state = lm.init_lm_state(P, damping0=1e3)
+    state = lm.init_lm_state(P, damping0=1e3, valley=valley)
+    if valley:
+        state = state._replace(valley_wait=jnp.asarray(wait, jnp.int32))
     run = functools.partial(lm.lm_iteration, residual_fn, state=state, max_tries=1, valley=valley)
     if not n_devices:
-        step, _, metrics = jax.jit(lambda p, b: run(p, b, n_chunks=CHUNKS))(params, batch)
-        return np.asarray(step), jax.tree.map(np.asarray, metrics)
+        step, new_state, metrics = jax.jit(lambda p, b: run(p, b, n_chunks=CHUNKS))(params, batch)
+        return np.asarray(step), jax.tree.map(np.asarray, metrics), new_state
     mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
     sharded = jax.shard_map(lambda p, b: (lambda o: (o[0], o[2]))(run(p, b, n_chunks=CHUNKS // n_devices,
                                                                       axis_name="data")),
@@ -125,8 +128,9 @@ def iterate(valley, n_devices=0):
 
 def test_lm_iteration_takes_the_valley_step_where_it_ends_lower():
     params, batch, A, B, b = problem()
-    plain_step, plain = iterate(False)
-    step, metrics = iterate(True)
+    plain_step, plain, plain_state = iterate(False)
+    step, metrics, state = iterate(True)
+    assert type(plain_state) is lm.LMState and int(state.valley_wait) == 0
     assert plain["accepted"] and plain["trial_loss"] > lm.VALLEY_WHEN * plain["loss"]
     (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, lm.VALLEY_CORRECTION_DAMPING)
     assert metrics["accepted"] and float(metrics["valley_scale"]) == scale
@@ -135,15 +139,29 @@ def test_lm_iteration_takes_the_valley_step_where_it_ends_lower():
     # the LM step's own figures are unchanged
     for name in ("loss", "trial_loss", "damping", "gain_ratio"):
         assert metrics[name] == plain[name], name
+    for plain_count, count in zip(plain_state, state):
+        np.testing.assert_array_equal(count, plain_count)
+
+
+def test_valley_waits_after_a_try_that_lost(monkeypatch):
+    plain_step, plain, _ = iterate(False)
+    step, metrics, state = iterate(True, wait=2)  # not due: the LM step, one iteration less to wait
+    assert np.isnan(metrics["valley_loss"]) and int(state.valley_wait) == 1
+    np.testing.assert_array_equal(step, plain_step)
+    monkeypatch.setattr(lm, "VALLEY_SCALES", (1e3,))  # a predictor so long that the try loses
+    step, metrics, state = iterate(True)
+    assert metrics["valley_loss"] > plain["trial_loss"] and metrics["valley_scale"] == 0
+    assert int(state.valley_wait) == lm.VALLEY_BACKOFF
+    np.testing.assert_array_equal(step, plain_step)
 
 
 def test_valley_is_not_tried_after_a_step_that_gained_enough():
     params, batch, *_ = problem()
-    state = lm.init_lm_state(P, damping0=1e-6)
-    step, _, metrics = jax.jit(lambda p, b: lm.lm_iteration(residual_fn, p, b, state, CHUNKS, valley=True))(
+    state = lm.init_lm_state(P, damping0=1e-6, valley=True)
+    step, state, metrics = jax.jit(lambda p, b: lm.lm_iteration(residual_fn, p, b, state, CHUNKS, valley=True))(
         params, batch)
     assert metrics["accepted"] and metrics["trial_loss"] < lm.VALLEY_WHEN * metrics["loss"]
-    assert np.isnan(metrics["valley_loss"]) and metrics["valley_scale"] == 0
+    assert np.isnan(metrics["valley_loss"]) and metrics["valley_scale"] == 0 and int(state.valley_wait) == 0
 
 
 ON_DEVICES = textwrap.dedent("""
@@ -162,7 +180,7 @@ def test_valley_step_on_2_devices_equals_one_device(tmp_path):
     out = tmp_path / "valley.npz"
     run_on_devices(ON_DEVICES, out, 2)
     z = np.load(out)
-    step, metrics = iterate(True)
+    step, metrics, _ = iterate(True)
     assert float(z["valley_scale"]) == float(metrics["valley_scale"]) > 0
     assert abs(float(z["valley_loss"]) - float(metrics["valley_loss"])) < 1e-12 * float(metrics["loss"])
     assert np.linalg.norm(z["step"] - step) < 1e-9 * np.linalg.norm(step)

@@ -93,12 +93,34 @@ class LMState(NamedTuple):
     rejected: jax.Array
 
 
-def init_lm_state(num_params: int, dtype: Any = None, damping0: float = 1e-3) -> LMState:
-    """Initial state: lam = damping0, nu = 2, D = 0 (the first step's diag(JtJ) takes over), counts 0."""
+class ValleyLMState(NamedTuple):
+    """:class:`LMState` and the valley step's wait (:func:`lm_iteration` with ``valley``): a type of its own,
+    so that the checkpoints of LM without the valley step keep LMState's tree.
+
+    Attributes:
+        damping, nu, scaling, iteration, accepted, rejected: as in :class:`LMState`.
+        valley_wait: int32, the iterations left before the valley step may be tried again (VALLEY_BACKOFF
+            after a try that lost, 0 after one that won).
+    """
+
+    damping: jax.Array
+    nu: jax.Array
+    scaling: jax.Array
+    iteration: jax.Array
+    accepted: jax.Array
+    rejected: jax.Array
+    valley_wait: jax.Array
+
+
+def init_lm_state(num_params: int, dtype: Any = None, damping0: float = 1e-3,
+                  valley: bool = False) -> LMState | ValleyLMState:
+    """Initial state: lam = damping0, nu = 2, D = 0 (the first step's diag(JtJ) takes over), counts 0; with
+    `valley` a :class:`ValleyLMState` whose wait is 0."""
     dtype = jnp.result_type(float) if dtype is None else dtype
-    count = lambda: jnp.zeros([], jnp.int32)  # three distinct arrays: a step that donates its state needs that
-    return LMState(jnp.asarray(damping0, dtype), jnp.asarray(2.0, dtype), jnp.zeros([num_params], dtype),
-                   count(), count(), count())
+    count = lambda: jnp.zeros([], jnp.int32)  # distinct arrays: a step that donates its state needs that
+    state = LMState(jnp.asarray(damping0, dtype), jnp.asarray(2.0, dtype), jnp.zeros([num_params], dtype),
+                    count(), count(), count())
+    return ValleyLMState(*state, count()) if valley else state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +322,7 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 
     Args:
         residual_fn, params, batch, n_chunks, per_problem, axis_name: as in :func:`normal_equations`.
-        state: the :class:`LMState`.
+        state: the :class:`LMState`; with `valley`, a :class:`ValleyLMState`.
         scaling: ``"isotropic"`` or ``"marquardt"`` (lsq_jax.optim.lm_damping).
         rule: the damping rule, ``"nielsen"`` or ``"delayed"`` (lsq_jax.optim.lm_damping).
         geodesic: add the geodesic acceleration.
@@ -309,7 +331,8 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         damping_min, damping_max: clamp of lam after the update.
         rel_floor: floor of D relative to its mean (lsq_jax.optim.lm_damping.update_scaling).
         valley: after an accepted step that left more than VALLEY_WHEN of the loss, also try the valley
-            step (:func:`valley_step`) and take it where its loss is lower than the LM step's.
+            step (:func:`valley_step`) and take it where its loss is lower than the LM step's; after a try
+            that lost, the next VALLEY_BACKOFF iterations try none.
 
     Returns:
         (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
@@ -333,10 +356,13 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
             step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
 
-    step, new_state, metrics = _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries,
+    lm_state = LMState(*state[:len(LMState._fields)])
+    step, new_state, metrics = _tries(attempt, lm_state, theta, loss, D, rule=rule, max_tries=max_tries,
                                       geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
     if valley:
-        step, metrics = _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name)
+        step, metrics, wait = _with_valley(step, metrics, state.valley_wait, f, theta, batch, n_chunks, m, JtJ,
+                                           Jtr, per_problem, axis_name)
+        new_state = ValleyLMState(*new_state, wait)
     return step, new_state, metrics
 
 
@@ -356,6 +382,7 @@ VALLEY_CORRECTION_DAMPING = 1e-8  # the corrections' damping, relative to the sa
 VALLEY_SCALES = (2.0, 1.0, 0.7, 0.5, 0.3)  # multiples of the predictor tried; the lowest loss is kept
 VALLEY_CORRECTIONS = 2  # chord steps after each scaled predictor
 VALLEY_WHEN = 0.9  # tried in an iteration whose accepted LM step left more than this share of the loss
+VALLEY_BACKOFF = 3  # iterations without a try after a try that lost
 
 
 def jacobian_qr(f, theta, batch, n_chunks: int = 1, per_problem: bool = True, axis_name: str | None = None):
@@ -405,10 +432,10 @@ def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=N
     return xs[best] - theta, losses[best], scales[best]
 
 
-def _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name):
+def _with_valley(step, metrics, wait, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name):
     """The iteration's outcome with the valley step tried where the accepted LM step left more than
-    VALLEY_WHEN of the loss, and taken where it ends lower; metrics gain valley_loss (NaN where not tried)
-    and valley_scale (0 where not taken)."""
+    VALLEY_WHEN of the loss and `wait` is 0, and taken where it ends lower: (step, metrics, the next wait);
+    metrics gain valley_loss (NaN where not tried) and valley_scale (0 where not taken)."""
     def tried(_):
         R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
         mean = jnp.full_like(Jtr, jnp.mean(jnp.diagonal(JtJ)))
@@ -421,10 +448,11 @@ def _with_valley(step, metrics, f, theta, batch, n_chunks, m, JtJ, Jtr, per_prob
     def skipped(_):
         return step, jnp.full([], jnp.nan, theta.dtype), jnp.zeros([], theta.dtype), jnp.zeros([], bool)
 
-    slow = metrics["accepted"] & (metrics["trial_loss"] > VALLEY_WHEN * metrics["loss"])
-    step, loss, scale, taken = jax.lax.cond(slow, tried, skipped, None)
+    due = metrics["accepted"] & (metrics["trial_loss"] > VALLEY_WHEN * metrics["loss"]) & (wait == 0)
+    step, loss, scale, taken = jax.lax.cond(due, tried, skipped, None)
+    wait = jnp.where(due, jnp.where(taken, 0, VALLEY_BACKOFF), jnp.maximum(wait - 1, 0)).astype(wait.dtype)
     return step, {**metrics, "valley_loss": loss, "valley_scale": scale,
-                  "step_norm": jnp.where(taken, jnp.linalg.norm(step), metrics["step_norm"])}
+                  "step_norm": jnp.where(taken, jnp.linalg.norm(step), metrics["step_norm"])}, wait
 
 
 def _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name):

@@ -89,8 +89,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         damping_min, damping_max: clamp of lam after each update.
 
     Returns:
-        An :class:`LMTransformation` whose state is an :class:`lsq_jax.optim.lm.LMState` with P =
-        ``ravel_pytree(params)[0].size`` and its dtype.
+        An :class:`LMTransformation` whose state is an :class:`lsq_jax.optim.lm.LMState` (with `valley`, a
+        :class:`lsq_jax.optim.lm.ValleyLMState`) with P = ``ravel_pytree(params)[0].size`` and its dtype.
 
     Raises:
         ValueError: an unknown solver, scaling or rule, damping0 <= 0, a count < 1, or a setting `solver`
@@ -124,7 +124,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
 
     def init_fn(params):
         theta = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
-        return lm.init_lm_state(theta.size, theta.dtype, damping0)
+        return lm.init_lm_state(theta.size, theta.dtype, damping0, valley=bool(valley))
 
     def update_fn(updates, state, params, *, residual_fn, batch, n_chunks: int = 1, axis_name=None,
                   **extra_args):
