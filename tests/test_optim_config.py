@@ -66,6 +66,16 @@ def test_the_settings_each_path_uses_are_accepted():
     OptimConfig(optimizer="adam", l1=1e-4)
 
 
+@pytest.mark.parametrize("solver", ["sharded", "cg"])
+def test_a_switch_set_off_is_unset_for_a_solver_that_does_not_read_it(solver):
+    assert OptimConfig(optimizer="lm", lm_solver=solver, lm_valley=False) == OptimConfig(optimizer="lm",
+                                                                                         lm_solver=solver)
+    allowed = re.escape(f"None or False with lm_solver={solver!r} (only 'cholesky' reads it)")
+    with pytest.raises(ValueError, match=f"^lm_valley: got True; allowed {allowed}$"):
+        OptimConfig(optimizer="lm", lm_solver=solver, lm_valley=True)
+    assert OptimConfig(optimizer="lm", lm_solver="cholesky", lm_valley=False).lm_valley is False
+
+
 def test_a_bad_solver_names_the_field_and_the_allowed_values():
     with pytest.raises(ValueError, match="^lm_solver: got 'dense'; allowed one of auto, cholesky, sharded, cg$"):
         OptimConfig(optimizer="lm", lm_solver="dense")

@@ -158,6 +158,8 @@ class OptimConfig:
         else:
             require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
             check_solver_settings(self.lm_solver, dataclasses.asdict(self))
+            if self.lm_solver != "auto" and self.lm_valley is False and "lm_valley" not in SOLVER_SETTINGS[self.lm_solver]:
+                object.__setattr__(self, "lm_valley", None)  # off, as the solver is anyway: equal runs, equal configs
             for name, unset in SOLVER_SETTINGS.get(self.lm_solver, {}).items():
                 if getattr(self, name) is None:  # resolved here so that equal runs have equal configs
                     object.__setattr__(self, name, unset)
@@ -189,7 +191,8 @@ def solver_settings() -> tuple[str, ...]:
 
 def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
     """Each of `settings` (keyed by OptimConfig's field names) that `solver` does not read is unset (its
-    default: None). `names` gives the caller's own names for the error. With 'auto' any may be given."""
+    default: None) or, for a switch, off (False). `names` gives the caller's own names for the error. With
+    'auto' any may be given."""
     if solver == "auto":
         return
     defaults = lm_defaults()
@@ -197,8 +200,11 @@ def check_solver_settings(solver: str, settings: Mapping[str, Any], names: Mappi
         if field in settings and field not in SOLVER_SETTINGS[solver]:
             readers = [repr(s) for s, owned in SOLVER_SETTINGS.items() if field in owned]
             verb = "reads" if len(readers) == 1 else "read"
-            require((names or {}).get(field, field), settings[field], settings[field] is defaults[field],
-                    f"{defaults[field]!r} with lm_solver={solver!r} (only {', '.join(readers)} {verb} it)")
+            switch = any(isinstance(owned.get(field), bool) for owned in SOLVER_SETTINGS.values())
+            off = " or False" if switch else ""
+            require((names or {}).get(field, field), settings[field],
+                    settings[field] is defaults[field] or (off and settings[field] is False),
+                    f"{defaults[field]!r}{off} with lm_solver={solver!r} (only {', '.join(readers)} {verb} it)")
 
 
 def with_solver(cfg: OptimConfig, solver: str) -> OptimConfig:
