@@ -158,7 +158,8 @@ class OptimConfig:
         else:
             require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
             check_solver_settings(self.lm_solver, dataclasses.asdict(self))
-            if self.lm_solver != "auto" and self.lm_valley is False and "lm_valley" not in SOLVER_SETTINGS[self.lm_solver]:
+            reads = SOLVER_SETTINGS.get(self.lm_solver, {"lm_valley": None})  # "auto": resolved with the plan
+            if self.lm_valley is False and "lm_valley" not in reads:
                 object.__setattr__(self, "lm_valley", None)  # off, as the solver is anyway: equal runs, equal configs
             for name, unset in SOLVER_SETTINGS.get(self.lm_solver, {}).items():
                 if getattr(self, name) is None:  # resolved here so that equal runs have equal configs
