@@ -158,9 +158,9 @@ class OptimConfig:
         else:
             require("l1", self.l1, self.l1 == 0, "0 with optimizer='lm' (LM fits the squared residuals alone)")
             check_solver_settings(self.lm_solver, dataclasses.asdict(self))
-            reads = SOLVER_SETTINGS.get(self.lm_solver, {"lm_valley": None})  # "auto": resolved with the plan
-            if self.lm_valley is False and "lm_valley" not in reads:
-                object.__setattr__(self, "lm_valley", None)  # off, as the solver is anyway: equal runs, equal configs
+            for name in solver_settings() if self.lm_solver in SOLVER_SETTINGS else ():  # "auto": with the plan
+                if getattr(self, name) is False and name not in SOLVER_SETTINGS[self.lm_solver]:
+                    object.__setattr__(self, name, None)  # a switch off, as the solver is: equal runs, equal configs
             for name, unset in SOLVER_SETTINGS.get(self.lm_solver, {}).items():
                 if getattr(self, name) is None:  # resolved here so that equal runs have equal configs
                     object.__setattr__(self, name, unset)

@@ -93,23 +93,15 @@ class LMState(NamedTuple):
     rejected: jax.Array
 
 
-class ValleyLMState(NamedTuple):
-    """:class:`LMState` and the valley step's wait (:func:`lm_iteration` with ``valley``): a type of its own,
-    so that the checkpoints of LM without the valley step keep LMState's tree.
+ValleyLMState = NamedTuple("ValleyLMState", [*LMState.__annotations__.items(), ("valley_wait", jax.Array)])
+ValleyLMState.__doc__ = """:class:`LMState`'s fields, then the valley step's wait (:func:`lm_iteration` with
+    ``valley``): a type of its own, so that the checkpoints of LM without the valley step keep LMState's tree.
 
     Attributes:
         damping, nu, scaling, iteration, accepted, rejected: as in :class:`LMState`.
         valley_wait: int32, the iterations left before the valley step may be tried again (VALLEY_BACKOFF
             after a try that lost, 0 after one that won).
     """
-
-    damping: jax.Array
-    nu: jax.Array
-    scaling: jax.Array
-    iteration: jax.Array
-    accepted: jax.Array
-    rejected: jax.Array
-    valley_wait: jax.Array
 
 
 def init_lm_state(num_params: int, dtype: Any = None, damping0: float = 1e-3,
