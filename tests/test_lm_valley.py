@@ -46,14 +46,14 @@ def numpy_residual(theta, A, B, b):
     return A @ theta + 0.5 * np.einsum("ipq,p,q->i", B, theta, theta) - b, A + np.einsum("ipq,q->ip", B, theta)
 
 
-def numpy_valley(theta, A, B, b, damping):
+def numpy_valley(theta, A, B, b, damping, predictor_damping=lm.VALLEY_DAMPING):
     """The valley step by numpy, D the mean of diag(J^T J) / M: the predictor by least squares on [J; sqrt(M
-    lam_v D)], then for each scale the chord corrections at `damping` D with J fixed; (step, loss, scale) of
+    lam_v D)] (lam_v `predictor_damping`), then for each scale the chord corrections at `damping` D with J fixed; (step, loss, scale) of
     the lowest loss, the predictor and D."""
     r, J = numpy_residual(theta, A, B, b)
     m = r.size
     D = np.full(P, np.trace(J.T @ J) / P / m)
-    aug = np.vstack([J, np.diag(np.sqrt(m * lm.VALLEY_DAMPING * D))])
+    aug = np.vstack([J, np.diag(np.sqrt(m * predictor_damping * D))])
     v = np.linalg.lstsq(aug, -np.concatenate([r, np.zeros(P)]), rcond=None)[0]
     damped = J.T @ J / m + damping * np.diag(D)
     best = None
@@ -105,14 +105,15 @@ def test_valley_step_is_the_best_corrected_predictor():
     assert np.linalg.norm(np.asarray(got_step) - step) < 1e-8 * np.linalg.norm(step)
 
 
-def iterate(valley, n_devices=0, wait=0):
+def iterate(valley, n_devices=0, wait=0, predictor_damping=lm.VALLEY_DAMPING):
     """One lm_iteration at a damping so large that the LM step gains almost nothing (so the valley step is
-    due where `wait` is 0): (step, metrics) on `n_devices` emulated devices (0: no shard_map, and the new
-    state too)."""
+    due where `wait` is 0), the valley step's predictor at `predictor_damping`: (step, metrics) on
+    `n_devices` emulated devices (0: no shard_map, and the new state too)."""
     params, batch, *_ = problem()
     state = lm.init_lm_state(P, damping0=1e3, valley=valley)
     if valley:
-        state = state._replace(valley_wait=jnp.asarray(wait, jnp.int32))
+        state = state._replace(valley_wait=jnp.asarray(wait, jnp.int32),
+                               valley_damping=jnp.asarray(predictor_damping, state.damping.dtype))
     run = functools.partial(lm.lm_iteration, residual_fn, state=state, max_tries=1, valley=valley)
     if not n_devices:
         step, new_state, metrics = jax.jit(lambda p, b: run(p, b, n_chunks=CHUNKS))(params, batch)
@@ -126,14 +127,24 @@ def iterate(valley, n_devices=0, wait=0):
     return np.asarray(step), jax.tree.map(np.asarray, metrics)
 
 
-def test_lm_iteration_takes_the_valley_step_where_it_ends_lower():
+def expected_damping(damping, scale):
+    """The next predictor damping after a try that won with `scale`, by the rule's words."""
+    move = {max(lm.VALLEY_SCALES): 1 / np.sqrt(10), min(lm.VALLEY_SCALES): np.sqrt(10)}.get(scale, 1.0)
+    return float(np.clip(damping * move, 1e-16, 1e-12))
+
+
+@pytest.mark.parametrize("predictor_damping", [lm.VALLEY_DAMPING, 1e-12, 1e-16])
+def test_lm_iteration_takes_the_valley_step_where_it_ends_lower(predictor_damping):
     params, batch, A, B, b = problem()
     plain_step, plain, plain_state = iterate(False)
-    step, metrics, state = iterate(True)
+    step, metrics, state = iterate(True, predictor_damping=predictor_damping)
     assert type(plain_state) is lm.LMState and int(state.valley_wait) == 0
     assert plain["accepted"] and plain["trial_loss"] > lm.VALLEY_WHEN * plain["loss"]
-    (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, lm.VALLEY_CORRECTION_DAMPING)
+    (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, lm.VALLEY_CORRECTION_DAMPING,
+                                                 predictor_damping)
     assert metrics["accepted"] and float(metrics["valley_scale"]) == scale
+    assert float(metrics["valley_damping"]) == predictor_damping
+    np.testing.assert_allclose(float(state.valley_damping), expected_damping(predictor_damping, scale), rtol=1e-15)
     assert abs(float(metrics["valley_loss"]) - loss) < 1e-12 * plain["loss"] and loss < plain["trial_loss"]
     assert np.linalg.norm(step - expected) < 1e-8 * np.linalg.norm(expected)
     # the LM step's own figures are unchanged
@@ -147,12 +158,28 @@ def test_valley_waits_after_a_try_that_lost(monkeypatch):
     plain_step, plain, _ = iterate(False)
     step, metrics, state = iterate(True, wait=2)  # not due: the LM step, one iteration less to wait
     assert np.isnan(metrics["valley_loss"]) and int(state.valley_wait) == 1
+    assert float(state.valley_damping) == lm.VALLEY_DAMPING  # no try, no move
     np.testing.assert_array_equal(step, plain_step)
     monkeypatch.setattr(lm, "VALLEY_SCALES", (1e3,))  # a predictor so long that the try loses
     step, metrics, state = iterate(True)
-    assert metrics["valley_loss"] > plain["trial_loss"] and metrics["valley_scale"] == 0
+    assert metrics["valley_loss"] > plain["loss"] and metrics["valley_scale"] == 0
     assert int(state.valley_wait) == lm.VALLEY_BACKOFF
+    np.testing.assert_allclose(float(state.valley_damping), lm.VALLEY_DAMPING * np.sqrt(10), rtol=1e-15)
     np.testing.assert_array_equal(step, plain_step)
+
+
+@pytest.mark.parametrize("scale, valley_loss, factor", [
+    (2.0, 0.5, 1 / np.sqrt(10)),  # the longest scale won: a longer predictor
+    (0.3, 0.5, np.sqrt(10)),  # the shortest won: a shorter one
+    (1.0, 0.5, 1.0), (0.7, 0.5, 1.0), (0.5, 0.5, 1.0),
+    (0.0, 0.9, 1 / np.sqrt(10)),  # lost to the LM step, yet lowered the loss: too short
+    (0.0, 1.0, np.sqrt(10)), (0.0, 3.0, np.sqrt(10)), (0.0, np.inf, np.sqrt(10)),  # raised it: too long
+])
+def test_next_valley_damping_follows_the_try(scale, valley_loss, factor):
+    for damping in (1e-14, 1e-16, 1e-12):
+        got = lm.next_valley_damping(jnp.asarray(damping), jnp.asarray(1.0), jnp.asarray(valley_loss),
+                                     jnp.asarray(scale))
+        np.testing.assert_allclose(float(got), np.clip(damping * factor, 1e-16, 1e-12), rtol=1e-15)
 
 
 def test_valley_is_not_tried_after_a_step_that_gained_enough():

@@ -93,26 +93,29 @@ class LMState(NamedTuple):
     rejected: jax.Array
 
 
-ValleyLMState = NamedTuple("ValleyLMState", [*LMState.__annotations__.items(), ("valley_wait", jax.Array)])
-ValleyLMState.__doc__ = """:class:`LMState`'s fields, then the valley step's wait (:func:`lm_iteration` with
+ValleyLMState = NamedTuple("ValleyLMState", [*LMState.__annotations__.items(), ("valley_wait", jax.Array),
+                                              ("valley_damping", jax.Array)])
+ValleyLMState.__doc__ = """:class:`LMState`'s fields, then the valley step's own (:func:`lm_iteration` with
     ``valley``): a type of its own, so that the checkpoints of LM without the valley step keep LMState's tree.
 
     Attributes:
         damping, nu, scaling, iteration, accepted, rejected: as in :class:`LMState`.
         valley_wait: int32, the iterations left before the valley step may be tried again (VALLEY_BACKOFF
             after a try that lost, 0 after one that won).
+        valley_damping: the next try's predictor damping (float scalar, relative to the mean of diag(J^T J);
+            VALLEY_DAMPING at first, then moved after each try by :func:`next_valley_damping`).
     """
 
 
 def init_lm_state(num_params: int, dtype: Any = None, damping0: float = 1e-3,
                   valley: bool = False) -> LMState | ValleyLMState:
     """Initial state: lam = damping0, nu = 2, D = 0 (the first step's diag(JtJ) takes over), counts 0; with
-    `valley` a :class:`ValleyLMState` whose wait is 0."""
+    `valley` a :class:`ValleyLMState` whose wait is 0 and whose predictor damping is VALLEY_DAMPING."""
     dtype = jnp.result_type(float) if dtype is None else dtype
     count = lambda: jnp.zeros([], jnp.int32)  # distinct arrays: a step that donates its state needs that
     state = LMState(jnp.asarray(damping0, dtype), jnp.asarray(2.0, dtype), jnp.zeros([num_params], dtype),
                     count(), count(), count())
-    return ValleyLMState(*state, count()) if valley else state
+    return ValleyLMState(*state, count(), jnp.asarray(VALLEY_DAMPING, dtype)) if valley else state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,14 +326,16 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         damping_min, damping_max: clamp of lam after the update.
         rel_floor: floor of D relative to its mean (lsq_jax.optim.lm_damping.update_scaling).
         valley: after an accepted step that left more than VALLEY_WHEN of the loss, also try the valley
-            step (:func:`valley_step`) and take it where its loss is lower than the LM step's; after a try
-            that lost, the next VALLEY_BACKOFF iterations try none.
+            step (:func:`valley_step`) at the state's predictor damping and take it where its loss is lower
+            than the LM step's; after a try that lost, the next VALLEY_BACKOFF iterations try none; after
+            every try the predictor damping moves (:func:`next_valley_damping`).
 
     Returns:
         (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
         metrics["accepted"]; metrics loss, trial_loss, gain_ratio, predicted_reduction, damping (the lam
         of the last solve), accepted, step_norm (Euclidean, of the last proposed step), tries and, with
-        geodesic, accel_ratio; with valley, valley_loss (NaN where not tried) and valley_scale (0 where not
+        geodesic, accel_ratio; with valley, valley_loss (NaN where not tried), valley_damping (the
+        predictor damping of this iteration's try, or of the next where none) and valley_scale (0 where not
         taken; where taken, metrics["accepted"] is True, step_norm is the valley step's and the other
         figures stay the LM step's). The state counts every solve: iteration += tries, rejected += the
         rejected solves.
@@ -352,9 +357,9 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
     step, new_state, metrics = _tries(attempt, lm_state, theta, loss, D, rule=rule, max_tries=max_tries,
                                       geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
     if valley:
-        step, metrics, wait = _with_valley(step, metrics, state.valley_wait, f, theta, batch, n_chunks, m, JtJ,
-                                           Jtr, per_problem, axis_name)
-        new_state = ValleyLMState(*new_state, wait)
+        step, metrics, wait, damping = _with_valley(step, metrics, state.valley_wait, state.valley_damping, f,
+                                                    theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name)
+        new_state = ValleyLMState(*new_state, wait, damping)
     return step, new_state, metrics
 
 
@@ -368,8 +373,12 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 # follows the valley back: a predictor from QR of J itself at a damping that resolves them, scaled, then
 # Gauss-Newton correctors at a damping that resolves only the well-determined directions, with J held fixed
 # (chord steps). Both dampings are isotropic and relative to J^T J's current mean diagonal (LM's own D is
-# held from the first iteration). docs/performance.md has the measurements these constants come from.
-VALLEY_DAMPING = 1e-14  # the predictor's damping, relative to the mean of diag(J^T J) now
+# held from the first iteration). The predictor damping that pays moves as the descent goes on, and each
+# try says which way (:func:`next_valley_damping`). docs/performance.md has the measurements these
+# constants come from.
+VALLEY_DAMPING = 1e-14  # the predictor's first damping, relative to the mean of diag(J^T J) now
+VALLEY_DAMPING_RANGE = (1e-16, 1e-12)  # the predictor damping's bounds
+VALLEY_DAMPING_FACTOR = math.sqrt(10.0)  # its move after a try
 VALLEY_CORRECTION_DAMPING = 1e-8  # the corrections' damping, relative to the same
 VALLEY_SCALES = (2.0, 1.0, 0.7, 0.5, 0.3)  # multiples of the predictor tried; the lowest loss is kept
 VALLEY_CORRECTIONS = 2  # chord steps after each scaled predictor
@@ -424,14 +433,29 @@ def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=N
     return xs[best] - theta, losses[best], scales[best]
 
 
-def _with_valley(step, metrics, wait, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name):
-    """The iteration's outcome with the valley step tried where the accepted LM step left more than
-    VALLEY_WHEN of the loss and `wait` is 0, and taken where it ends lower: (step, metrics, the next wait);
-    metrics gain valley_loss (NaN where not tried) and valley_scale (0 where not taken)."""
+def next_valley_damping(damping, loss, valley_loss, scale):
+    """The predictor damping after a try from loss `loss` that ended at `valley_loss` (its best scale
+    `scale`; 0 where the LM step was kept): the predictor was too short where the largest scale won, or
+    where the try lost yet lowered the loss; too long where the smallest scale won, or where the try raised
+    the loss. Too short divides the damping by VALLEY_DAMPING_FACTOR (a longer predictor), too long
+    multiplies it, within VALLEY_DAMPING_RANGE."""
+    taken = scale > 0
+    short = jnp.where(taken, scale == max(VALLEY_SCALES), valley_loss < loss)
+    long = jnp.where(taken, scale == min(VALLEY_SCALES), ~(valley_loss < loss))
+    move = jnp.where(short, 1 / VALLEY_DAMPING_FACTOR, jnp.where(long, VALLEY_DAMPING_FACTOR, 1.0))
+    return jnp.clip(damping * move, *VALLEY_DAMPING_RANGE).astype(damping.dtype)
+
+
+def _with_valley(step, metrics, wait, damping, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem,
+                 axis_name):
+    """The iteration's outcome with the valley step tried at predictor damping `damping` where the accepted
+    LM step left more than VALLEY_WHEN of the loss and `wait` is 0, and taken where it ends lower: (step,
+    metrics, the next wait, the next predictor damping); metrics gain valley_loss (NaN where not tried),
+    valley_scale (0 where not taken) and valley_damping (`damping`)."""
     def tried(_):
         R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
         mean = jnp.full_like(Jtr, jnp.mean(jnp.diagonal(JtJ)))
-        predictor = valley_predictor(R, VALLEY_DAMPING, mean, m)
+        predictor = valley_predictor(R, damping, mean, m)
         factor = damped_solve(JtJ, Jtr, VALLEY_CORRECTION_DAMPING, mean)[3]
         valley, loss, scale = valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name)
         better = loss < metrics["trial_loss"]
@@ -443,8 +467,9 @@ def _with_valley(step, metrics, wait, f, theta, batch, n_chunks, m, JtJ, Jtr, pe
     due = metrics["accepted"] & (metrics["trial_loss"] > VALLEY_WHEN * metrics["loss"]) & (wait == 0)
     step, loss, scale, taken = jax.lax.cond(due, tried, skipped, None)
     wait = jnp.where(due, jnp.where(taken, 0, VALLEY_BACKOFF), jnp.maximum(wait - 1, 0)).astype(wait.dtype)
-    return step, {**metrics, "valley_loss": loss, "valley_scale": scale,
-                  "step_norm": jnp.where(taken, jnp.linalg.norm(step), metrics["step_norm"])}, wait
+    moved = jnp.where(due, next_valley_damping(damping, metrics["loss"], loss, scale), damping)
+    return step, {**metrics, "valley_loss": loss, "valley_scale": scale, "valley_damping": damping,
+                  "step_norm": jnp.where(taken, jnp.linalg.norm(step), metrics["step_norm"])}, wait, moved
 
 
 def _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name):
