@@ -41,10 +41,10 @@ def get_config(arg=None):
         # after 40 iterations goes on to 160 (200 iterations in all), chosen by the precision bench over
         # seeds 0, 1, 2 (docs/performance.md).
         lm=lm,
-        # precise: lm with the valley step in its slow phase (optim.lm_valley; docs/performance.md) and 40
-        # more iterations (about 30 minutes on 2 cores), the project's most precise recipe from random
+        # precise: lm with the valley step in its slow phase (optim.lm_valley; docs/performance.md) and 15
+        # more iterations (under 30 minutes on 2 cores), the project's most precise recipe from random
         # initialisation
-        precise={**lm, "optim.lm_valley": True, "train.num_steps": 200},
+        precise={**lm, "optim.lm_valley": True, "train.num_steps": 175},
         # lm_general: the same over rows, kappa and target scale (defaults.GENERAL_RANGES), the rows
         # interchangeable (one positional vector for x0's token, one shared by every row)
         lm_general={**lm, **defaults.GENERAL_RANGES, "model.positions": "first_and_rest"})
