@@ -129,8 +129,9 @@ def iterate(valley, n_devices=0, wait=0, predictor_damping=lm.VALLEY_DAMPING):
 
 def expected_damping(damping, scale):
     """The next predictor damping after a try that won with `scale`, by the rule's words."""
-    move = {max(lm.VALLEY_SCALES): 1 / np.sqrt(10), min(lm.VALLEY_SCALES): np.sqrt(10)}.get(scale, 1.0)
-    return float(np.clip(damping * move, 1e-16, 1e-12))
+    f = lm.VALLEY_DAMPING_FACTOR
+    move = {max(lm.VALLEY_SCALES): 1 / f, min(lm.VALLEY_SCALES): f}.get(scale, 1.0)
+    return float(np.clip(damping * move, *lm.VALLEY_DAMPING_RANGE))
 
 
 @pytest.mark.parametrize("predictor_damping", [lm.VALLEY_DAMPING, 1e-12, 1e-16])
@@ -164,22 +165,24 @@ def test_valley_waits_after_a_try_that_lost(monkeypatch):
     step, metrics, state = iterate(True)
     assert metrics["valley_loss"] > plain["loss"] and metrics["valley_scale"] == 0
     assert int(state.valley_wait) == lm.VALLEY_BACKOFF
-    np.testing.assert_allclose(float(state.valley_damping), lm.VALLEY_DAMPING * np.sqrt(10), rtol=1e-15)
+    np.testing.assert_allclose(float(state.valley_damping), lm.VALLEY_DAMPING * lm.VALLEY_DAMPING_FACTOR, rtol=1e-15)
     np.testing.assert_array_equal(step, plain_step)
 
 
-@pytest.mark.parametrize("scale, valley_loss, factor", [
-    (2.0, 0.5, 1 / np.sqrt(10)),  # the longest scale won: a longer predictor
-    (0.3, 0.5, np.sqrt(10)),  # the shortest won: a shorter one
-    (1.0, 0.5, 1.0), (0.7, 0.5, 1.0), (0.5, 0.5, 1.0),
-    (0.0, 0.9, 1 / np.sqrt(10)),  # lost to the LM step, yet lowered the loss: too short
-    (0.0, 1.0, np.sqrt(10)), (0.0, 3.0, np.sqrt(10)), (0.0, np.inf, np.sqrt(10)),  # raised it: too long
+@pytest.mark.parametrize("scale, valley_loss, power", [
+    (2.0, 0.5, -1),  # the longest scale won: a longer predictor (a smaller damping)
+    (0.3, 0.5, 1),  # the shortest won: a shorter one
+    (1.0, 0.5, 0), (0.7, 0.5, 0), (0.5, 0.5, 0),
+    (0.0, 0.9, -1),  # lost to the LM step, yet lowered the loss: too short
+    (0.0, 1.0, 1), (0.0, 3.0, 1), (0.0, np.inf, 1),  # raised it: too long
 ])
-def test_next_valley_damping_follows_the_try(scale, valley_loss, factor):
-    for damping in (1e-14, 1e-16, 1e-12):
+def test_next_valley_damping_follows_the_try(scale, valley_loss, power):
+    low, high = lm.VALLEY_DAMPING_RANGE
+    for damping in (lm.VALLEY_DAMPING, low, high):
         got = lm.next_valley_damping(jnp.asarray(damping), jnp.asarray(1.0), jnp.asarray(valley_loss),
                                      jnp.asarray(scale))
-        np.testing.assert_allclose(float(got), np.clip(damping * factor, 1e-16, 1e-12), rtol=1e-15)
+        expected = np.clip(damping * lm.VALLEY_DAMPING_FACTOR**power, low, high)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-15)
 
 
 def test_valley_is_not_tried_after_a_step_that_gained_enough():

@@ -64,9 +64,9 @@ class OptimConfig:
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).
         lm_valley: after an accepted LM step that lowered the loss by less than 10%, also try the valley
-            step (lsq_jax.optim.lm.valley_step: a predictor from QR of J at a small damping, then chord
-            corrections) and keep it where it ends lower; for LM's slow phase. Read by ``"cholesky"`` only
-            (unset: False).
+            step (lsq_jax.optim.lm.valley_step: a predictor from QR of J at a small damping that each try
+            moves, then chord corrections) and keep it where it ends lower; for LM's slow phase. Read by
+            ``"cholesky"`` only (unset: False).
         lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
