@@ -48,8 +48,8 @@ def numpy_residual(theta, A, B, b):
 
 def numpy_valley(theta, A, B, b, damping, predictor_damping=lm.VALLEY_DAMPING):
     """The valley step by numpy, D the mean of diag(J^T J) / M: the predictor by least squares on [J; sqrt(M
-    lam_v D)] (lam_v `predictor_damping`), then for each scale the chord corrections at `damping` D with J fixed; (step, loss, scale) of
-    the lowest loss, the predictor and D."""
+    lam_v D)] (lam_v `predictor_damping`), then for each scale the chord corrections at `damping` D with J
+    fixed; (step, loss, scale) of the lowest loss, the predictor and D."""
     r, J = numpy_residual(theta, A, B, b)
     m = r.size
     D = np.full(P, np.trace(J.T @ J) / P / m)
