@@ -56,7 +56,7 @@ TRAININGS = {
     "recipe": Training("BaseConv, Adam with the high-precision recipe", "configs/baseconv.py:cpu", 4000),
     "plain_adam": Training("BaseConv, plain Adam (constant LR, no EMA)", "configs/baseconv.py:cpu", 4000,
                            (("optim.schedule", "constant"), ("optim.ema_lambda", 0.0))),
-    "multistep": Training("k-step GD model (BaseConv, LM)", "configs/multistep_gd.py:lm", 60),
+    "multistep": Training("k-step GD model (linear attention, LM)", "configs/multistep_gd.py:lm", 200),
 }
 
 
