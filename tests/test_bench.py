@@ -231,6 +231,40 @@ def test_help_lists_the_benchs_flags():
     assert proc.stdout.startswith("Benchmarks:")
 
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BAD_FLAGS = [("--bench=nope", "--bench"), ("--bench=claims,", "--bench"), ("--dtypes=float16", "--dtypes"),
+             ("--optimizers=sgd", "--optimizers"), ("--seeds=a", "--seeds"), ("--seeds=-1", "--seeds"),
+             ("--devices=0", "--devices"), ("--repeats=0", "--repeats"), ("--windows=0", "--windows"),
+             ("--budget_s=0", "--budget_s"), ("--window_s=-1", "--window_s"),
+             ("--lm_memory_budget_gib=-1", "--lm_memory_budget_gib"), ("--lanczos_steps=0", "--lanczos_steps"),
+             ("--bench=curvature", "--workdir"), ("--config=configs/nope.py", "--config"),
+             ("--config.train.num_steps=x", "--config.train.num_steps"), ("--config.nofield=1", "--config.nofield"),
+             ("--nosuchflag", "nosuchflag"), ("extra", "extra")]
+
+
+@pytest.mark.parametrize("flag,named", BAD_FLAGS)
+def test_a_bad_flag_is_refused_naming_it(flag, named, monkeypatch):
+    from lsq_jax import bench
+    from lsq_jax.config.check import ConfigError
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=named):
+        bench.parse_flags(["bench", flag])
+    bench.parse_flags(["bench"])  # the defaults are allowed
+
+
+def test_a_bad_flag_is_one_line_status_2_and_nothing_written(tmp_path):
+    """From the repository root and from elsewhere (where the default config file is not)."""
+    import subprocess
+
+    for flag, cwd in (("--bench=nope", REPO), ("--bench=claims", tmp_path)):
+        proc = subprocess.run([sys.executable, "-m", "lsq_jax.bench", flag, f"--out={tmp_path / 'b.json'}"],
+                              capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --") and not proc.stdout
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert list(tmp_path.iterdir()) == []
+
+
 HLO_WITH_LOOPS = """
 HloModule m
 

@@ -35,30 +35,86 @@ from lsq_jax.bench.curvature import workdir_curvature
 from lsq_jax.bench.generality import generality_columns, plot_generality
 from lsq_jax.bench.lm import lm_iteration, lm_scaling_row, lm_solve_row
 from lsq_jax.bench.precision import PRECISION_METHODS, compare_optimizers, experiment, plot_comparison
+from lsq_jax.config.check import ConfigError
+from lsq_jax.config.load import config_spec, parse_config_flags
+from lsq_jax.config.task import DTYPES
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/baseconv.py", "Config to benchmark.")
+BENCHES = ("throughput", "precision", "scaling", "lm_iteration", "lm_scaling", "lm_solve", "curvature", "claims")
+DEFAULT_CONFIG = "configs/baseconv.py"
+
+# The bench's own flags, apart from absl's global FLAGS and from lsq_jax.main's (both define --config).
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", None, f"Config to benchmark (default {DEFAULT_CONFIG}).",
+                                          flag_values=FLAGS)
 _BENCH = flags.DEFINE_list("bench", ["throughput", "precision", "scaling"],
-                          "Sub-benchmarks to run: throughput, precision, scaling, lm_iteration, lm_scaling, "
-                          "lm_solve, curvature, claims.")
-_DTYPES = flags.DEFINE_list("dtypes", ["float64", "float32"], "dtypes for the throughput benchmark.")
-_WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).")
-_WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).")
-_BUDGET_S = flags.DEFINE_float("budget_s", 120.0, "Wall-clock budget of the time-to-precision run.")
+                          f"Sub-benchmarks to run: {', '.join(BENCHES)}.", flag_values=FLAGS)
+_DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "dtypes for the throughput benchmark.", flag_values=FLAGS)
+_WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows (throughput).", flag_values=FLAGS)
+_WINDOW_S = flags.DEFINE_float("window_s", 4.0, "Approximate seconds per timed window (throughput).",
+                               flag_values=FLAGS)
+_BUDGET_S = flags.DEFINE_float("budget_s", 120.0, "Wall-clock budget of the time-to-precision run.",
+                               flag_values=FLAGS)
 _OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam", "lm", "hybrid"],
-                                "Methods the time-to-precision benchmark compares (see PRECISION_METHODS).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.")
-_DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmarks.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed LM iterations per device count (lm_scaling).")
+                                "Methods the time-to-precision benchmark compares (see PRECISION_METHODS).",
+                                flag_values=FLAGS)
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each time-to-precision method.", flag_values=FLAGS)
+_DEVICES = flags.DEFINE_list("devices", ["1", "2", "4"], "Device counts for the scaling benchmarks.",
+                             flag_values=FLAGS)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed LM iterations per device count (lm_scaling).",
+                                flag_values=FLAGS)
 _LM_MEMORY_BUDGET = flags.DEFINE_float("lm_memory_budget_gib", 0.0, "lm_scaling: the memory per device "
-                                       "optim.lm_solver=auto picks the solver against, in GiB (0: the device's).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.")
+                                       "optim.lm_solver=auto picks the solver against, in GiB (0: the device's).",
+                                       flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint the curvature benchmark reads.",
+                               flag_values=FLAGS)
 _LANCZOS_STEPS = flags.DEFINE_integer("lanczos_steps", 4000, "Most Lanczos steps of the curvature benchmark "
-                                      "(at most the parameter count, where the whole spectrum is spanned).")
+                                      "(at most the parameter count, where the whole spectrum is spanned).",
+                                      flag_values=FLAGS)
 _QUICK = flags.DEFINE_bool("quick", False, "Claims: a few iterations per training and few test problems, to "
-                           "check the machinery (its figures are not the claims).")
-_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.")
+                           "check the machinery (its figures are not the claims).", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON results.", flag_values=FLAGS)
 _CHILD = flags.DEFINE_string("child", "", "Internal: BENCH:N, one row of scaling, lm_scaling or lm_solve on N "
-                             "devices, in a subprocess.")
+                             "devices, in a subprocess.", flag_values=FLAGS)
+
+
+def _choices(flag, allowed) -> None:
+    if not flag.value or any(v not in allowed for v in flag.value):
+        raise ConfigError(f"--{flag.name}: got {','.join(flag.value)!r}; allowed one or more of "
+                          f"{', '.join(allowed)}, comma-separated")
+
+
+def _integers(flag, least: int) -> None:
+    if not flag.value or not all(v.strip().isdigit() and int(v) >= least for v in flag.value):
+        raise ConfigError(f"--{flag.name}: got {','.join(flag.value)!r}; allowed integers >= {least}, "
+                          "comma-separated")
+
+
+def parse_flags(argv: list[str]) -> None:
+    """The bench's flags, the config file loaded as lsq_jax.main loads it (DEFAULT_CONFIG without --config),
+    all checked before any benchmark's minutes; every failure is ConfigError (one line)."""
+    if config_spec(argv) is None:
+        if not os.path.isfile(DEFAULT_CONFIG):
+            raise ConfigError(f"--config: the default {DEFAULT_CONFIG} is not here: run from the repository root "
+                              "or give --config=FILE.py[:VARIANT]")
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    parse_config_flags(FLAGS, argv)
+    _choices(_BENCH, BENCHES)
+    _choices(_DTYPES, DTYPES)
+    _choices(_OPTIMIZERS, tuple(PRECISION_METHODS))
+    _integers(_SEEDS, 0)
+    _integers(_DEVICES, 1)
+    for flag, least in ((_WINDOWS, 1), (_REPEATS, 1), (_LANCZOS_STEPS, 1)):
+        if flag.value < least:
+            raise ConfigError(f"--{flag.name}: got {flag.value}; allowed an integer >= {least}")
+    for flag in (_WINDOW_S, _BUDGET_S):
+        if not flag.value > 0:
+            raise ConfigError(f"--{flag.name}: got {flag.value}; allowed a number of seconds > 0")
+    if not _LM_MEMORY_BUDGET.value >= 0:
+        raise ConfigError(f"--lm_memory_budget_gib: got {_LM_MEMORY_BUDGET.value}; allowed a number >= 0 (0: the "
+                          "device's memory)")
+    if "curvature" in _BENCH.value and not _WORKDIR.value:
+        raise ConfigError(f"--workdir: got {_WORKDIR.value}; allowed a finished LM run's workdir with "
+                          "--bench=curvature")
 
 
 def _timed_windows(fn, state, n_windows: int, window_s: float):
@@ -320,8 +376,8 @@ def print_curvature(c: dict) -> None:
                       f"{p['loss_ratio']:.4g}" for p in c["damped_steps"]) + "\n", flush=True)
 
 
-def main(argv):
-    del argv
+def main() -> None:
+    """Runs the benchmarks parse_flags has read."""
     import jax
     from absl import logging
 
@@ -331,14 +387,6 @@ def main(argv):
     from lsq_jax.mesh import setup_jax
 
     quiet_orbax_failures()
-
-    if "curvature" in _BENCH.value:  # its flags, checked before any benchmark's minutes
-        for flag, bad, allowed in ((_WORKDIR, not _WORKDIR.value, "a finished LM run's workdir"),
-                                   (_LANCZOS_STEPS, _LANCZOS_STEPS.value < 1, "an integer >= 1")):
-            if bad:
-                print(f"error: --{flag.name}: got {flag.value}; allowed {allowed} with --bench=curvature",
-                      file=sys.stderr)
-                sys.exit(2)
     config = _CONFIG.value
     setup_jax(matmul_precision_of(config))  # the same JAX settings as main
     if _CHILD.value:

@@ -1,13 +1,17 @@
-"""python -m lsq_jax.bench (--help prints the usage below and every flag)."""
+"""python -m lsq_jax.bench (--help prints the usage below and every flag). Bad flags are one line on stderr,
+status 2, before anything runs or is written."""
 import sys
 
-from absl import app, flags
-
 import lsq_jax.bench
-from lsq_jax.bench import main
+from lsq_jax.bench import FLAGS, main, parse_flags
+from lsq_jax.config.check import ConfigError
 
-__doc__ = lsq_jax.bench.__doc__  # what --help prints above the flags
-flags.adopt_module_key_flags(lsq_jax.bench)  # --help lists the package's flags, not only this module's
-if any(arg in ("-h", "--help", "--helpshort") for arg in sys.argv[1:]):
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits with status 1
-app.run(main)
+if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in sys.argv[1:]):
+    print(lsq_jax.bench.__doc__.strip() + "\n\nflags:\n" + FLAGS.get_help())
+    sys.exit(0)
+try:
+    parse_flags(sys.argv)
+except ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+main()

@@ -86,18 +86,18 @@ def _unknown_field(argv: list[str], key: str) -> str:
     return f"the config has no field {key!r}"
 
 
-def parse_flags(argv: list[str]) -> None:
-    """absl's parser on FLAGS; every failure is ConfigError. A second parse in one process (tests) starts
-    afresh."""
+def parse_config_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    """absl's parser on `flag_values` (which define --config as a config file); every failure is
+    ConfigError. A second parse in one process (tests) starts afresh."""
     spec = config_spec(argv)
     if spec is not None:
         load_config_file(*spec)
-    FLAGS.unparse_flags()  # forget the last parse's overrides
-    for name in [name for name in FLAGS if name.startswith("config.")]:
-        delattr(FLAGS, name)
+    flag_values.unparse_flags()  # forget the last parse's overrides
+    for name in [name for name in flag_values if name.startswith("config.")]:
+        delattr(flag_values, name)
     saved_argv, sys.argv = sys.argv, list(argv)  # ml_collections reads the overrides from sys.argv
     try:
-        rest = FLAGS(argv)
+        rest = flag_values(argv)
     except (AttributeError, KeyError) as err:
         raise ConfigError(_unknown_field(argv, str(err.args[0]).strip("'\"") if err.args else "")) from None
     except (flags.Error, OSError, TypeError, ValueError) as err:
@@ -106,6 +106,11 @@ def parse_flags(argv: list[str]) -> None:
         sys.argv = saved_argv
     if len(rest) > 1:
         raise ConfigError(f"unexpected positional arguments: {' '.join(rest[1:])}")
+
+
+def parse_flags(argv: list[str]) -> None:
+    """The command's flags (parse_config_flags on FLAGS) and their combinations; every failure is ConfigError."""
+    parse_config_flags(FLAGS, argv)
     if FLAGS.workdir is not None and not FLAGS.workdir.strip():
         raise ConfigError(f"--workdir: got {FLAGS.workdir!r}; allowed a directory path (leave the flag out for "
                           "runs/<name>-<time>)")
