@@ -90,6 +90,26 @@ def test_valley_predictor_is_the_damped_least_squares_solution():
     assert np.linalg.norm(got - expected) < 1e-8 * np.linalg.norm(expected)
 
 
+@pytest.mark.parametrize("predictor_damping", [1e-16, lm.VALLEY_DAMPING, 1e-12])
+def test_valley_predictor_by_cg_is_the_damped_least_squares_solution(predictor_damping):
+    """CG's products go through the held Jacobian, so the formed J^T J only preconditions: J's squared
+    singular values span 1e-18 of the largest, and with J^T J perturbed by 1e-14 of its largest entry (the
+    round-off it carries at scale) the predictor stays the least-squares solution, where a Cholesky solve
+    of the perturbed matrix fails or is far off."""
+    params, batch, A, B, b = problem(orders=9.0, curvature=0.0)
+    theta, f, m = lm._flat(residual_fn, params, batch)
+    _, Jt = lm.held_jacobian(f, theta, batch, CHUNKS)
+    JtJ, Jtr, _ = lm.normal_equations(residual_fn, params, batch, CHUNKS)
+    noise = np.random.default_rng(1).standard_normal((P, P))
+    rounded = JtJ + (noise + noise.T) * 1e-14 * float(jnp.abs(JtJ).max())
+    (_, _, _), expected, D = numpy_valley(np.asarray(theta), A, B, b, 1.0, predictor_damping)
+    for formed in (JtJ, rounded):
+        got = np.asarray(lm.valley_predictor_cg(Jt, formed, Jtr, predictor_damping, jnp.asarray(D), m))
+        assert np.linalg.norm(got - expected) < 1e-8 * np.linalg.norm(expected)
+    cholesky = np.asarray(lm.damped_solve(rounded, Jtr, predictor_damping, jnp.asarray(D))[0])
+    assert not np.linalg.norm(cholesky - expected) < 1e-3 * np.linalg.norm(expected)  # NaN or far off
+
+
 def test_valley_step_is_the_best_corrected_predictor():
     params, batch, A, B, b = problem()
     theta, f, m = lm._flat(residual_fn, params, batch)
@@ -105,16 +125,16 @@ def test_valley_step_is_the_best_corrected_predictor():
     assert np.linalg.norm(np.asarray(got_step) - step) < 1e-8 * np.linalg.norm(step)
 
 
-def iterate(valley, n_devices=0, wait=0, predictor_damping=lm.VALLEY_DAMPING):
+def iterate(valley, n_devices=0, wait=0, predictor_damping=lm.VALLEY_DAMPING, cg=False):
     """One lm_iteration at a damping so large that the LM step gains almost nothing (so the valley step is
-    due where `wait` is 0), the valley step's predictor at `predictor_damping`: (step, metrics) on
-    `n_devices` emulated devices (0: no shard_map, and the new state too)."""
+    due where `wait` is 0), the valley step's predictor at `predictor_damping` (by CG with `cg`): (step,
+    metrics) on `n_devices` emulated devices (0: no shard_map, and the new state too)."""
     params, batch, *_ = problem()
     state = lm.init_lm_state(P, damping0=1e3, valley=valley)
     if valley:
         state = state._replace(valley_wait=jnp.asarray(wait, jnp.int32),
                                valley_damping=jnp.asarray(predictor_damping, state.damping.dtype))
-    run = functools.partial(lm.lm_iteration, residual_fn, state=state, max_tries=1, valley=valley)
+    run = functools.partial(lm.lm_iteration, residual_fn, state=state, max_tries=1, valley=valley, valley_cg=cg)
     if not n_devices:
         step, new_state, metrics = jax.jit(lambda p, b: run(p, b, n_chunks=CHUNKS))(params, batch)
         return np.asarray(step), jax.tree.map(np.asarray, metrics), new_state
@@ -134,11 +154,12 @@ def expected_damping(damping, scale):
     return float(np.clip(damping * move, *lm.VALLEY_DAMPING_RANGE))
 
 
+@pytest.mark.parametrize("cg", [False, True])
 @pytest.mark.parametrize("predictor_damping", [lm.VALLEY_DAMPING, 1e-12, 1e-16])
-def test_lm_iteration_takes_the_valley_step_where_it_ends_lower(predictor_damping):
+def test_lm_iteration_takes_the_valley_step_where_it_ends_lower(predictor_damping, cg):
     params, batch, A, B, b = problem()
     plain_step, plain, plain_state = iterate(False)
-    step, metrics, state = iterate(True, predictor_damping=predictor_damping)
+    step, metrics, state = iterate(True, predictor_damping=predictor_damping, cg=cg)
     assert type(plain_state) is lm.LMState and int(state.valley_wait) == 0
     assert plain["accepted"] and plain["trial_loss"] > lm.VALLEY_WHEN * plain["loss"]
     (expected, loss, scale), _, _ = numpy_valley(np.asarray(params["t"]), A, B, b, lm.VALLEY_CORRECTION_DAMPING,
@@ -198,19 +219,21 @@ ON_DEVICES = textwrap.dedent("""
     import sys, numpy as np, jax
     jax.config.update("jax_enable_x64", True)
     from test_lm_valley import iterate
-    step, metrics = iterate(True, 2)
+    step, metrics = iterate(True, 2, cg=CG)
     np.savez(sys.argv[1], step=step, **{k: metrics[k] for k in ("loss", "valley_loss", "valley_scale")})
 """)
 
 
 @pytest.mark.slow
-def test_valley_step_on_2_devices_equals_one_device(tmp_path):
-    """Each device factors its own rows and the devices' R are factored again; the chord corrections sum
-    J^T r over the devices: the step on 2 emulated devices is the one-device step to round-off."""
+@pytest.mark.parametrize("predictor", ["qr", "cg"])
+def test_valley_step_on_2_devices_equals_one_device(tmp_path, predictor):
+    """Each device factors its own rows and the devices' R are factored again (or CG's products sum J^T J v
+    over the devices); the chord corrections sum J^T r over the devices: the step on 2 emulated devices is
+    the one-device step to round-off."""
     out = tmp_path / "valley.npz"
-    run_on_devices(ON_DEVICES, out, 2)
+    run_on_devices(ON_DEVICES.replace("CG", str(predictor == "cg")), out, 2)
     z = np.load(out)
-    step, metrics, _ = iterate(True)
+    step, metrics, _ = iterate(True, cg=predictor == "cg")
     assert float(z["valley_scale"]) == float(metrics["valley_scale"]) > 0
     assert abs(float(z["valley_loss"]) - float(metrics["valley_loss"])) < 1e-12 * float(metrics["loss"])
     assert np.linalg.norm(z["step"] - step) < 1e-9 * np.linalg.norm(step)

@@ -76,6 +76,19 @@ def test_a_switch_set_off_is_unset_for_a_solver_that_does_not_read_it(solver):
     assert OptimConfig(optimizer="lm", lm_solver="cholesky", lm_valley=False).lm_valley is False
 
 
+def test_the_valley_predictor_by_cg_needs_the_valley_step():
+    assert OptimConfig(optimizer="lm", lm_solver="cholesky", lm_valley=True, lm_valley_cg=True).lm_valley_cg
+    assert OptimConfig(optimizer="lm", lm_solver="cholesky").lm_valley_cg is False
+    for valley in (False, None):
+        with pytest.raises(ValueError, match="^lm_valley_cg: got True; allowed None \\(unset\\) or False unless "
+                                             "lm_valley=True"):
+            OptimConfig(optimizer="lm", lm_solver="cholesky", lm_valley=valley, lm_valley_cg=True)
+    with pytest.raises(ValueError, match="^lm_valley_cg: got 1; allowed None \\(unset\\), True or False$"):
+        OptimConfig(optimizer="lm", lm_valley=True, lm_valley_cg=1)
+    with pytest.raises(ValueError, match="^lm_valley_cg: got True; "):  # the valley step is Cholesky's alone
+        OptimConfig(optimizer="lm", lm_solver="cg", lm_valley_cg=True)
+
+
 def test_a_bad_solver_names_the_field_and_the_allowed_values():
     with pytest.raises(ValueError, match="^lm_solver: got 'dense'; allowed one of auto, cholesky, sharded, cg$"):
         OptimConfig(optimizer="lm", lm_solver="dense")

@@ -194,6 +194,8 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="^cg_iters: got 100; allowed None with lm_solver='cholesky' "
                                          r"\(only 'cg' reads it\)"):
         levenberg_marquardt("cholesky", cg_iters=100)
+    with pytest.raises(ValueError, match="valley_cg=True is not allowed without valley=True"):
+        levenberg_marquardt("cholesky", valley_cg=True)
     with pytest.raises(ValueError, match="optimizer='lm'"):
         make_lm_optimizer(OptimConfig(optimizer="adam"))
     with pytest.raises(ValueError, match="lm_solver='auto' is picked by the run's plan"):

@@ -27,6 +27,8 @@ LM_VARIANTS = {
     "lm_restarts2": {"optim.optimizer": "lm", "optim.lm_restarts": 2, "optim.lm_restart_steps": 40},
     "lm_one_start": {"optim.optimizer": "lm", "optim.lm_restarts": 1},  # the config's own LM without restarts
     "lm_valley": {"optim.optimizer": "lm", "optim.lm_valley": True},  # the config's own LM with the valley step
+    # the same with the valley predictor by CG through the held Jacobian instead of QR of J
+    "lm_valley_cg": {"optim.optimizer": "lm", "optim.lm_valley": True, "optim.lm_valley_cg": True},
 }
 
 

@@ -14,8 +14,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "lm")
 LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
 # The settings each LM solver reads, each with the value it takes under that solver when left None; a
 # setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
-SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10, "lm_valley": False}, "sharded": {"lm_tries": 10},
-                   "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
+SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10, "lm_valley": False, "lm_valley_cg": False},
+                   "sharded": {"lm_tries": 10}, "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -67,6 +67,9 @@ class OptimConfig:
             step (lsq_jax.optim.lm.valley_step: a predictor from QR of J at a small damping that each try
             moves, then chord corrections) and keep it where it ends lower; for LM's slow phase. Read by
             ``"cholesky"`` only (unset: False).
+        lm_valley_cg: with lm_valley, the valley step's predictor by preconditioned conjugate gradients
+            through the held Jacobian (lsq_jax.optim.lm.valley_predictor_cg) instead of QR of J. Read by
+            ``"cholesky"`` only (unset: False).
         lm_chunk: problems per Jacobian chunk on each device (None: auto, at most 2^22 Jacobian entries per
             chunk); with a range of rows (task.n_points_min), problems of each row count per chunk.
         lm_restarts: starts from as many initialisations, each trained lm_restart_steps iterations; the one
@@ -111,6 +114,7 @@ class OptimConfig:
     lm_geodesic: bool = False
     lm_tries: int | None = None
     lm_valley: bool | None = None
+    lm_valley_cg: bool | None = None
     lm_chunk: int | None = None
     lm_restarts: int = 1
     lm_restart_steps: int | None = None
@@ -150,8 +154,11 @@ class OptimConfig:
             require(field, value, value is None or (is_int(value) and 1 <= value < INT_LIMIT),
                     "None (unset) or integers >= 1 and < 2^63")
         check_flag("lm_geodesic", self.lm_geodesic)
-        require("lm_valley", self.lm_valley, self.lm_valley is None or isinstance(self.lm_valley, bool),
-                "None (unset), True or False")
+        for field in ("lm_valley", "lm_valley_cg"):
+            value = getattr(self, field)
+            require(field, value, value is None or isinstance(value, bool), "None (unset), True or False")
+        require("lm_valley_cg", self.lm_valley_cg, not self.lm_valley_cg or self.lm_valley,
+                "None (unset) or False unless lm_valley=True (it picks the valley step's predictor)")
         check_int("lm_restarts", self.lm_restarts, 1)
         if self.optimizer != "lm":
             _check_lm_unset(self)

@@ -299,7 +299,7 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
                  scaling: str = "isotropic", rule: str = "nielsen", geodesic: bool = False, alpha: float = 0.75,
                  per_problem: bool = True, max_tries: int = 1, damping_min: float = 1e-15,
                  damping_max: float = 1e15, rel_floor: float = 1e-10, valley: bool = False,
-                 axis_name: str | None = None):
+                 valley_cg: bool = False, axis_name: str | None = None):
     """One LM iteration with Cholesky on the chunk-accumulated normal equations (jittable as a whole).
 
     D <- update_scaling(scaling, D, diag JtJ); solve (JtJ + lam D) delta = -Jtr; evaluate the loss at
@@ -329,6 +329,8 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
             step (:func:`valley_step`) at the state's predictor damping and take it where its loss is lower
             than the LM step's; after a try that lost, the next VALLEY_BACKOFF iterations try none; after
             every try the predictor damping moves (:func:`next_valley_damping`).
+        valley_cg: with `valley`, the predictor by CG through the held Jacobian
+            (:func:`valley_predictor_cg`) instead of QR of J (:func:`valley_predictor`).
 
     Returns:
         (step, new_state, metrics): the flat (P,) step of the last solve, which moves theta only when
@@ -358,7 +360,8 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
                                       geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
     if valley:
         step, metrics, wait, damping = _with_valley(step, metrics, state.valley_wait, state.valley_damping, f,
-                                                    theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name)
+                                                    theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name,
+                                                    cg=valley_cg)
         new_state = ValleyLMState(*new_state, wait, damping)
     return step, new_state, metrics
 
@@ -384,6 +387,13 @@ VALLEY_SCALES = (2.0, 1.0, 0.7, 0.5, 0.3)  # multiples of the predictor tried; t
 VALLEY_CORRECTIONS = 2  # chord steps after each scaled predictor
 VALLEY_WHEN = 0.9  # tried in an iteration whose accepted LM step left more than this share of the loss
 VALLEY_BACKOFF = 3  # iterations without a try after a try that lost
+VALLEY_CG_ITERATIONS = 50  # conjugate-gradient iterations of the predictor by CG (valley_cg)
+VALLEY_CG_PRECONDITIONER = 1e-12  # its preconditioner's damping, relative to the same mean
+
+
+def held_jacobian(f, theta, batch, n_chunks: int = 1, per_problem: bool = True):
+    """(r, Jt): this device's residuals (C, m) and transposed Jacobian (C, P, m) in its C chunks of m."""
+    return jax.lax.map(lambda c: chunk_jacobian(f, theta, c, per_problem), _chunks(batch, n_chunks))
 
 
 def jacobian_qr(f, theta, batch, n_chunks: int = 1, per_problem: bool = True, axis_name: str | None = None):
@@ -395,7 +405,7 @@ def jacobian_qr(f, theta, batch, n_chunks: int = 1, per_problem: bool = True, ax
     its own rows (padded with zero rows to at least P + 1), and the devices' R are stacked and factored
     once more (a tall-skinny QR)."""
     p = theta.size
-    r, Jt = jax.lax.map(lambda c: chunk_jacobian(f, theta, c, per_problem), _chunks(batch, n_chunks))
+    r, Jt = held_jacobian(f, theta, batch, n_chunks, per_problem)
     rows = jnp.concatenate([jnp.swapaxes(Jt, 1, 2).reshape(-1, p), r.reshape(-1, 1)], axis=1)
     rows = jnp.pad(rows, ((0, max(0, p + 1 - rows.shape[0])), (0, 0)))
     R = jnp.linalg.qr(rows, mode="r")
@@ -411,6 +421,23 @@ def valley_predictor(R: jax.Array, damping, scaling: jax.Array, m: int) -> jax.A
     lower = jnp.concatenate([jnp.diag(jnp.sqrt(m * damping * scaling)), jnp.zeros((p, 1), R.dtype)], axis=1)
     R2 = jnp.linalg.qr(jnp.concatenate([R[:p], lower]), mode="r")
     return -solve_triangular(R2[:p, :p], R2[:p, p], lower=False)
+
+
+def valley_predictor_cg(Jt: jax.Array, JtJ: jax.Array, Jtr: jax.Array, damping, scaling: jax.Array, m: int,
+                        axis_name: str | None = None) -> jax.Array:
+    """-(J^T J / m + lam D)^-1 J^T r / m by VALLEY_CG_ITERATIONS conjugate-gradient iterations from 0, each
+    product J^T (J v) / m through the held Jacobian (`Jt`, this device's, as :func:`held_jacobian` gives
+    it; summed over the devices), never through the formed J^T J; preconditioned by the Cholesky factor of
+    the formed JtJ + VALLEY_CG_PRECONDITIONER D. The formed matrix resolves the directions above its
+    round-off, so CG has only those below left to find, and no QR of J is needed."""
+    factor = damped_solve(JtJ, Jtr, VALLEY_CG_PRECONDITIONER, scaling)[3]
+
+    def matvec(v):
+        Jtjv = jnp.einsum("cpm,cm->p", Jt, jnp.einsum("cpm,p->cm", Jt, v))
+        return _total(Jtjv, axis_name) / m + damping * scaling * v
+
+    return jax.scipy.sparse.linalg.cg(matvec, -Jtr, M=lambda v: cho_solve(factor, v), tol=0.0,
+                                      maxiter=VALLEY_CG_ITERATIONS)[0]
 
 
 def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=None):
@@ -447,15 +474,20 @@ def next_valley_damping(damping, loss, valley_loss, scale):
 
 
 def _with_valley(step, metrics, wait, damping, f, theta, batch, n_chunks, m, JtJ, Jtr, per_problem,
-                 axis_name):
+                 axis_name, cg=False):
     """The iteration's outcome with the valley step tried at predictor damping `damping` where the accepted
     LM step left more than VALLEY_WHEN of the loss and `wait` is 0, and taken where it ends lower: (step,
     metrics, the next wait, the next predictor damping); metrics gain valley_loss (NaN where not tried),
-    valley_scale (0 where not taken) and valley_damping (`damping`)."""
+    valley_scale (0 where not taken) and valley_damping (`damping`). The predictor by QR of J
+    (:func:`valley_predictor`), or with `cg` by :func:`valley_predictor_cg`."""
     def tried(_):
-        R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
         mean = jnp.full_like(Jtr, jnp.mean(jnp.diagonal(JtJ)))
-        predictor = valley_predictor(R, damping, mean, m)
+        if cg:
+            Jt = held_jacobian(f, theta, batch, n_chunks, per_problem)[1]
+            predictor = valley_predictor_cg(Jt, JtJ, Jtr, damping, mean, m, axis_name)
+        else:
+            R, Jt = jacobian_qr(f, theta, batch, n_chunks, per_problem, axis_name)
+            predictor = valley_predictor(R, damping, mean, m)
         factor = damped_solve(JtJ, Jtr, VALLEY_CORRECTION_DAMPING, mean)[3]
         valley, loss, scale = valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name)
         better = loss < metrics["trial_loss"]

@@ -57,7 +57,8 @@ class LMTransformation(NamedTuple):
 
 def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic", rule: str = "nielsen",
                         damping0: float = 1e-3, geodesic: bool = False, alpha: float = 0.75,
-                        max_tries: int | None = None, valley: bool | None = None, per_problem: bool = True,
+                        max_tries: int | None = None, valley: bool | None = None, valley_cg: bool | None = None,
+                        per_problem: bool = True,
                         rel_floor: float = 1e-10,
                         cg_iters: int | None = None, cg_tol: float | None = None, n_probes: int = 4,
                         damping_min: float = 1e-15, damping_max: float = 1e15) -> LMTransformation:
@@ -82,6 +83,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
             dense solvers').
         max_tries: damped solves per iteration; rel_floor: D's floor (the dense solvers').
         valley: the valley step in the slow phase ("cholesky" only; lsq_jax.optim.lm.lm_iteration).
+        valley_cg: with `valley`, its predictor by CG through the held Jacobian (lsq_jax.optim.lm).
         cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("cg"); cg_tol left None is 1e-10.
         n_probes: the Hutchinson probes of "cg".
         max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
@@ -102,8 +104,13 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
             raise ValueError(f"{name}={value!r} is not allowed: must be one of {', '.join(allowed)}")
     if not damping0 > 0:
         raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
-    check_solver_settings(solver, {"lm_tries": max_tries, "lm_cg_iters": cg_iters, "lm_valley": valley},
-                          names={"lm_tries": "max_tries", "lm_cg_iters": "cg_iters", "lm_valley": "valley"})
+    check_solver_settings(solver, {"lm_tries": max_tries, "lm_cg_iters": cg_iters, "lm_valley": valley,
+                                   "lm_valley_cg": valley_cg},
+                          names={"lm_tries": "max_tries", "lm_cg_iters": "cg_iters", "lm_valley": "valley",
+                                 "lm_valley_cg": "valley_cg"})
+    if valley_cg and not valley:
+        raise ValueError(f"valley_cg={valley_cg!r} is not allowed without valley=True: it picks the valley step's "
+                         "predictor")
     unset = SOLVER_SETTINGS[solver]
     max_tries = unset["lm_tries"] if max_tries is None else max_tries
     cg_iters = unset.get("lm_cg_iters", 1) if cg_iters is None else cg_iters
@@ -120,7 +127,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
                                     **damping)
     else:
         iterate = functools.partial(lm.lm_iteration, per_problem=per_problem, rel_floor=rel_floor,
-                                    valley=bool(valley), **damping)
+                                    valley=bool(valley), valley_cg=bool(valley_cg), **damping)
 
     def init_fn(params):
         theta = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
@@ -192,5 +199,5 @@ def make_lm_optimizer(cfg: OptimConfig) -> Hybrid:
                          "optimizer from the plan's exp, or name the solver")
     lm_tx = levenberg_marquardt(cfg.lm_solver, scaling=cfg.lm_scaling, rule=cfg.lm_rule, damping0=cfg.lm_damping,
                                 geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries, valley=cfg.lm_valley,
-                                cg_iters=cfg.lm_cg_iters)
+                                valley_cg=cfg.lm_valley_cg, cg_iters=cfg.lm_cg_iters)
     return adam_then_lm(recipe.make_optimizer(cfg), lm_tx)

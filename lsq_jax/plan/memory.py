@@ -23,7 +23,8 @@ SOLVE_MATRICES = 4.3
 # VALLEY_J_COPIES times (the chunks' transposed Jacobians and the rows QR factors in place), next to
 # VALLEY_MATRICES P x P matrices (J^T J, the corrections' damped copy and factor, the predictor's stacked
 # [R; D]). XLA's memory_analysis on CPU at configs/linear_attention.py:precise (P = 3,571, 12,000 residuals):
-# 1.196e9 temp bytes, these constants' figure to 0.1% (one size; docs/performance.md).
+# 1.196e9 temp bytes, these constants' figure to 0.1% (one size; docs/performance.md). The predictor by CG
+# (optim.lm_valley_cg) makes no QR copy of [J r]: the same figure bounds it.
 VALLEY_J_COPIES = 2
 VALLEY_MATRICES = 5
 
