@@ -21,8 +21,9 @@ per damped solve the trial loss (and J^T r'' with the geodesic acceleration), wh
 With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
 row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
 gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Where the valley
-step is tried (:func:`valley_step`), the devices' (P + 1) x (P + 1) QR triangles are gathered once and each
-of its corrections sums a J^T r (P entries). Without ``axis_name`` the functions are ordinary jittable code
+step is tried (:func:`valley_step`), the devices' (P + 1) x (P + 1) QR triangles are gathered once (with
+the predictor by CG, each CG iteration sums a J^T J v instead, P entries) and each of its corrections sums a
+J^T r (P entries). Without ``axis_name`` the functions are ordinary jittable code
 on the whole batch.
 
 One iteration, :func:`lm_iteration` (Cholesky), :func:`lm_iteration_sharded` or :func:`lm_iteration_cg`,
@@ -433,8 +434,8 @@ def valley_predictor_cg(Jt: jax.Array, JtJ: jax.Array, Jtr: jax.Array, damping, 
     factor = damped_solve(JtJ, Jtr, VALLEY_CG_PRECONDITIONER, scaling)[3]
 
     def matvec(v):
-        Jtjv = jnp.einsum("cpm,cm->p", Jt, jnp.einsum("cpm,p->cm", Jt, v))
-        return _total(Jtjv, axis_name) / m + damping * scaling * v
+        product = jnp.einsum("cpm,cm->p", Jt, jnp.einsum("cpm,p->cm", Jt, v))
+        return _total(product, axis_name) / m + damping * scaling * v
 
     return jax.scipy.sparse.linalg.cg(matvec, -Jtr, M=lambda v: cho_solve(factor, v), tol=0.0,
                                       maxiter=VALLEY_CG_ITERATIONS)[0]
