@@ -124,3 +124,14 @@ def test_the_chosen_solvers_unset_settings_take_their_value(solver, tries, cg_it
     assert OptimConfig(**dataclasses.asdict(cfg)) == cfg  # a saved config decodes to itself
     other = OptimConfig()
     assert (other.lm_tries, other.lm_cg_iters, other.lm_chunk, other.lm_restart_steps) == (None,) * 4
+
+
+def test_the_cg_forcing_term_is_a_cg_switch():
+    assert OptimConfig(optimizer="lm", lm_solver="cg").lm_cg_forcing is False
+    assert OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_forcing=True).lm_cg_forcing is True
+    assert OptimConfig(optimizer="lm", lm_solver="cholesky").lm_cg_forcing is None
+    with pytest.raises(ValueError, match=re.escape("lm_cg_forcing: got True; allowed None or False with "
+                                                   "lm_solver='cholesky' (only 'cg' reads it)")):
+        OptimConfig(optimizer="lm", lm_solver="cholesky", lm_cg_forcing=True)
+    with pytest.raises(ValueError, match="^lm_cg_forcing: got 'yes'; allowed None \\(unset\\), True or False$"):
+        OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_forcing="yes")

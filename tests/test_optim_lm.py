@@ -393,3 +393,60 @@ def test_cg_step_is_the_damped_solve(problem, n_chunks):
     assert rel_err(step, delta) < 1e-9
     pred = -2 * (J.T @ r / r.size) @ delta - delta @ (J.T @ J / r.size) @ delta
     np.testing.assert_allclose(metrics["predicted_reduction"], pred, rtol=1e-9)
+
+
+def spd_with_eigenvalues(eigenvalues, seed=0):
+    """Q diag(eigenvalues) Q^T for a random orthogonal Q (numpy)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+def test_conjugate_gradients_is_exact_after_as_many_iterations_as_distinct_eigenvalues():
+    # In exact arithmetic CG's k-th iterate minimises the A-norm error over a Krylov space of dimension k,
+    # so with 4 distinct eigenvalues the 4th iterate is A^-1 b.
+    A = spd_with_eigenvalues(np.repeat([1.0, 3.0, 10.0, 40.0], 10))
+    b = np.random.default_rng(1).normal(size=40)
+    x, iterations = jax.jit(lambda b: lm.conjugate_gradients(lambda v: A @ v, b, 1e-12, 100))(b)
+    assert int(iterations) == 4
+    assert rel_err(x, np.linalg.solve(A, b)) < 1e-12
+
+
+@pytest.mark.parametrize("tol", [0.5, 1e-2, 1e-6])
+def test_conjugate_gradients_stops_at_the_first_iterate_within_its_tolerance(tol):
+    A = spd_with_eigenvalues(np.geomspace(1.0, 1e4, 60))
+    b = np.random.default_rng(3).normal(size=60)
+    solve = jax.jit(lambda b, tol, maxiter: lm.conjugate_gradients(lambda v: A @ v, b, tol, maxiter),
+                    static_argnums=2)
+    x, k = solve(b, tol, 500)
+    k = int(k)
+    residual = lambda x: np.linalg.norm(b - A @ np.asarray(x)) / np.linalg.norm(b)
+    assert 0 < k < 500 and residual(x) <= tol
+    assert residual(solve(b, tol, k - 1)[0]) > tol  # the iterate before did not meet it
+    assert int(solve(b, tol, k // 2)[1]) == k // 2  # maxiter caps the iterations
+
+
+def test_forcing_term_is_the_square_root_of_the_gradient_norm_capped_at_one_half():
+    for g, eta in (([3.0, 4.0], 0.5), ([3e-4, 4e-4], np.sqrt(5e-4)), ([0.0, 1e-20], 1e-10)):
+        np.testing.assert_allclose(lm.forcing_term(jnp.asarray(g)), eta, rtol=1e-15)
+
+
+def test_cg_with_the_forcing_term_stops_at_it(problem):
+    _, params, batch, _ = problem
+    r, J = full_jacobian(mlp_residual, params, batch)
+    m, damping = r.size, 1e-3
+    state = lm.init_lm_state(J.shape[1], damping0=damping)
+    run = lambda **o: jax.jit(functools.partial(lm.lm_iteration_cg, mlp_residual, maxiter=500, **o))(
+        params, batch, state)
+    step, new_state, metrics = run(forcing=True)
+    Jtr = J.T @ r / m
+    eta = min(0.5, np.sqrt(np.linalg.norm(Jtr)))
+    assert eta < 0.5  # the square root, not the cap, on this problem
+    residual = np.linalg.norm((J.T @ J / m + damping * np.diag(np.asarray(new_state.scaling))) @ np.asarray(step)
+                              + Jtr) / np.linalg.norm(Jtr)
+    assert 1e-13 < residual <= eta  # within the forcing term, short of the tight tolerance
+    iterations = {(forcing, geodesic): int(run(forcing=forcing, tol=1e-13, geodesic=geodesic)[2]["cg_iterations"])
+                  for forcing in (False, True) for geodesic in (False, True)}
+    assert iterations[True, False] == int(metrics["cg_iterations"])
+    assert 0 < iterations[True, False] < iterations[False, False]
+    # with the acceleration both solves are counted, each stopped at the same relative residual
+    assert iterations[True, False] < iterations[True, True] < iterations[False, True]

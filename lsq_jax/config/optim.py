@@ -15,7 +15,8 @@ LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
 # The settings each LM solver reads, each with the value it takes under that solver when left None; a
 # setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
 SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10, "lm_valley": False, "lm_valley_cg": False},
-                   "sharded": {"lm_tries": 10}, "cg": {"lm_tries": 1, "lm_cg_iters": 100}}
+                   "sharded": {"lm_tries": 10}, "cg": {"lm_tries": 1, "lm_cg_iters": 100,
+                                                        "lm_cg_forcing": False}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -60,6 +61,9 @@ class OptimConfig:
             over the devices, built and factorised there without gathering it) or ``"cg"`` (matrix-free
             Gauss-Newton-CG).
         lm_cg_iters: conjugate-gradient iterations per damped solve of ``"cg"`` (unset: 100).
+        lm_cg_forcing: ``"cg"`` stops each solve at the inexact-Newton forcing term, a residual of
+            min(0.5, sqrt(||J^T r / M||)) of the right-hand side (lsq_jax.optim.lm.forcing_term), rather
+            than 1e-10 of it; at most lm_cg_iters iterations either way (unset: False).
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).
@@ -111,6 +115,7 @@ class OptimConfig:
     lm_rule: str = "nielsen"
     lm_solver: str = "auto"
     lm_cg_iters: int | None = None
+    lm_cg_forcing: bool | None = None
     lm_geodesic: bool = False
     lm_tries: int | None = None
     lm_valley: bool | None = None
@@ -154,7 +159,7 @@ class OptimConfig:
             require(field, value, value is None or (is_int(value) and 1 <= value < INT_LIMIT),
                     "None (unset) or integers >= 1 and < 2^63")
         check_flag("lm_geodesic", self.lm_geodesic)
-        for field in ("lm_valley", "lm_valley_cg"):
+        for field in ("lm_valley", "lm_valley_cg", "lm_cg_forcing"):
             value = getattr(self, field)
             require(field, value, value is None or isinstance(value, bool), "None (unset), True or False")
         require("lm_valley_cg", self.lm_valley_cg, not self.lm_valley_cg or self.lm_valley,

@@ -350,15 +350,15 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
 
     def attempt(damping):
         delta, pred, ok, factor = damped_solve(JtJ, Jtr, damping, D)
-        step, accel_ratio = delta, jnp.zeros_like(loss)
+        step, extra = delta, {}
         if geodesic:
             accel = -0.5 * cho_solve(factor, _geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name))
-            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
-        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
+            step, extra["accel_ratio"], ok = _accelerated(delta, accel, D, alpha, ok)
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, extra
 
     lm_state = LMState(*state[:len(LMState._fields)])
     step, new_state, metrics = _tries(attempt, lm_state, theta, loss, D, rule=rule, max_tries=max_tries,
-                                      geodesic=geodesic, damping_min=damping_min, damping_max=damping_max)
+                                      damping_min=damping_min, damping_max=damping_max)
     if valley:
         step, metrics, wait, damping = _with_valley(step, metrics, state.valley_wait, state.valley_damping, f,
                                                     theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name,
@@ -521,15 +521,16 @@ def _accelerated(delta, accel, D, alpha, ok):
     return delta + accel, accel_ratio, ok & jnp.all(jnp.isfinite(accel)) & (accel_ratio <= alpha)
 
 
-def _tries(attempt, state, theta, loss, D, *, rule, max_tries, geodesic, damping_min, damping_max):
+def _tries(attempt, state, theta, loss, D, *, rule, max_tries, damping_min, damping_max):
     """Damped solves until one is accepted or `max_tries` were made: ``attempt(lam) -> (step, trial loss,
-    pred, ok, accel_ratio)``, each rejection raising lam by `rule`. Returns (step, new_state, metrics) as
+    pred, ok, extra)``, each rejection raising lam by `rule`; `extra` is a dict of the solve's own figures
+    (accel_ratio, cg_iterations), reported for the last solve. Returns (step, new_state, metrics) as
     :func:`lm_iteration` does."""
     def body(carry):
         s, _, _ = carry
-        step, trial, pred, ok, accel_ratio = attempt(s.damping)
+        step, trial, pred, ok, extra = attempt(s.damping)
         new_s, metrics = _finish(s, step, loss, trial, pred, ok, D, rule, damping_min, damping_max)
-        return new_s, step, {**metrics, "accel_ratio": accel_ratio}
+        return new_s, step, {**metrics, **extra}
 
     def more(carry):
         s, _, metrics = carry
@@ -539,8 +540,6 @@ def _tries(attempt, state, theta, loss, D, *, rule, max_tries, geodesic, damping
     init = (state, jnp.zeros_like(theta), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty))
     new_state, step, metrics = jax.lax.while_loop(more, body, init)
     metrics["tries"] = new_state.iteration - state.iteration
-    if not geodesic:
-        del metrics["accel_ratio"]
     return step, new_state, metrics
 
 
@@ -709,13 +708,13 @@ def lm_iteration_sharded(residual_fn: ResidualFn, params, batch, state: LMState,
         delta = -solve(Jtr)
         pred = -2.0 * (Jtr @ delta) - delta @ row_sharded_matvec(rows, axis_name)(delta)
         ok = jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
-        step, accel_ratio = delta, jnp.zeros_like(loss)
+        step, extra = delta, {}
         if geodesic:
             accel = -0.5 * solve(_geodesic_rhs(f, theta, delta, batch, n_chunks, m, axis_name))
-            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
-        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
+            step, extra["accel_ratio"], ok = _accelerated(delta, accel, D, alpha, ok)
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, extra
 
-    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
+    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries,
                   damping_min=damping_min, damping_max=damping_max)
 
 
@@ -741,29 +740,67 @@ def linearise(f: Callable[[jax.Array, Any], jax.Array], theta: jax.Array, batch,
     return r, jvp, lambda u: transpose(u)[0]
 
 
+CG_FORCING_MAX = 0.5  # the cap of the forcing term (lm_iteration_cg with forcing)
+
+
+def forcing_term(Jtr: jax.Array) -> jax.Array:
+    """The inexact Newton-CG forcing term min(0.5, sqrt(||J^T r / M||)) (Nocedal & Wright, Numerical
+    Optimization, 2nd ed., Algorithm 7.1): CG stops at a residual of this share of the right-hand side, loose
+    far from a minimum and tightening as the gradient vanishes (superlinear convergence near a solution)."""
+    return jnp.minimum(CG_FORCING_MAX, jnp.sqrt(jnp.linalg.norm(Jtr)))
+
+
+def conjugate_gradients(A: Callable[[jax.Array], jax.Array], b: jax.Array, tol, maxiter: int):
+    """x ~ A^-1 b by unpreconditioned CG from 0 (A symmetric positive definite, given as a function),
+    stopping when ||b - A x|| <= tol ||b|| (tol may be traced) or after `maxiter` iterations.
+
+    Returns:
+        (x, iterations): the last iterate and the CG iterations (matrix-vector products) it took.
+    """
+    bb = b @ b
+
+    def more(carry):
+        *_, rr, k = carry
+        return (rr > tol * tol * bb) & (k < maxiter)
+
+    def body(carry):
+        x, r, p, rr, k = carry
+        Ap = A(p)
+        alpha = rr / (p @ Ap)
+        x, r = x + alpha * p, r - alpha * Ap
+        rr_next = r @ r
+        return x, r, r + (rr_next / rr) * p, rr_next, k + 1
+
+    x, *_, k = jax.lax.while_loop(more, body, (jnp.zeros_like(b), b, b, bb, jnp.int32(0)))
+    return x, k
+
+
 def damped_cg_solve(matvec: Callable[[jax.Array], jax.Array], Jtr: jax.Array, damping, scaling: jax.Array,
-                    *, tol: float = 1e-10, maxiter: int = 100):
-    """Solves (JtJ + lam diag(D)) delta = -Jtr by conjugate gradients (``jax.scipy.sparse.linalg.cg``).
+                    *, tol=1e-10, maxiter: int = 100):
+    """Solves (JtJ + lam diag(D)) delta = -Jtr by CG (:func:`conjugate_gradients`).
 
     ``matvec(v)`` = JtJ v. CG starts from 0 and stops when the residual norm is <= tol ||Jtr|| or after
     ``maxiter`` iterations; every CG iterate is a descent direction of the damped model, so a truncated
     solve is still usable. pred is computed with one more matvec, so it is exact for an inexact solve.
 
     Returns:
-        (delta, pred, ok) as in :func:`damped_solve` (no factor); ok is False for a non-finite step.
+        (delta, pred, ok, iterations): as in :func:`damped_solve` (no factor), ok False for a non-finite
+        step, and the CG iterations taken.
     """
-    delta = -_damped_cg(matvec, Jtr, damping, scaling, tol, maxiter)
+    delta, iterations = _damped_cg(matvec, Jtr, damping, scaling, tol, maxiter)
+    delta = -delta
     pred = -2.0 * (Jtr @ delta) - delta @ matvec(delta)
-    return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred)
+    return delta, pred, jnp.all(jnp.isfinite(delta)) & jnp.isfinite(pred), iterations
 
 
 def _damped_cg(matvec, b, damping, scaling, tol, maxiter):
-    """(JtJ + lam diag(D))^-1 b by CG from 0, unpreconditioned."""
-    return jax.scipy.sparse.linalg.cg(lambda x: matvec(x) + damping * scaling * x, b, tol=tol, maxiter=maxiter)[0]
+    """((JtJ + lam diag(D))^-1 b, CG iterations) by CG from 0, unpreconditioned."""
+    return conjugate_gradients(lambda x: matvec(x) + damping * scaling * x, b, tol, maxiter)
 
 
 def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_chunks: int = 1, *,
                     scaling: str = "isotropic", rule: str = "nielsen", tol: float = 1e-10, maxiter: int = 100,
+                    forcing: bool = False,
                     n_probes: int = 4, geodesic: bool = False, alpha: float = 0.75, max_tries: int = 1,
                     damping_min: float = 1e-15,
                     damping_max: float = 1e15, axis_name: str | None = None):
@@ -784,11 +821,14 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
 
     Args:
         tol, maxiter: CG stopping rule (see :func:`damped_cg_solve`).
+        forcing: stop each CG solve at the relative residual :func:`forcing_term` of this iteration's
+            J^T r / M instead of `tol` (still at most `maxiter` iterations).
         n_probes: S, the Hutchinson probes per iteration.
         Others: as in :func:`lm_iteration` (the acceleration's system is solved by CG too).
 
     Returns:
-        (step, new_state, metrics) as in :func:`lm_iteration`.
+        (step, new_state, metrics) as in :func:`lm_iteration`, with metrics cg_iterations: the CG
+        iterations of the last solve (its acceleration's included).
     """
     theta, f, m = _flat(residual_fn, params, batch, axis_name)
     total = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
@@ -801,15 +841,19 @@ def lm_iteration_cg(residual_fn: ResidualFn, params, batch, state: LMState, n_ch
     D = update_scaling(scaling, state.scaling, jnp.full_like(state.scaling, mean_diag))
     matvec = lambda v: total(vjp(jvp(v))) / m
 
+    tol = forcing_term(Jtr) if forcing else tol
+
     def attempt(damping):
-        delta, pred, ok = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter)
-        step, accel_ratio = delta, jnp.zeros_like(loss)
+        delta, pred, ok, iterations = damped_cg_solve(matvec, Jtr, damping, D, tol=tol, maxiter=maxiter)
+        step, extra = delta, {}
         if geodesic:
             chunks = _chunks(batch, n_chunks)
             rvv = jax.lax.map(lambda c: second_directional_derivative(lambda t: f(t, c), theta, delta), chunks)
-            accel = -0.5 * _damped_cg(matvec, total(vjp(rvv)) / m, damping, D, tol, maxiter)
-            step, accel_ratio, ok = _accelerated(delta, accel, D, alpha, ok)
-        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, accel_ratio
+            accel, more = _damped_cg(matvec, total(vjp(rvv)) / m, damping, D, tol, maxiter)
+            step, extra["accel_ratio"], ok = _accelerated(delta, -0.5 * accel, D, alpha, ok)
+            iterations = iterations + more
+        extra["cg_iterations"] = iterations
+        return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, extra
 
-    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries, geodesic=geodesic,
+    return _tries(attempt, state, theta, loss, D, rule=rule, max_tries=max_tries,
                   damping_min=damping_min, damping_max=damping_max)

@@ -60,7 +60,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
                         max_tries: int | None = None, valley: bool | None = None, valley_cg: bool | None = None,
                         per_problem: bool = True,
                         rel_floor: float = 1e-10,
-                        cg_iters: int | None = None, cg_tol: float | None = None, n_probes: int = 4,
+                        cg_iters: int | None = None, cg_tol: float | None = None, cg_forcing: bool | None = None,
+                        n_probes: int = 4,
                         damping_min: float = 1e-15, damping_max: float = 1e15) -> LMTransformation:
     """One Levenberg-Marquardt iteration per update, on the flattened parameters (lsq_jax.optim.lm).
 
@@ -85,6 +86,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         valley: the valley step in the slow phase ("cholesky" only; lsq_jax.optim.lm.lm_iteration).
         valley_cg: with `valley`, its predictor by CG through the held Jacobian (lsq_jax.optim.lm).
         cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("cg"); cg_tol left None is 1e-10.
+        cg_forcing: CG's tolerance from the forcing term instead of cg_tol ("cg"; lsq_jax.optim.lm).
         n_probes: the Hutchinson probes of "cg".
         max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
             (lsq_jax.config.optim.SOLVER_SETTINGS).
@@ -105,9 +107,9 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     if not damping0 > 0:
         raise ValueError(f"damping0={damping0!r} is not allowed: must be > 0")
     check_solver_settings(solver, {"lm_tries": max_tries, "lm_cg_iters": cg_iters, "lm_valley": valley,
-                                   "lm_valley_cg": valley_cg},
+                                   "lm_valley_cg": valley_cg, "lm_cg_forcing": cg_forcing},
                           names={"lm_tries": "max_tries", "lm_cg_iters": "cg_iters", "lm_valley": "valley",
-                                 "lm_valley_cg": "valley_cg"})
+                                 "lm_valley_cg": "valley_cg", "lm_cg_forcing": "cg_forcing"})
     if valley_cg and not valley:
         raise ValueError(f"valley_cg={valley_cg!r} is not allowed without valley=True: it picks the valley step's "
                          "predictor")
@@ -121,7 +123,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
                    geodesic=geodesic, alpha=alpha, max_tries=max_tries)
     if solver == "cg":
         iterate = functools.partial(lm.lm_iteration_cg, tol=1e-10 if cg_tol is None else cg_tol, maxiter=cg_iters,
-                                    n_probes=n_probes, **damping)
+                                    forcing=bool(cg_forcing), n_probes=n_probes, **damping)
     elif solver == "sharded":
         iterate = functools.partial(lm.lm_iteration_sharded, per_problem=per_problem, rel_floor=rel_floor,
                                     **damping)
@@ -199,5 +201,5 @@ def make_lm_optimizer(cfg: OptimConfig) -> Hybrid:
                          "optimizer from the plan's exp, or name the solver")
     lm_tx = levenberg_marquardt(cfg.lm_solver, scaling=cfg.lm_scaling, rule=cfg.lm_rule, damping0=cfg.lm_damping,
                                 geodesic=cfg.lm_geodesic, max_tries=cfg.lm_tries, valley=cfg.lm_valley,
-                                valley_cg=cfg.lm_valley_cg, cg_iters=cfg.lm_cg_iters)
+                                valley_cg=cfg.lm_valley_cg, cg_iters=cfg.lm_cg_iters, cg_forcing=cfg.lm_cg_forcing)
     return adam_then_lm(recipe.make_optimizer(cfg), lm_tx)

@@ -190,7 +190,8 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     metrics = {"loss": m["loss"], "trial_loss": m["trial_loss"], "damping": m["damping"],
                "gain_ratio": m["gain_ratio"], "step_norm": m["step_norm"],
                "skipped_steps": lm_state.rejected, "lm_accepted": lm_state.accepted,
-               **{name: m[name] for name in ("valley_loss", "valley_scale", "valley_damping") if name in m}}
+               **{name: m[name] for name in ("valley_loss", "valley_scale", "valley_damping", "cg_iterations")
+                  if name in m}}
     return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                       opt_state=opt_state), metrics
 
