@@ -391,3 +391,19 @@ def test_generality_reads_the_grid_as_the_targets_do(tmp_path):
     runs = [{"generality": {"max_gap_in_range": v, "gap_kappa_1000": None}} for v in (3.0, 1.0, 2.0)]
     assert summarize(runs) == {"max_gap_in_range": 2.0, "max_gap_in_range_range": "1..3",
                                "gap_kappa_1000": float("inf"), "gap_kappa_1000_range": "inf..inf"}
+
+
+def test_lm_scaling_row_reports_cg_iterations_within_the_cap_fewer_with_the_forcing_term():
+    from lsq_jax import bench
+    from lsq_jax.bench.lm import lm_scaling_row
+
+    sizes = {"task.n_dims": 2, "model.n_embd": 7, "model.n_layer": 1, "train.batch_size": 48,
+             "optim.lm_solver": "cg", "optim.lm_cg_iters": 40}
+    rows = {}
+    for forcing in (False, True):
+        config = get_config("baseconv", "lm")
+        config.update_from_flattened_dict({**sizes, "optim.lm_cg_forcing": forcing})
+        rows[forcing] = lm_scaling_row(bench.experiment(config), 1, repeats=2)
+    assert rows[False]["solver"] == rows[True]["solver"] == "cg"
+    # the step's and the geodesic acceleration's solves, each at most 40 iterations
+    assert 0 < rows[True]["cg_iterations_mean"] < rows[False]["cg_iterations_mean"] <= 2 * 40

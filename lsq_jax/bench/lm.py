@@ -140,7 +140,8 @@ def lm_iteration(exp, repeats: int = 5) -> dict:
 def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None = None) -> dict:
     """The LM step of `exp` on the first `n_devices` devices (0: all), its solver picked against `budget`
     bytes per device when optim.lm_solver is 'auto' (None: the device's memory): seconds per iteration (median of
-    `repeats` iterations from the initialisation, after one that warms up; every damped solve included) and
+    `repeats` iterations from the initialisation, after one that warms up; every damped solve included; with
+    CG, the mean CG iterations of their last solves, accelerations included) and
     the bytes one iteration reduces and all-gathers across devices, read from the compiled step
     (:func:`reduced_bytes`, :func:`gathered_bytes`: a CG solve's loop counts once); and
     the compiled step's temp bytes (XLA's memory_analysis) next to the memory check's figure for LM."""
@@ -157,13 +158,14 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
     state = place_state(init_state(plan), plan.mesh)
     fns = make_step_fns(plan, plan.full_size(lm=True))
     step = fns.train.lower(state, fns.no_metric).compile()
-    times, tries = [], []
+    times, tries, cg = [], [], []
     for _ in range(repeats + 1):
         before = int(state.opt_state["lm"].iteration)
         t = time.perf_counter()
-        state = jax.block_until_ready(step(state, fns.no_metric)[0])
+        state, metrics = jax.block_until_ready(step(state, fns.no_metric))
         times.append(time.perf_counter() - t)
         tries.append(int(state.opt_state["lm"].iteration) - before)
+        cg.append(int(metrics["cg_iterations"]) if "cg_iterations" in metrics else None)
     p, itemsize = plan.n_params, jnp.dtype(exp.task.dtype).itemsize
     hlo = step.as_text()
     one = plan.n_devices == 1  # on one device a collective moves nothing
@@ -174,6 +176,7 @@ def lm_scaling_row(exp, n_devices: int = 0, repeats: int = 3, budget: int | None
             "triangle_bytes": p * (p + 1) // 2 * itemsize,
             "bytes_over_triangle": reduced / (p * (p + 1) // 2 * itemsize),
             "seconds_per_iteration": statistics.median(times[1:]), "tries_mean": float(np.mean(tries[1:])),
+            "cg_iterations_mean": None if cg[0] is None else float(np.mean(cg[1:])),
             "compiled_temp_bytes": step.memory_analysis().temp_size_in_bytes,
             "estimated_lm_bytes": plan.memory["lm_normal_equations"], "lm_memory_budget": budget,
             "lm_choice": plan.lm_choice}
