@@ -320,8 +320,9 @@ def test_gathered_bytes_counts_all_gather_operands_in_the_same_way():
 @pytest.mark.slow
 def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
     """On 2 emulated devices the compiled LM step reduces J^T J's lower triangle, J^T r and r.r once per
-    iteration, and per damped solve the trial loss and the geodesic acceleration's J^T r'': the same bytes
-    with 1 and 6 chunks per device."""
+    iteration, and per damped solve the trial loss, the geodesic acceleration's J^T r'' and the acceleration
+    solved on the device that factorised that try, and gathers each round's steps: the same bytes with 1 and
+    6 chunks per device."""
     from lsq_jax import bench
     from lsq_jax.models.backbone import parameter_count
 
@@ -339,7 +340,9 @@ def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
     p = parameter_count(bench.experiment(config).model)
     for row in rows:
         assert row["devices"] == 2 and row["n_params"] == p and row["solver"] == "cholesky"
-        assert row["allreduce_bytes_per_iteration"] == 8 * (p * (p + 1) // 2 + p + 1 + (1 + p))
+        assert row["allreduce_bytes_per_iteration"] == 8 * (p * (p + 1) // 2 + p + 1 + (1 + p + p))
+        # per round of tries, each device's step, its predicted reduction and whether it is finite
+        assert row["allgather_bytes_per_iteration"] == 8 * (p + 1) + 1
         assert row["seconds_per_iteration"] > 0 and row["tries_mean"] >= 1
 
 

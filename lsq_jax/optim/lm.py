@@ -18,7 +18,9 @@ this device's share of the problems and the chunks are this device's own (C divi
 device accumulates its own sums over all its chunks, and one ``lax.psum`` per sum combines them after the
 loop: per iteration one reduction of J^T J's lower triangle (P (P + 1) / 2 entries), J^T r and r.r, and
 per damped solve the trial loss (and J^T r'' with the geodesic acceleration), whatever the chunk count.
-With Cholesky the solve is replicated: every device holds J^T J and solves the same system; the
+With Cholesky every device holds J^T J, and the retries' factorisations are spread over the devices
+(:func:`_tries_over_devices`: device k factorises at the k-th damping the rejections would reach; per try
+the acceleration, P entries, is summed from the device that factorised it); the
 row-sharded path (:func:`lm_iteration_sharded`) builds each device's rows of J^T J alone from the chunks'
 gathered Jacobians, and factorises the damped matrix by a block Cholesky over the devices. Where the valley
 step is tried (:func:`valley_step`), the devices' (P + 1) x (P + 1) QR triangles are gathered once (with
@@ -357,8 +359,14 @@ def lm_iteration(residual_fn: ResidualFn, params, batch, state: LMState, n_chunk
         return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), pred, ok, extra
 
     lm_state = LMState(*state[:len(LMState._fields)])
-    step, new_state, metrics = _tries(attempt, lm_state, theta, loss, D, rule=rule, max_tries=max_tries,
-                                      damping_min=damping_min, damping_max=damping_max)
+    if _device_count(axis_name) > 1 and max_tries > 1:
+        step, new_state, metrics = _tries_over_devices(JtJ, Jtr, f, theta, batch, n_chunks, m, lm_state, loss, D,
+                                                       rule=rule, max_tries=max_tries, geodesic=geodesic,
+                                                       alpha=alpha, damping_min=damping_min,
+                                                       damping_max=damping_max, axis_name=axis_name)
+    else:
+        step, new_state, metrics = _tries(attempt, lm_state, theta, loss, D, rule=rule, max_tries=max_tries,
+                                          damping_min=damping_min, damping_max=damping_max)
     if valley:
         step, metrics, wait, damping = _with_valley(step, metrics, state.valley_wait, state.valley_damping, f,
                                                     theta, batch, n_chunks, m, JtJ, Jtr, per_problem, axis_name,
@@ -532,15 +540,74 @@ def _tries(attempt, state, theta, loss, D, *, rule, max_tries, damping_min, damp
         new_s, metrics = _finish(s, step, loss, trial, pred, ok, D, rule, damping_min, damping_max)
         return new_s, step, {**metrics, **extra}
 
+    empty = jax.eval_shape(body, (state, theta, None))[2]
+    return _until_accepted(body, state, theta, empty, max_tries)
+
+
+def _until_accepted(body, state, theta, metrics, max_tries):
+    """Runs ``body((s, step, metrics)) -> (s, step, metrics)`` from `state` while no solve was accepted and
+    fewer than `max_tries` were made (`metrics`: the shapes of the metrics body returns); adds "tries"."""
     def more(carry):
         s, _, metrics = carry
         return (s.iteration - state.iteration < max_tries) & ~metrics["accepted"]
 
-    empty = jax.eval_shape(body, (state, theta, None))[2]
-    init = (state, jnp.zeros_like(theta), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty))
+    init = (state, jnp.zeros_like(theta), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), metrics))
     new_state, step, metrics = jax.lax.while_loop(more, body, init)
     metrics["tries"] = new_state.iteration - state.iteration
     return step, new_state, metrics
+
+
+def rejected_dampings(state, n: int, rule: str, damping_min: float, damping_max: float) -> jax.Array:
+    """The dampings of `n` consecutive solves from `state` that are all rejected: (n,), the first
+    state.damping. A rejection moves lam and nu by `rule` alone, whatever the step was, so these are the
+    dampings sequential tries would solve at."""
+    lam, nu, out = state.damping, state.nu, []
+    for _ in range(n):
+        out.append(lam)
+        lam, nu = update_damping(rule, lam, nu, jnp.zeros_like(lam), False, damping_min, damping_max)
+    return jnp.stack(out)
+
+
+def _tries_over_devices(JtJ, Jtr, f, theta, batch, n_chunks, m, state, loss, D, *, rule, max_tries, geodesic,
+                        alpha, damping_min, damping_max, axis_name):
+    """:func:`_tries` of the Cholesky path with its factorisations spread over the n devices: in each round
+    of n tries device k factorises the system at the k-th damping the rejections would reach
+    (:func:`rejected_dampings`), the steps are gathered, and the tries are then evaluated in order (the
+    geodesic acceleration from device j's factor, the trial loss summed over the devices) until one is
+    accepted. The same solves, acceptances and state as :func:`_tries`, with one factorisation per device
+    per round where the replicated solve made one per try on every device."""
+    n, k = _device_count(axis_name), _own_index(axis_name)
+
+    def round_(carry):
+        lam = rejected_dampings(carry[0], n, rule, damping_min, damping_max)[k]
+        delta, pred, ok, factor = damped_solve(JtJ, Jtr, lam, D)
+        deltas, preds, oks = jax.lax.all_gather((delta, pred, ok), axis_name)
+
+        def attempt(j):
+            step, ok, extra = deltas[j], oks[j], {}
+            if geodesic:
+                rhs = _geodesic_rhs(f, theta, step, batch, n_chunks, m, axis_name)
+                accel = jax.lax.psum(jnp.where(k == j, -0.5 * cho_solve(factor, rhs), 0.0), axis_name)
+                step, extra["accel_ratio"], ok = _accelerated(step, accel, D, alpha, ok)
+            return step, _loss(f, theta + step, batch, n_chunks, m, axis_name), preds[j], ok, extra
+
+        def body(inner):
+            (s, _, _), j = inner
+            step, trial, pred, ok, extra = attempt(j)
+            new_s, metrics = _finish(s, step, loss, trial, pred, ok, D, rule, damping_min, damping_max)
+            return (new_s, step, {**metrics, **extra}), j + 1
+
+        def more(inner):
+            (s, _, metrics), j = inner
+            return (j < n) & (s.iteration - state.iteration < max_tries) & ~metrics["accepted"]
+
+        return jax.lax.while_loop(more, body, (carry, jnp.int32(0)))[0]
+
+    def shapes():
+        metrics = _finish(state, theta, loss, loss, loss, True, D, rule, damping_min, damping_max)[1]
+        return {**metrics, **({"accel_ratio": loss} if geodesic else {})}
+
+    return _until_accepted(round_, state, theta, jax.eval_shape(shapes), max_tries)
 
 
 # --------------------------------------------------------------------------------------------------

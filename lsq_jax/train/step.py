@@ -175,8 +175,9 @@ def lm_step(state: TrainState, grad_metric=None, *, plan: RunPlan, phase: Phase
     The problems are drawn from the run's 'lm' key and batch index (iteration - lm_after) // lm_refresh_every
     (0 throughout when lm_refresh_every is 0), sharded over the devices like the step's batch. Each device
     builds J^T J, J^T r and r.r of its own problems in the plan's chunks, and one reduction across devices
-    adds them (`per_device`); every device then solves the same system. A rejected step leaves the
-    parameters unchanged and counts as skipped.
+    adds them (`per_device`); the damped solves are then made from that same system (with Cholesky, the
+    retries' factorisations spread over the devices). A rejected step leaves the parameters unchanged and
+    counts as skipped.
     """
     del grad_metric
 
