@@ -204,8 +204,8 @@ def test_auto_picks_the_first_solver_whose_training_estimate_fits(n_devices, lim
     size = lambda e: (1, {"state": 10, "lm_normal_equations": need[e.optim.lm_solver], "evaluation": 10**9})
     exp, line = pick_lm_solver(lm_experiment(), size, limit, n_devices)
     assert exp.optim.lm_solver == picked and f"picked {picked!r}" in line
-    assert (exp.optim.lm_tries, exp.optim.lm_cg_iters) == {"cholesky": (10, None), "sharded": (10, None),
-                                                           "cg": (1, 100)}[picked]
+    assert (exp.optim.lm_tries, exp.optim.lm_cg_iters, exp.optim.lm_cg_forcing) == {
+        "cholesky": (10, None, None), "sharded": (10, None, None), "cg": (1, 100, True)}[picked]
 
 
 def test_the_plan_holds_the_pick_and_a_named_solver_is_kept():

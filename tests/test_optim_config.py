@@ -127,8 +127,8 @@ def test_the_chosen_solvers_unset_settings_take_their_value(solver, tries, cg_it
 
 
 def test_the_cg_forcing_term_is_a_cg_switch():
-    assert OptimConfig(optimizer="lm", lm_solver="cg").lm_cg_forcing is False
-    assert OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_forcing=True).lm_cg_forcing is True
+    assert OptimConfig(optimizer="lm", lm_solver="cg").lm_cg_forcing is True
+    assert OptimConfig(optimizer="lm", lm_solver="cg", lm_cg_forcing=False).lm_cg_forcing is False
     assert OptimConfig(optimizer="lm", lm_solver="cholesky").lm_cg_forcing is None
     with pytest.raises(ValueError, match=re.escape("lm_cg_forcing: got True; allowed None or False with "
                                                    "lm_solver='cholesky' (only 'cg' reads it)")):

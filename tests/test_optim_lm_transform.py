@@ -64,16 +64,19 @@ def applied(tx, residual_fn, n_chunks):
     return jax.jit(step)
 
 
-# (problem, damping0, transform settings, lm_update's (lm_update_cg's) settings, accepted); unset, the tries
-# and the CG iterations are OptimConfig's (10 and 100)
+# (problem, damping0, transform settings, lm_update's (lm_update_cg's) settings, accepted); unset, the tries,
+# the CG iterations and CG's forcing term are OptimConfig's (10, 100 and on)
 CASES = {
     "cholesky accepted": (mlp_problem, 1e-3, {}, {"max_tries": 10}, True),
     "geodesic accepted": (mlp_problem, 1e-3, {"geodesic": True}, {"geodesic": True, "max_tries": 10}, True),
-    "cg accepted": (mlp_problem, 1e-3, {"solver": "cg", "cg_iters": 30}, {"maxiter": 30}, True),
+    "cg accepted": (mlp_problem, 1e-3, {"solver": "cg", "cg_iters": 30}, {"maxiter": 30, "forcing": True}, True),
+    "cg to its tolerance": (mlp_problem, 1e-3, {"solver": "cg", "cg_forcing": False}, {"forcing": False}, True),
     "cholesky rejected": (rosenbrock_problem, 1e-10, {"max_tries": 1}, {"max_tries": 1}, False),
     "geodesic rejected": (rosenbrock_problem, 1e-10, {"geodesic": True, "max_tries": 1},
                           {"geodesic": True, "max_tries": 1}, False),
-    "cg rejected": (rosenbrock_problem, 1e-10, {"solver": "cg"}, {}, False),
+    # at the forcing term the first step is short enough to be accepted here; solved to 1e-10 it is not
+    "cg rejected": (rosenbrock_problem, 1e-10, {"solver": "cg", "cg_forcing": False}, {}, False),
+    "cg at the forcing term": (rosenbrock_problem, 1e-10, {"solver": "cg"}, {"forcing": True}, True),
     "retried until accepted": (rosenbrock_problem, 1e-10, {"max_tries": 40}, {"max_tries": 40}, True),
 }
 
@@ -122,8 +125,8 @@ def test_hybrid_adam_phase_is_the_recipe_bit_for_bit():
 @pytest.mark.parametrize("lm_settings,reference,reference_settings", [
     ({"lm_geodesic": True, "lm_tries": 40, "lm_scaling": "marquardt", "lm_rule": "delayed"}, lm_update,
      {"geodesic": True, "max_tries": 40, "scaling": "marquardt", "rule": "delayed"}),
-    ({"lm_solver": "cg", "lm_cg_iters": 7}, lm_update_cg, {"maxiter": 7}),
-    ({"lm_solver": "cg", "lm_geodesic": True}, lm_update_cg, {"geodesic": True}),
+    ({"lm_solver": "cg", "lm_cg_iters": 7}, lm_update_cg, {"maxiter": 7, "forcing": True}),
+    ({"lm_solver": "cg", "lm_geodesic": True, "lm_cg_forcing": False}, lm_update_cg, {"geodesic": True}),
 ], ids=["cholesky", "cg", "cg_geodesic"])
 def test_hybrid_lm_phase_is_the_configured_lm_update(lm_settings, reference, reference_settings):
     """The LM phase of make_lm_optimizer(cfg) is the LM iteration the config's settings ask for; the Adam

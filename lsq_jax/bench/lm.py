@@ -29,9 +29,9 @@ LM_VARIANTS = {
     "lm_valley": {"optim.optimizer": "lm", "optim.lm_valley": True},  # the config's own LM with the valley step
     # the same with the valley predictor by CG through the held Jacobian instead of QR of J
     "lm_valley_cg": {"optim.optimizer": "lm", "optim.lm_valley": True, "optim.lm_valley_cg": True},
-    # the config's own LM solved matrix-free (at most 100 CG iterations per solve, to 1e-10 of the right-hand
-    # side), and the same stopped at the inexact-Newton forcing term (lsq_jax.optim.lm.forcing_term)
-    "lm_cg": {"optim.optimizer": "lm", "optim.lm_solver": "cg"},
+    # the config's own LM solved matrix-free, at most 100 CG iterations per solve: to 1e-10 of the right-hand
+    # side, or stopped at the inexact-Newton forcing term (lsq_jax.optim.lm.forcing_term)
+    "lm_cg": {"optim.optimizer": "lm", "optim.lm_solver": "cg", "optim.lm_cg_forcing": False},
     "lm_cg_forcing": {"optim.optimizer": "lm", "optim.lm_solver": "cg", "optim.lm_cg_forcing": True},
 }
 

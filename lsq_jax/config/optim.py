@@ -16,7 +16,7 @@ LM_SOLVERS = ("auto", "cholesky", "sharded", "cg")
 # setting no solver of a run reads stays unset. CG's one try is what it ran before it read lm_tries.
 SOLVER_SETTINGS = {"cholesky": {"lm_tries": 10, "lm_valley": False, "lm_valley_cg": False},
                    "sharded": {"lm_tries": 10}, "cg": {"lm_tries": 1, "lm_cg_iters": 100,
-                                                        "lm_cg_forcing": False}}
+                                                        "lm_cg_forcing": True}}
 LM_SCALINGS = ("isotropic", "marquardt")  # lsq_jax.optim.lm_damping says what each means
 LM_RULES = ("nielsen", "delayed")
 
@@ -63,7 +63,7 @@ class OptimConfig:
         lm_cg_iters: conjugate-gradient iterations per damped solve of ``"cg"`` (unset: 100).
         lm_cg_forcing: ``"cg"`` stops each solve at the inexact-Newton forcing term, a residual of
             min(0.5, sqrt(||J^T r / M||)) of the right-hand side (lsq_jax.optim.lm.forcing_term), rather
-            than 1e-10 of it; at most lm_cg_iters iterations either way (unset: False).
+            than 1e-10 of it (False); at most lm_cg_iters iterations either way (unset: True).
         lm_geodesic: add Transtrum-Sethna geodesic acceleration to each LM step.
         lm_tries: damped solves per LM iteration: a rejected step is solved again at once with the raised
             damping, reusing J^T J (or CG's linearisation) (unset: 10; 1 with ``"cg"``).

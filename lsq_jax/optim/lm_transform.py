@@ -86,7 +86,8 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         valley: the valley step in the slow phase ("cholesky" only; lsq_jax.optim.lm.lm_iteration).
         valley_cg: with `valley`, its predictor by CG through the held Jacobian (lsq_jax.optim.lm).
         cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("cg"); cg_tol left None is 1e-10.
-        cg_forcing: CG's tolerance from the forcing term instead of cg_tol ("cg"; lsq_jax.optim.lm).
+        cg_forcing: CG's tolerance from the forcing term instead of cg_tol ("cg"; lsq_jax.optim.lm); left
+            None, as OptimConfig gives it under "cg" (on).
         n_probes: the Hutchinson probes of "cg".
         max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
             (lsq_jax.config.optim.SOLVER_SETTINGS).
@@ -116,6 +117,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
     unset = SOLVER_SETTINGS[solver]
     max_tries = unset["lm_tries"] if max_tries is None else max_tries
     cg_iters = unset.get("lm_cg_iters", 1) if cg_iters is None else cg_iters
+    cg_forcing = unset.get("lm_cg_forcing", False) if cg_forcing is None else cg_forcing
     for name, value in (("max_tries", max_tries), ("cg_iters", cg_iters), ("n_probes", n_probes)):
         if value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: must be >= 1")
@@ -123,7 +125,7 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
                    geodesic=geodesic, alpha=alpha, max_tries=max_tries)
     if solver == "cg":
         iterate = functools.partial(lm.lm_iteration_cg, tol=1e-10 if cg_tol is None else cg_tol, maxiter=cg_iters,
-                                    forcing=bool(cg_forcing), n_probes=n_probes, **damping)
+                                    forcing=cg_forcing, n_probes=n_probes, **damping)
     elif solver == "sharded":
         iterate = functools.partial(lm.lm_iteration_sharded, per_problem=per_problem, rel_floor=rel_floor,
                                     **damping)
