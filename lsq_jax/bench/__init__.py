@@ -343,7 +343,8 @@ SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"
 LM_SCALING_COLUMNS = [("devices", "devices", "d"), ("solver", "solver", ""),
                       ("chunks/device", "chunks_per_device", "d"),
                       ("s/iteration", "seconds_per_iteration", ".2f"), ("solves", "tries_mean", ".1f"),
-                      ("CG iterations", "cg_iterations_mean", ".1f"), ("bytes reduced", "allreduce_bytes_per_iteration", ".4g"),
+                      ("CG iterations", "cg_iterations_mean", ".1f"),
+                      ("bytes reduced", "allreduce_bytes_per_iteration", ".4g"),
                       ("/ triangle", "bytes_over_triangle", ".4f"),
                       ("bytes gathered", "allgather_bytes_per_iteration", ".4g"),
                       ("compiled temp", "compiled_temp_bytes", ".4g"), ("LM estimate", "estimated_lm_bytes", ".4g")]

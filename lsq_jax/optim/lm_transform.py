@@ -86,10 +86,9 @@ def levenberg_marquardt(solver: str = "cholesky", *, scaling: str = "isotropic",
         valley: the valley step in the slow phase ("cholesky" only; lsq_jax.optim.lm.lm_iteration).
         valley_cg: with `valley`, its predictor by CG through the held Jacobian (lsq_jax.optim.lm).
         cg_iters, cg_tol: CG's iterations and tolerance per damped solve ("cg"); cg_tol left None is 1e-10.
-        cg_forcing: CG's tolerance from the forcing term instead of cg_tol ("cg"; lsq_jax.optim.lm); left
-            None, as OptimConfig gives it under "cg" (on).
+        cg_forcing: CG's tolerance from the forcing term instead of cg_tol ("cg"; lsq_jax.optim.lm).
         n_probes: the Hutchinson probes of "cg".
-        max_tries and cg_iters left None take the value OptimConfig gives them under `solver`
+        max_tries, cg_iters and cg_forcing left None take the value OptimConfig gives them under `solver`
             (lsq_jax.config.optim.SOLVER_SETTINGS).
         damping_min, damping_max: clamp of lam after each update.
 
