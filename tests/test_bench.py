@@ -1,4 +1,5 @@
 """The benchmark's figures are consistent with what they are computed from (no timing assertions)."""
+import os
 import pathlib
 import sys
 
@@ -343,6 +344,9 @@ def test_lm_scaling_reduces_the_normal_equations_once_whatever_the_chunks():
         assert row["allreduce_bytes_per_iteration"] == 8 * (p * (p + 1) // 2 + p + 1 + (1 + p + p))
         # per round of tries, each device's step, its predicted reduction and whether it is finite
         assert row["allgather_bytes_per_iteration"] == 8 * (p + 1) + 1
+        # each of the 2 emulated devices' LAPACK on its share of the cores
+        assert row["lapack_threads"] == os.environ.get("OPENBLAS_NUM_THREADS",
+                                                       str(max(1, len(os.sched_getaffinity(0)) // 2)))
         assert row["seconds_per_iteration"] > 0 and row["tries_mean"] >= 1
 
 

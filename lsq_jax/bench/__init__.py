@@ -255,9 +255,13 @@ def on_device_counts(name: str, row, argv: list[str], devices: list[int], child_
 
     On CPU the devices are emulated (--xla_force_host_platform_device_count, fixed when JAX starts and
     added to any XLA_FLAGS already set), so each count runs in a subprocess (`--child=name:n`) given the
-    config flags of `argv` (see `config_argv`) and `child_flags`. On accelerators they are real and each
-    count runs here (a subprocess would find the accelerator's memory already taken by this one); counts
-    above what the machine has are skipped.
+    config flags of `argv` (see `config_argv`) and `child_flags`. The emulated devices are threads on the
+    same cores, so with n > 1 each one's LAPACK calls (the Cholesky and QR factorisations, in OpenBLAS) get
+    its share of the cores, max(1, cores // n) threads, unless OPENBLAS_NUM_THREADS is set; each row says
+    how many in "lapack_threads" (OPENBLAS_NUM_THREADS as given, or None: OpenBLAS's default, all the
+    cores). On accelerators the devices are
+    real and each count runs here (a subprocess would find the accelerator's memory already taken by this
+    one); counts above what the machine has are skipped.
     """
     import jax
 
@@ -274,12 +278,15 @@ def on_device_counts(name: str, row, argv: list[str], devices: list[int], child_
         # emulated devices share the cores: one may reach a collective long after another (XLA aborts after 40 s)
         env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n} "
                             "--xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
+        if n > 1 and "OPENBLAS_NUM_THREADS" not in env:  # each device's LAPACK gets its share of the cores
+            env["OPENBLAS_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
         cmd = [sys.executable, "-m", "lsq_jax.bench", f"--child={name}:{n}", *config_argv(argv), *child_flags]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{name} run on {n} devices failed (exit status {proc.returncode}; a negative one "
                                f"is the signal that killed it): {proc.stderr.strip().splitlines()[-1:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({**row, "lapack_threads": env.get("OPENBLAS_NUM_THREADS")})
     return rows
 
 
@@ -341,7 +348,7 @@ SCALING_COLUMNS = [("devices", "devices", "d"), ("steps/s", "steps_per_s", ".2f"
                    ("max", "steps_per_s_max", ".2f"), ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".2f")]
 
 LM_SCALING_COLUMNS = [("devices", "devices", "d"), ("solver", "solver", ""),
-                      ("chunks/device", "chunks_per_device", "d"),
+                      ("chunks/device", "chunks_per_device", "d"), ("LAPACK threads", "lapack_threads", ""),
                       ("s/iteration", "seconds_per_iteration", ".2f"), ("solves", "tries_mean", ".1f"),
                       ("CG iterations", "cg_iterations_mean", ".1f"),
                       ("bytes reduced", "allreduce_bytes_per_iteration", ".4g"),
