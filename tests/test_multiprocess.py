@@ -32,8 +32,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 NUM_STEPS = 10
 # the hybrid: the Adam recipe for 8 steps, then 2 LM iterations (Cholesky, each device building J^T J from its
-# own problems, one reduction across the devices of both processes); narrow enough for a P x P solve, and
-# damped enough (lm_damping) that few solves are rejected: emulated devices share 2 cores
+# own problems, one reduction across the devices of both processes; or CG, each product summed across them);
+# narrow enough for a P x P solve, and damped enough (lm_damping) that few solves are rejected: emulated
+# devices share 2 cores
 HYBRID = {"model.n_embd": 8, "model.n_layer": 1, "optim.optimizer": "lm", "optim.lm_after": 8,
           "optim.lm_damping": 1.0}
 DEADLINE_S = 240
@@ -111,10 +112,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_args(workdir) -> list[str]:
+def _train_args(workdir, solver) -> list[str]:
     return ["--config=configs/baseconv.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
             "--config.train.checkpoint_every=1000", f"--workdir={workdir}", *SMALL_REPORT_FLAGS,
-            *(f"--config.{k}={v}" for k, v in HYBRID.items())]
+            *(f"--config.{k}={v}" for k, v in HYBRID.items()), f"--config.optim.lm_solver={solver}"]
 
 
 def _run_together(commands, log_dir, meanwhile, deadline=DEADLINE_S) -> list[int]:
@@ -141,9 +142,10 @@ def _logs(log_dir) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
 
 
-def _experiment():
+def _experiment(solver):
     c = get_config("baseconv", "smoke")
-    c.update_from_flattened_dict({"train.num_steps": NUM_STEPS, "train.checkpoint_every": 1000, **HYBRID})
+    c.update_from_flattened_dict({"train.num_steps": NUM_STEPS, "train.checkpoint_every": 1000, **HYBRID,
+                                  "optim.lm_solver": solver})
     return experiment_from_config(c)
 
 
@@ -169,10 +171,11 @@ def _first_loss(workdir) -> float:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_two_processes_train_like_one_process(tmp_path, solver):
     """Two processes of two devices each train like this (one-device) process: the same batches, the same
-    LM steps accepted, the same parameters to round-off. (One device against four in one process:
-    tests/test_train.py and tests/test_lm_training.py.)"""
+    LM steps accepted (Cholesky or CG), the same parameters to round-off. (One device against four in one
+    process: tests/test_train.py and tests/test_lm_training.py.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR"))}
     env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2", SLOW_COLLECTIVES))
@@ -185,9 +188,9 @@ def test_two_processes_train_like_one_process(tmp_path):
     address = f"--coordinator_address=127.0.0.1:{_free_port()}"
     statuses = []
     codes = _run_together(
-        [(python + _train_args(two) + ["--distributed=explicit", address, "--num_processes=2", f"--process_id={i}"],
-          env) for i in range(2)], logs,
-        meanwhile=lambda: statuses.append(main.run(["lsq_jax.main", *_train_args(one), "--noreport"],
+        [(python + _train_args(two, solver) + ["--distributed=explicit", address, "--num_processes=2",
+                                               f"--process_id={i}"], env) for i in range(2)], logs,
+        meanwhile=lambda: statuses.append(main.run(["lsq_jax.main", *_train_args(one, solver), "--noreport"],
                                                    log=lambda _: None)))
     assert codes == [0, 0] and statuses == [0], (statuses, _logs(logs))
 
@@ -201,7 +204,7 @@ def test_two_processes_train_like_one_process(tmp_path):
     # the same global batch: the step-0 loss (before any update) agrees to round-off
     np.testing.assert_allclose(_first_loss(two), _first_loss(one), rtol=1e-13)
 
-    exp = _experiment()
+    exp = _experiment(solver)
     # this one-device process restores the checkpoint the two processes wrote
     state2, state1 = _restore_final(two, exp), _restore_final(one, exp)
     p2, p1, p0 = _flat(state2.params), _flat(state1.params), _flat(initial_state(exp).params)
