@@ -216,8 +216,7 @@ def lm_solve_row(n_params: int, n_devices: int = 0, repeats: int = 3, cg_iterati
         return lm.sharded_cho_solve(factor, v, "data"), lm.sharded_cho_solve(factor, 2.0 * v, "data")[0]
 
     def cg(rows, v):
-        solve = jax.scipy.sparse.linalg.cg(lm.row_sharded_matvec(rows, "data"), v, tol=0.0, maxiter=cg_iterations)
-        return solve[0], jnp.zeros([])
+        return lm.conjugate_gradients(lm.row_sharded_matvec(rows, "data"), v, 0.0, cg_iterations)[0], jnp.zeros([])
 
     row = {"devices": n, "n_params": n_params, "cg_iterations": cg_iterations}
     rows, rhs = (jax.device_put(jnp.asarray(v), jax.NamedSharding(mesh, spec))

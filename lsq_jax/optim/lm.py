@@ -445,8 +445,7 @@ def valley_predictor_cg(Jt: jax.Array, JtJ: jax.Array, Jtr: jax.Array, damping, 
         product = jnp.einsum("cpm,cm->p", Jt, jnp.einsum("cpm,p->cm", Jt, v))
         return _total(product, axis_name) / m + damping * scaling * v
 
-    return jax.scipy.sparse.linalg.cg(matvec, -Jtr, M=lambda v: cho_solve(factor, v), tol=0.0,
-                                      maxiter=VALLEY_CG_ITERATIONS)[0]
+    return conjugate_gradients(matvec, -Jtr, 0.0, VALLEY_CG_ITERATIONS, M=lambda v: cho_solve(factor, v))[0]
 
 
 def valley_step(f, theta, batch, n_chunks, m, Jt, predictor, factor, axis_name=None):
@@ -817,28 +816,33 @@ def forcing_term(Jtr: jax.Array) -> jax.Array:
     return jnp.minimum(CG_FORCING_MAX, jnp.sqrt(jnp.linalg.norm(Jtr)))
 
 
-def conjugate_gradients(A: Callable[[jax.Array], jax.Array], b: jax.Array, tol, maxiter: int):
-    """x ~ A^-1 b by unpreconditioned CG from 0 (A symmetric positive definite, given as a function),
-    stopping when ||b - A x|| <= tol ||b|| (tol may be traced) or after `maxiter` iterations.
+def conjugate_gradients(A: Callable[[jax.Array], jax.Array], b: jax.Array, tol, maxiter: int,
+                        M: Callable[[jax.Array], jax.Array] | None = None):
+    """x ~ A^-1 b by CG from 0 (A symmetric positive definite, given as a function), preconditioned by `M`
+    (a function applying an approximation of A^-1; None: none), stopping when ||b - A x|| <= tol ||b|| (tol
+    may be traced; 0 runs all `maxiter` iterations) or after `maxiter` iterations.
 
     Returns:
-        (x, iterations): the last iterate and the CG iterations (matrix-vector products) it took.
+        (x, iterations): the last iterate and the CG iterations (products with A) it took.
     """
+    precondition = (lambda v: v) if M is None else M
     bb = b @ b
 
     def more(carry):
-        *_, rr, k = carry
-        return (rr > tol * tol * bb) & (k < maxiter)
+        _, r, _, _, k = carry
+        return (r @ r > tol * tol * bb) & (k < maxiter)
 
     def body(carry):
-        x, r, p, rr, k = carry
+        x, r, p, gamma, k = carry
         Ap = A(p)
-        alpha = rr / (p @ Ap)
+        alpha = gamma / (p @ Ap)
         x, r = x + alpha * p, r - alpha * Ap
-        rr_next = r @ r
-        return x, r, r + (rr_next / rr) * p, rr_next, k + 1
+        z = precondition(r)
+        gamma_next = r @ z
+        return x, r, z + (gamma_next / gamma) * p, gamma_next, k + 1
 
-    x, *_, k = jax.lax.while_loop(more, body, (jnp.zeros_like(b), b, b, bb, jnp.int32(0)))
+    z = precondition(b)
+    x, *_, k = jax.lax.while_loop(more, body, (jnp.zeros_like(b), b, z, b @ z, jnp.int32(0)))
     return x, k
 
 
